@@ -1,0 +1,28 @@
+"""dlsr_infer: lightweight single-image super-resolution with DLSR networks.
+
+    from dlsr_infer import upscale, DLSR
+    big = upscale("photo.png", scale=4)          # bundled weights, tiled, CPU or CUDA
+    model = DLSR.from_pretrained("x4")
+
+This package never imports `dlsr_search` (the search/training code depends on us, not the reverse).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .genotype import Genotype, GenotypeError
+from .model import DLSR
+from .pretrained import ModelLoadError
+
+__version__ = "0.1.0"
+
+__all__ = ["DLSR", "Genotype", "GenotypeError", "ModelLoadError", "upscale", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # upscale() pulls in PIL and the tiling code; keep `import dlsr_infer` light.
+    if name == "upscale":
+        from .upscale import upscale
+
+        return upscale
+    raise AttributeError(f"module 'dlsr_infer' has no attribute {name!r}")

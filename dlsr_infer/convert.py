@@ -1,0 +1,120 @@
+"""Convert the DLSR authors' released checkpoints into our model directories (`dlsr-convert`).
+
+Their checkpoints are PyTorch pickles of `{epoch, state_dict, optimizer}` for a network whose inputs and
+outputs are in [0, 255]; ours work in [0, 1]. The network is not scale-equivariant (ESA's sigmoid), so
+the conversion is explicit and exact: with every feature map 255x ours, all biases shrink by 255 except
+the one in front of ESA's sigmoid, whose weight grows by 255 instead so the attention mask is unchanged.
+Checkpoints are read with `torch.load(weights_only=True)`: no code from the file is ever executed.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .genotype import BUILTIN, Genotype, GenotypeError, builtin, load as load_genotype
+from .model import DLSR
+from .pretrained import ModelLoadError, check_state_dict
+
+_CELL_RENAMES = (
+    (re.compile(r"^B(\d+)\.c([123])_d\.(.*)$"), lambda m: f"cells.{int(m[1]) - 1}.distill.{int(m[2]) - 1}.{m[3]}"),
+    (re.compile(r"^B(\d+)\.c([123])_r\.op\.(.*)$"), lambda m: f"cells.{int(m[1]) - 1}.mrb.{int(m[2]) - 1}.{m[3]}"),
+    (re.compile(r"^B(\d+)\.c4\.(.*)$"), lambda m: f"cells.{int(m[1]) - 1}.refine.{m[2]}"),
+    (re.compile(r"^B(\d+)\.c5\.(.*)$"), lambda m: f"cells.{int(m[1]) - 1}.fuse.{m[2]}"),
+    (re.compile(r"^B(\d+)\.esa\.(.*)$"), lambda m: f"cells.{int(m[1]) - 1}.esa.{m[2]}"),
+    (re.compile(r"^c(\d+)\.0\.(.*)$"), lambda m: f"links.{int(m[1]) - 1}.conv.{m[2]}"),
+    (re.compile(r"^cout\.0\.(.*)$"), lambda m: f"fuse.conv.{m[1]}"),
+    (re.compile(r"^fea_conv\.(.*)$"), lambda m: f"stem.{m[1]}"),
+    (re.compile(r"^LR_conv\.(.*)$"), lambda m: f"lr_conv.{m[1]}"),
+    (re.compile(r"^upsampler\.0\.(.*)$"), lambda m: f"upsampler.conv.{m[1]}"),
+)
+
+
+def rename_key(key: str) -> str:
+    """Our state-dict key for one of the authors' keys."""
+    key = key.removeprefix("module.")  # saved from DataParallel
+    for pattern, new in _CELL_RENAMES:
+        m = pattern.match(key)
+        if m:
+            return new(m)
+    raise ModelLoadError(f"authors' checkpoint has a tensor we do not know how to map: {key!r}")
+
+
+def rescale_for_unit_range(state: Mapping[str, torch.Tensor], input_range: float) -> dict[str, torch.Tensor]:
+    """Turn weights for images in [0, input_range] into weights for images in [0, 1] (exactly)."""
+    if input_range == 1:
+        return dict(state)
+    out = {}
+    for k, v in state.items():
+        v = v.double()
+        if k.endswith("esa.conv4.weight"):
+            v = v * input_range
+        elif k.endswith(".bias") and not k.endswith("esa.conv4.bias"):
+            v = v / input_range
+        out[k] = v.float()
+    return out
+
+
+def load_authors_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The raw `state_dict` of an authors' checkpoint, loaded without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad or unsafe pickle
+        raise ModelLoadError(f"{path}: cannot be loaded safely (weights_only=True): {e}") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path}: expected a dict with a 'state_dict' of tensors")
+    return state
+
+
+def convert_authors_checkpoint(path: str | Path, genotype: Genotype, *, input_range: float = 255.0) -> DLSR:
+    """Build our `DLSR` for `genotype` holding the weights of an authors' checkpoint."""
+    state = {rename_key(k): v for k, v in load_authors_state_dict(path).items()}
+    model = DLSR(genotype)
+    check_state_dict(model.state_dict(), state, source=f"{path} (genotype {genotype.name or 'given'})")
+    model.load_state_dict(rescale_for_unit_range(state, input_range), strict=True)
+    return model.eval()
+
+
+def _genotype_arg(value: str) -> Genotype:
+    if value in BUILTIN:
+        return builtin(value)
+    try:
+        return load_genotype(value)
+    except (FileNotFoundError, GenotypeError) as e:
+        raise argparse.ArgumentTypeError(f"{e} (or use a built-in name: {', '.join(BUILTIN)})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dlsr-convert",
+        description="Convert a DLSR authors' checkpoint ({epoch, state_dict, optimizer}, inputs in [0,255]) "
+                    "into a dlsr model directory (config.json + model.safetensors).")
+    parser.add_argument("checkpoint", help="the authors' .pt file")
+    parser.add_argument("--genotype", required=True, type=_genotype_arg,
+                        help=f"genotype JSON file or built-in name ({', '.join(BUILTIN)})")
+    parser.add_argument("-o", "--output", required=True, help="model directory to write")
+    parser.add_argument("--input-range", type=float, default=255.0,
+                        help="pixel range the checkpoint was trained on (default 255)")
+    args = parser.parse_args(argv)
+    try:
+        model = convert_authors_checkpoint(args.checkpoint, args.genotype, input_range=args.input_range)
+    except (ModelLoadError, FileNotFoundError) as e:
+        print(f"dlsr-convert: error: {e}", file=sys.stderr)
+        return 1
+    card = (f"# Converted DLSR checkpoint\n\nConverted by `dlsr-convert` from `{Path(args.checkpoint).name}` "
+            f"(input range [0, {args.input_range:g}] rescaled to [0, 1]). Parameters: {model.num_parameters:,}.\n")
+    out = model.save_pretrained(args.output, model_card=card)
+    print(f"wrote {out} ({model.num_parameters:,} parameters)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

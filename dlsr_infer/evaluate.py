@@ -1,0 +1,362 @@
+"""Benchmark evaluation of SR models (and of the bicubic baseline), plus the ``dlsr-eval`` command.
+
+Protocol (the one behind published Set5/Set14/B100 tables):
+
+1. load each HR image as RGB (gray is replicated to three channels) and ``modcrop`` it to the scale;
+2. LR = MATLAB-bicubic ``imresize(hr, 1/scale)`` as uint8 (our bit-exact re-implementation);
+3. SR = model(LR as float32 NCHW in [0, 1]), clamped to [0, 1], times 255, rounded to uint8;
+4. PSNR and SSIM on Y (BT.601, unrounded), with ``scale`` pixels cropped from every border.
+
+Images are run whole (no tiling) under ``torch.inference_mode``. The bicubic baseline replaces
+step 3 with a MATLAB-bicubic uint8 upscale of the LR image.
+
+Dataset folders may be in the EDSR layout (``<root>/<Set>/HR/*.png``: pass ``<root>/<Set>``) or any
+folder of images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .imresize import imresize, modcrop
+from .metrics import psnr_y, ssim_y
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "default_benchmarks_dir",
+    "dataset_images",
+    "dataset_name",
+    "load_rgb",
+    "make_lr",
+    "evaluate",
+    "evaluate_bicubic",
+    "format_table",
+    "format_markdown",
+    "main",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DEFAULT_SETS = ("Set5", "Set14", "B100")
+
+Upscaler = Callable[[np.ndarray], np.ndarray]  # uint8 HxWx3 LR -> uint8 HxWx3 SR
+
+
+def default_benchmarks_dir() -> Path:
+    """``$DLSR_BENCHMARKS``, else ``<$DLSR_SHARED or ../shared beside the repo>/data/benchmarks``."""
+    env = os.environ.get("DLSR_BENCHMARKS")
+    if env:
+        return Path(env)
+    shared = os.environ.get("DLSR_SHARED")
+    base = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared"
+    return base / "data" / "benchmarks"
+
+
+def _image_dir(path: Path) -> Path:
+    """The folder that holds a dataset's HR images: ``path/HR`` if present, else ``path``."""
+    return path / "HR" if (path / "HR").is_dir() else path
+
+
+def dataset_name(path: str | os.PathLike) -> str:
+    """Display name of a dataset folder: ``Set5`` for ``.../Set5`` and for ``.../Set5/HR``."""
+    p = Path(path).resolve()
+    return p.parent.name if p.name == "HR" else p.name
+
+
+def dataset_images(path: str | os.PathLike) -> list[Path]:
+    """Sorted HR image files of a dataset folder (EDSR layout or a plain folder of images)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"dataset folder not found: {p}")
+    files = sorted(f for f in _image_dir(p).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {_image_dir(p)}")
+    return files
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Load an image as uint8 ``HxWx3`` RGB; gray (and palette/alpha) images are converted."""
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            raise ValueError(f"{path}: {im.mode} (16-bit/float) images are not supported; use 8-bit images")
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def make_lr(hr: np.ndarray, scale: int, cache_path: Path | None = None) -> np.ndarray:
+    """uint8 LR image ``imresize(hr, 1/scale)`` for an already mod-cropped HR, optionally cached as PNG.
+
+    A cached file is reused only if its size matches ``hr.shape // scale``; otherwise it is rewritten.
+    """
+    expected = (hr.shape[0] // scale, hr.shape[1] // scale, 3)
+    if cache_path is not None and cache_path.is_file():
+        cached = load_rgb(cache_path)
+        if cached.shape == expected:
+            return cached
+    lr = imresize(hr, 1.0 / scale)
+    if lr.shape != expected:  # cannot happen for a mod-cropped HR; guards against misuse
+        raise ValueError(f"LR shape {lr.shape} != expected {expected}; was the HR image mod-cropped?")
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(cache_path.name + ".tmp.png")
+        Image.fromarray(lr).save(tmp)
+        os.replace(tmp, cache_path)
+    return lr
+
+
+def _check_scale(scale: Any) -> int:
+    if isinstance(scale, bool) or int(scale) != scale or int(scale) < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    return int(scale)
+
+
+def _run_protocol(
+    upscale: Upscaler,
+    dataset_dirs: Iterable[str | os.PathLike],
+    *,
+    scale: int,
+    method: str,
+    max_images: int | None,
+    cache_dir: str | os.PathLike | None,
+) -> list[dict[str, Any]]:
+    if isinstance(dataset_dirs, (str, os.PathLike)):
+        dataset_dirs = [dataset_dirs]
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1, got {max_images}")
+    results = []
+    for ddir in dataset_dirs:
+        name = dataset_name(ddir)
+        files = dataset_images(ddir)[:max_images]
+        per_image = []
+        for f in files:
+            hr = modcrop(load_rgb(f), scale)
+            cache = Path(cache_dir) / name / f"X{scale}" / f"{f.stem}x{scale}.png" if cache_dir else None
+            lr = make_lr(hr, scale, cache)
+            sr = upscale(lr)
+            if sr.shape != hr.shape:
+                raise ValueError(f"{f.name}: SR shape {sr.shape} != HR shape {hr.shape} (scale {scale})")
+            per_image.append(
+                {"image": f.name, "psnr": psnr_y(sr, hr, crop=scale), "ssim": ssim_y(sr, hr, crop=scale)}
+            )
+        results.append(
+            {
+                "dataset": name,
+                "scale": scale,
+                "method": method,
+                "psnr": float(np.mean([r["psnr"] for r in per_image])),
+                "ssim": float(np.mean([r["ssim"] for r in per_image])),
+                "images": len(per_image),
+                "per_image": per_image,
+            }
+        )
+    return results
+
+
+def _model_upscaler(model: Any, scale: int, device: str) -> Upscaler:
+    import torch
+
+    def upscale(lr: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1))).to(device=device, dtype=torch.float32)
+        with torch.inference_mode():
+            y = model(x.unsqueeze(0).div_(255.0))
+        if y.ndim != 4 or tuple(y.shape[-2:]) != (lr.shape[0] * scale, lr.shape[1] * scale) or y.shape[1] != 3:
+            raise ValueError(
+                f"model output shape {tuple(y.shape)} is not (1, 3, {lr.shape[0] * scale}, {lr.shape[1] * scale})"
+            )
+        y = y[0].float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+        return y.permute(1, 2, 0).cpu().numpy()
+
+    return upscale
+
+
+def evaluate(
+    model: Any,
+    dataset_dirs: Iterable[str | os.PathLike] | str | os.PathLike,
+    *,
+    scale: int | None = None,
+    device: str = "cpu",
+    max_images: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    method: str = "model",
+) -> list[dict[str, Any]]:
+    """Evaluate ``model`` (NCHW float [0,1] RGB -> NCHW RGB, ``scale`` x larger) on dataset folders.
+
+    ``scale`` defaults to ``model.scale``; giving a different one is an error. The model is moved to
+    ``device`` and put in eval mode. Returns one dict per dataset with keys ``dataset, scale, method,
+    psnr, ssim, images, per_image`` (``per_image``: list of ``{image, psnr, ssim}``).
+    """
+    model_scale = getattr(model, "scale", None)
+    if scale is None:
+        if model_scale is None:
+            raise ValueError("scale not given and the model has no .scale attribute")
+        scale = model_scale
+    scale = _check_scale(scale)
+    if model_scale is not None and int(model_scale) != scale:
+        raise ValueError(f"scale {scale} does not match the model's scale {model_scale}")
+    if hasattr(model, "to"):
+        model = model.to(device)
+    if hasattr(model, "eval"):
+        model.eval()
+    return _run_protocol(
+        _model_upscaler(model, scale, device),
+        dataset_dirs,
+        scale=scale,
+        method=method,
+        max_images=max_images,
+        cache_dir=cache_dir,
+    )
+
+
+def evaluate_bicubic(
+    dataset_dirs: Iterable[str | os.PathLike] | str | os.PathLike,
+    *,
+    scale: int,
+    max_images: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """Bicubic baseline: SR = MATLAB-bicubic uint8 ``imresize(lr, scale)``; same protocol and output."""
+    scale = _check_scale(scale)
+
+    def upscale(lr: np.ndarray) -> np.ndarray:
+        return imresize(lr, output_shape=(lr.shape[0] * scale, lr.shape[1] * scale))
+
+    return _run_protocol(
+        upscale, dataset_dirs, scale=scale, method="bicubic", max_images=max_images, cache_dir=cache_dir
+    )
+
+
+def format_table(results: Sequence[dict[str, Any]]) -> str:
+    """Plain-text table: dataset, scale, method, PSNR (dB), SSIM, images."""
+    header = f"{'dataset':<12} {'scale':>5} {'method':<16} {'PSNR':>8} {'SSIM':>7} {'images':>6}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r['dataset']:<12} {'x' + str(r['scale']):>5} {r['method']:<16} "
+            f"{r['psnr']:>8.2f} {r['ssim']:>7.4f} {r['images']:>6d}"
+        )
+    return "\n".join(lines)
+
+
+def format_markdown(results: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of the same summary (PSNR/SSIM on Y, border = scale)."""
+    lines = [
+        "| Dataset | Scale | Method | PSNR-Y (dB) | SSIM-Y | Images |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['dataset']} | x{r['scale']} | {r['method']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['images']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace non-finite floats (inf PSNR of identical images) by None so the JSON is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _resolve_datasets(data: Sequence[str] | None, sets: Sequence[str]) -> list[Path]:
+    """Turn ``--data``/``--sets`` into dataset folders.
+
+    Each ``--data`` entry that has an ``HR/`` subfolder or images directly is one dataset; any other
+    folder is a benchmark root, from which the ``--sets`` subfolders are taken.
+    """
+    roots_or_sets = [Path(d) for d in data] if data else [default_benchmarks_dir()]
+    out: list[Path] = []
+    for p in roots_or_sets:
+        if not p.is_dir():
+            raise ValueError(f"data folder not found: {p}")
+        has_images = any(f.suffix.lower() in IMAGE_EXTENSIONS for f in p.iterdir() if f.is_file())
+        if (p / "HR").is_dir() or has_images:
+            out.append(p)
+            continue
+        for s in sets:
+            if not (p / s).is_dir():
+                raise ValueError(f"benchmark set {s!r} not found under {p}")
+            out.append(p / s)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="dlsr-eval",
+        description="PSNR/SSIM (Y channel, border = scale) of a DLSR model on SR benchmarks, with "
+        "MATLAB-bicubic LR images generated from the HR images.",
+    )
+    ap.add_argument("model", nargs="?", help="model alias (e.g. x2), model directory or hub id; optional with --bicubic")
+    ap.add_argument("--data", nargs="+", metavar="DIR",
+                    help="dataset folders (<Set> with HR/, or a folder of images) or benchmark roots "
+                    "(default: $DLSR_BENCHMARKS or <shared>/data/benchmarks)")
+    ap.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), metavar="NAME",
+                    help="sets to take from a benchmark root (default: %(default)s)")
+    ap.add_argument("--scale", type=int, help="upscale factor (default: the model's; required for --bicubic alone)")
+    ap.add_argument("--bicubic", action="store_true",
+                    help="also/only evaluate the MATLAB-bicubic baseline (only, when no MODEL is given)")
+    ap.add_argument("--json", metavar="PATH", help="write results (with per-image scores) as JSON")
+    ap.add_argument("--markdown", metavar="PATH", help="write the summary table as Markdown")
+    ap.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
+    ap.add_argument("--cache-dir", metavar="DIR", help="cache generated LR images as PNG here")
+    ap.add_argument("--max-images", type=int, metavar="N", help="evaluate only the first N images of each set")
+    return ap
+
+
+def _load_model(name: str) -> Any:
+    """``DLSR.from_pretrained(name)``, with load failures turned into ValueError for a clean message."""
+    try:
+        from .model import DLSR
+        from .pretrained import ModelLoadError
+    except ImportError as exc:  # pragma: no cover - depends on the rest of the package
+        raise ValueError(f"cannot import dlsr_infer.model.DLSR: {exc}") from exc
+    try:
+        return DLSR.from_pretrained(name)
+    except ModelLoadError as exc:
+        raise ValueError(f"cannot load model {name!r}: {exc}") from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``dlsr-eval`` entry point; returns the process exit status (0 ok, 2 bad input)."""
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.model is None and not args.bicubic:
+        ap.error("MODEL is required unless --bicubic is given")
+    if args.model is None and args.scale is None:
+        ap.error("--bicubic without MODEL needs --scale")
+    try:
+        datasets = _resolve_datasets(args.data, args.sets)
+        results: list[dict[str, Any]] = []
+        scale = args.scale
+        if args.model is not None:
+            model = _load_model(args.model)
+            results += evaluate(model, datasets, scale=scale, device=args.device, max_images=args.max_images,
+                                cache_dir=args.cache_dir, method=args.model)
+            scale = results[0]["scale"] if results else int(model.scale)
+        if args.bicubic:
+            results += evaluate_bicubic(datasets, scale=scale, max_images=args.max_images, cache_dir=args.cache_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dlsr-eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.json:
+        payload = {"model": args.model, "protocol": "Y (BT.601), border=scale, MATLAB bicubic LR", "results": results}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(format_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Bundled model directories (installed as `dlsr_infer._weights`)."""
