@@ -162,15 +162,17 @@ def _model_upscaler(model: Any, scale: int, device: str) -> Upscaler:
     import torch
 
     def upscale(lr: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1))).to(device=device, dtype=torch.float32)
+        expected = (1, 3, lr.shape[0] * scale, lr.shape[1] * scale)
         with torch.inference_mode():
-            y = model(x.unsqueeze(0).div_(255.0))
-        if y.ndim != 4 or tuple(y.shape[-2:]) != (lr.shape[0] * scale, lr.shape[1] * scale) or y.shape[1] != 3:
-            raise ValueError(
-                f"model output shape {tuple(y.shape)} is not (1, 3, {lr.shape[0] * scale}, {lr.shape[1] * scale})"
-            )
-        y = y[0].float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
-        return y.permute(1, 2, 0).cpu().numpy()
+            x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1)))
+            x = x.to(device=device, dtype=torch.float32).div_(255.0).unsqueeze(0)
+            y = model(x)
+            if not isinstance(y, torch.Tensor) or tuple(y.shape) != expected:
+                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(f"model output shape {got} is not {expected}")
+            # round() is half-to-even; exact .5 values are practically impossible after *255 of floats.
+            y = y[0].float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+            return y.permute(1, 2, 0).cpu().numpy()
 
     return upscale
 
@@ -295,7 +297,8 @@ def _parser() -> argparse.ArgumentParser:
         description="PSNR/SSIM (Y channel, border = scale) of a DLSR model on SR benchmarks, with "
         "MATLAB-bicubic LR images generated from the HR images.",
     )
-    ap.add_argument("model", nargs="?", help="model alias (e.g. x2), model directory or hub id; optional with --bicubic")
+    ap.add_argument("model", nargs="?",
+                    help="model alias (e.g. x2), model directory or hub id; optional with --bicubic")
     ap.add_argument("--data", nargs="+", metavar="DIR",
                     help="dataset folders (<Set> with HR/, or a folder of images) or benchmark roots "
                     "(default: $DLSR_BENCHMARKS or <shared>/data/benchmarks)")

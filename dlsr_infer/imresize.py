@@ -73,7 +73,12 @@ def output_size(in_shape: Sequence[int], scale: float | Sequence[float]) -> tupl
     so a mod-cropped image always gives an exact ``in / s``.
     """
     sh, sw = _scale_pair(scale)
-    return tuple(int(math.ceil(s * n - 1e-10 * max(1.0, s * n))) for s, n in ((sh, in_shape[0]), (sw, in_shape[1])))  # type: ignore[return-value]
+
+    def one(s: float, n: int) -> int:
+        exact = s * n
+        return int(math.ceil(exact - 1e-10 * max(1.0, exact)))
+
+    return one(sh, int(in_shape[0])), one(sw, int(in_shape[1]))
 
 
 def _scale_pair(scale: float | Sequence[float]) -> tuple[float, float]:
