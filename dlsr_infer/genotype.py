@@ -48,6 +48,8 @@ MAX_CHANNELS = 512
 MAX_CELLS = 32
 MAX_IO_CHANNELS = 4
 MAX_CONFIG_BYTES = 1 << 20
+#: How deeply the free-form `provenance` object may nest (deeper JSON cannot be re-serialised safely).
+MAX_PROVENANCE_DEPTH = 32
 
 _TOP_KEYS = {"format_version", "scale", "in_channels", "out_channels", "channels", "cells", "provenance", "name"}
 
@@ -141,12 +143,35 @@ def _int_field(data: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
     return value
 
 
+def _nesting_depth(value: Any, limit: int) -> int:
+    """Depth of nested lists/dicts in `value` (iterative; stops counting once past `limit`)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((c, depth + 1) for c in children)
+    return deepest
+
+
+def _reject_constant(name: str) -> Any:
+    raise GenotypeError(f"genotype is not valid JSON: {name} is not a JSON number")
+
+
 def validate(data: Mapping[str, Any]) -> None:
     """Raise `GenotypeError` naming the first problem found in a genotype dict."""
     if not isinstance(data, Mapping):
         raise GenotypeError(f"genotype must be a JSON object, got {type(data).__name__}")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    # `type(...) is int`: True == 1 and 1.0 == 1 in Python, but neither is format version 1.
+    if type(version) is not int or version != FORMAT_VERSION:
         raise GenotypeError(
             f"unknown genotype format_version {version!r}; this dlsr understands version {FORMAT_VERSION}"
         )
@@ -165,6 +190,8 @@ def validate(data: Mapping[str, Any]) -> None:
     prov = data.get("provenance")
     if prov is not None and not isinstance(prov, Mapping):
         raise GenotypeError("genotype field 'provenance' must be an object")
+    if prov is not None and _nesting_depth(prov, MAX_PROVENANCE_DEPTH) > MAX_PROVENANCE_DEPTH:
+        raise GenotypeError(f"genotype field 'provenance' nests deeper than {MAX_PROVENANCE_DEPTH} levels")
 
     cells = data.get("cells")
     if not isinstance(cells, Sequence) or isinstance(cells, (str, bytes)):
@@ -208,8 +235,12 @@ def loads(text: str | bytes) -> Genotype:
     if len(text) > MAX_CONFIG_BYTES:
         raise GenotypeError(f"genotype JSON is {len(text)} bytes, over the {MAX_CONFIG_BYTES} byte limit")
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(text, parse_constant=_reject_constant)  # NaN / Infinity are not JSON
+    except RecursionError:
+        raise GenotypeError("genotype JSON is nested too deeply") from None
+    except GenotypeError:
+        raise
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer with > 4300 digits
         raise GenotypeError(f"genotype is not valid JSON: {e}") from None
     return Genotype.from_dict(data)
 

@@ -6,6 +6,7 @@ local path is never reported as a Hub 404 and vice versa.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -36,6 +37,23 @@ ALIASES: dict[str, tuple[str, str]] = {
 }
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_GIT_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+
+#: Largest safetensors JSON header we agree to parse. Ours are a few KB (tensor index + the genotype as
+#: metadata); the format itself allows 100 MB, which a hostile file could use to make us parse junk.
+MAX_HEADER_BYTES = 16 << 20
+#: safetensors dtype names -> torch dtypes (for describing a file's tensors without reading them).
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_name] = getattr(torch, _attr)
+del _name, _attr
 
 
 class ModelLoadError(RuntimeError):
@@ -106,49 +124,143 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, loc
 
 def download(repo_id: str, *, revision: str | None = None, local_files_only: bool = False,
              cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> Path:
-    """Fetch a model repo's files through the Hub cache and return the snapshot directory."""
+    """Fetch a model repo's files through the Hub cache and return the snapshot directory.
+
+    Every failure is a `ModelLoadError` that names the repo (and revision, and file where it matters).
+    Files are checked against the ETag the Hub announced for them (sha256 for LFS files, the git blob
+    id otherwise), so bytes corrupted in transit or on disk are refused, not loaded.
+    """
     try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
-                                            RepositoryNotFoundError, RevisionNotFoundError)
+        from huggingface_hub import constants as hf_constants, hf_hub_download
+        from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                            RevisionNotFoundError)
     except ImportError as e:  # pragma: no cover - it is a declared dependency
         raise ModelLoadError(f"loading {repo_id!r} from the Hub needs huggingface_hub: {e}") from None
 
-    def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                    local_files_only=local_files_only, token=token))
-
     where = f"Hub repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
-    try:
-        config = fetch(CONFIG_NAME)
-        weights = fetch(WEIGHTS_NAME)
-    except RepositoryNotFoundError:
-        raise ModelLoadError(f"{where} does not exist (or needs a token)") from None
-    except RevisionNotFoundError:
-        raise ModelLoadError(f"{where}: no such revision") from None
-    except EntryNotFoundError as e:
-        raise ModelLoadError(f"{where} is not a DLSR model repo: it lacks {CONFIG_NAME} or {WEIGHTS_NAME} "
-                             f"({type(e).__name__})") from None
-    except LocalEntryNotFoundError:
-        raise ModelLoadError(f"{where} is not in the local Hub cache and downloads are disabled "
-                             "(offline mode or local_files_only=True)") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelLoadError(f"could not download {where}: {e}") from None
+    endpoint = getattr(hf_constants, "ENDPOINT", "the Hugging Face Hub")
+
+    def fetch(filename: str) -> Path:
+        try:
+            path = Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                        local_files_only=local_files_only, token=token))
+        except RepositoryNotFoundError:  # also GatedRepoError
+            raise ModelLoadError(f"{where} does not exist on {endpoint} (or it is private or gated and needs a "
+                                 "token)") from None
+        except RevisionNotFoundError:
+            raise ModelLoadError(f"{where}: no such revision") from None
+        except LocalEntryNotFoundError as e:  # before EntryNotFoundError, its base class
+            offline = local_files_only or bool(getattr(hf_constants, "HF_HUB_OFFLINE", False))
+            if offline:
+                raise ModelLoadError(f"{filename} of {where} is not in the local Hub cache and downloads are "
+                                     "disabled (HF_HUB_OFFLINE=1 or local_files_only=True)") from None
+            cause = e.__cause__
+            detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+            raise ModelLoadError(f"{filename} of {where} is not in the local Hub cache and {endpoint} could not "
+                                 f"be reached{detail}") from None
+        except EntryNotFoundError:
+            raise ModelLoadError(f"{where} is not a DLSR model repo: it has no {filename}") from None
+        except Exception as e:  # HTTP errors, size mismatches (OSError), dropped connections (httpx errors)
+            raise ModelLoadError(f"could not download {filename} from {where}: {type(e).__name__}: {e}") from e
+        _verify_cached_file(path, f"{filename} of {where}")
+        return path
+
+    config = fetch(CONFIG_NAME)
+    weights = fetch(WEIGHTS_NAME)
     if config.parent != weights.parent:  # pragma: no cover - same snapshot by construction
         raise ModelLoadError(f"{where}: files resolved to different snapshots")
     return config.parent
 
 
+def _verify_cached_file(path: Path, what: str) -> None:
+    """Check a file from the Hub cache against its ETag, which names the blob it links to.
+
+    The Hub's ETag is the file's sha256 for LFS files and its git blob id otherwise; huggingface_hub checks
+    only the size of a plain HTTP download. A mismatch removes the bad copy (so a retry downloads it again)
+    and raises. Without symlinks (some Windows setups) the cache holds copies and there is nothing to check.
+
+    Only the snapshot link is followed to find the name: `blobs/<etag>` may itself link on into
+    huggingface_hub's shared Xet store, whose entries are named by Xet hash, not by checksum.
+    """
+    if not path.is_symlink():
+        return
+    target = Path(os.readlink(path))
+    blob = target if target.is_absolute() else path.parent / target
+    etag = blob.name
+    if _SHA256.match(etag):
+        digest = hashlib.sha256()
+    elif _GIT_SHA1.match(etag):
+        digest = hashlib.sha1(b"blob %d\0" % blob.stat().st_size)
+    else:
+        return
+    with open(blob, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != etag:
+        for stale in (path, blob):
+            try:
+                stale.unlink()
+            except OSError:  # pragma: no cover - read-only cache
+                pass
+        raise ModelLoadError(f"{what} is corrupt: its content does not match the checksum the Hub announced "
+                             f"({etag}); the bad copy was removed from the cache, try again")
+
+
 # --- reading and writing ----------------------------------------------------------------------------
+def _invalid(path: Path, why: object) -> ModelLoadError:
+    return ModelLoadError(f"{path}: not a valid safetensors file (corrupt or truncated?): {why}")
+
+
+def _check_header_size(path: Path) -> None:
+    """Refuse a file whose 8-byte header length is absurd before safetensors parses anything."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise _invalid(path, f"only {size} bytes")
+    claimed = int.from_bytes(head, "little")
+    if claimed > size - 8:
+        raise _invalid(path, f"its header claims {claimed} bytes but the file has {size}")
+    if claimed > MAX_HEADER_BYTES:
+        raise _invalid(path, f"its header claims {claimed} bytes, over the {MAX_HEADER_BYTES} byte limit")
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors a safetensors file holds, as data-less 'meta' tensors (name, shape, dtype).
+
+    Reads and validates only the header (safetensors checks that the offsets tile the file exactly),
+    so a file can be checked against a network before any of its data is read.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    _check_header_size(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            specs = [(name, f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()]
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _invalid(path, e) from None
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype_name, shape in specs:
+        dtype = _ST_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype_name}, which is not a supported "
+                                 "weight type")
+        out[name] = torch.empty(shape, dtype=dtype, device="meta")
+    return out
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load tensors from a safetensors file; never unpickles."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = Path(path)
     try:
+        _check_header_size(path)
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"{path}: not a valid safetensors file (corrupt or truncated?): {e}") from None
+        raise _invalid(path, e) from None
 
 
 def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], *,
@@ -160,15 +272,19 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping[str, t
                     for k in set(expected) & set(found) if expected[k].shape != found[k].shape)
     dtypes = sorted(f"{k}: {found[k].dtype} is not a floating-point tensor"
                     for k in set(expected) & set(found) if not found[k].is_floating_point())
+
+    def listing(items: list[str], limit: int = 20) -> str:  # a hostile file may hold 100k names
+        return repr(items) if len(items) <= limit else f"{items[:limit]!r} (+{len(items) - limit} more)"
+
     problems = []
     if missing:
-        problems.append(f"missing tensors {missing}")
+        problems.append(f"missing tensors {listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors {unexpected}")
+        problems.append(f"unexpected tensors {listing(unexpected)}")
     if shapes:
-        problems.append(f"mis-shaped tensors {shapes}")
+        problems.append(f"mis-shaped tensors {listing(shapes)}")
     if dtypes:
-        problems.append(f"bad dtypes {dtypes}")
+        problems.append(f"bad dtypes {listing(dtypes)}")
     if problems:
         raise ModelLoadError(f"{source} does not match its genotype: " + "; ".join(problems))
 
@@ -183,9 +299,23 @@ def load_model_dir(cls: type["DLSR"], directory: Path, *, map_location: Any = "c
         genotype = load_genotype(config)
     except GenotypeError as e:
         raise ModelLoadError(f"invalid {CONFIG_NAME}: {e}") from None
-    model = cls(genotype)
+    # A valid config can still describe a network of several GB (512 channels x 32 cells). Build it on the
+    # meta device (no memory), check the weights file's header against it, and allocate only once the
+    # file is known to hold exactly those tensors: memory then never exceeds what the file really holds.
+    try:
+        with torch.device("meta"):
+            model = cls(genotype)
+    except Exception:  # pragma: no cover - a subclass whose constructor needs real tensors
+        model = cls(genotype)
+    expected = model.state_dict()
+    check_state_dict(expected, read_safetensors_header(weights), source=str(weights))
     state = read_state_dict(weights)
-    check_state_dict(model.state_dict(), state, source=str(weights))
+    check_state_dict(expected, state, source=str(weights))  # the file may have changed since
+    if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
+        if all(name in expected for name, _ in model.named_buffers()):
+            model = model.to_empty(device="cpu")  # uninitialised; every tensor is loaded below
+        else:  # pragma: no cover - non-persistent buffers need the real constructor
+            model = cls(genotype)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.source = str(directory)  # type: ignore[attr-defined]
     return model.to(map_location).eval()
@@ -218,6 +348,36 @@ def save_model_dir(model: "DLSR", directory: str | os.PathLike, *, model_card: s
     blob = st_save(tensors, metadata=meta)
     _atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(blob))
     _atomic_write(directory / CONFIG_NAME, lambda f: f.write(genotype.to_json().encode()))
+    if model_card is None and not (directory / CARD_NAME).exists():
+        model_card = default_model_card(genotype)  # a Hub repo needs a card; never clobber an edited one
     if model_card is not None:
         _atomic_write(directory / CARD_NAME, lambda f: f.write(model_card.encode()))
     return directory
+
+
+def default_model_card(genotype: Genotype, repo_id: str | None = None) -> str:
+    """A minimal Hub model card (README.md) for a model directory; `save_model_dir` writes it by default."""
+    title = " ".join((genotype.name or f"dlsr-x{genotype.scale}").split()) or f"dlsr-x{genotype.scale}"
+    return f"""---
+library_name: dlsr
+pipeline_tag: image-to-image
+tags:
+- super-resolution
+- image-to-image
+- dlsr
+---
+
+# {title}
+
+A DLSR super-resolution network: x{genotype.scale} upscaling, {genotype.channels} channels,
+{genotype.num_cells} distillation cells.
+
+- `config.json`: the genotype (the architecture, format version {genotype.to_dict()["format_version"]})
+- `model.safetensors`: the weights (safetensors, float32)
+
+```python
+from dlsr_infer import DLSR
+
+model = DLSR.from_pretrained("{repo_id or "owner/name"}")
+```
+"""

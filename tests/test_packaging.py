@@ -1,0 +1,30 @@
+"""`pip install .` gives a working library from any directory, package data included."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO_ROOT
+
+
+def test_install_from_another_directory(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-compile", "--target", str(target), str(REPO_ROOT)], check=True, cwd=tmp_path)
+    bundled = sorted(p.parent.name for p in (REPO_ROOT / "weights").glob("*/model.safetensors"))
+    code = (
+        "import dlsr_infer, sys, pathlib\n"
+        "from dlsr_infer.genotype import BUILTIN, builtin\n"
+        "from dlsr_infer.pretrained import bundled_weights_dir\n"
+        "assert pathlib.Path(dlsr_infer.__file__).is_relative_to(sys.argv[1]), dlsr_infer.__file__\n"
+        "assert all(builtin(n).num_cells == 6 for n in BUILTIN)\n"
+        "root = bundled_weights_dir()\n"
+        "print(sorted(p.parent.name for p in root.glob('*/model.safetensors')) if root else [])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True,
+                         cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(bundled)
+    assert (target / "dlsr_infer" / "genotypes" / "dlsr_x4.json").is_file()
+    assert not (target / "weights").exists()  # bundled weights live inside the package
