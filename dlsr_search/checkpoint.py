@@ -1,0 +1,126 @@
+"""Run checkpoints: everything needed to continue a run exactly, loadable with ``weights_only=True``.
+
+A checkpoint is a dict of tensors, numbers, strings and lists only (so ``torch.load(weights_only=True)``
+reads it and no pickle code runs): model state (arch parameters included), optimizer and scheduler
+states, RNG states as tensors, the step (which also fixes the data stream's position, see `data`),
+the best validation score, and the run's config as a JSON string. Writes are atomic: a temp file in
+the same folder, fsync, ``os.replace``, then fsync of the folder, so a kill at any moment leaves
+either the old or the new checkpoint, never a torn one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or belongs to a different kind of run."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+
+
+def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; check its format and (optionally) its kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint of ours"
+        raise CheckpointError(f"{path}: not a readable dlsr_search checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a dlsr_search checkpoint (format {CHECKPOINT_FORMAT})")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise CheckpointError(f"{path} is a {ckpt.get('kind')!r} checkpoint, expected a {kind!r} one")
+    return ckpt
+
+
+def config_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(ckpt["config"])
+
+
+# --- RNG states as tensors -----------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states, each as tensors so weights_only loading works."""
+    py_version, py_internal, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": torch.tensor(list(py_internal), dtype=torch.int64),
+        "python_version": int(py_version),
+        "python_gauss": py_gauss,
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos),
+        "numpy_has_gauss": int(np_has_gauss),
+        "numpy_gauss": float(np_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if np_name != "MT19937":  # pragma: no cover - numpy's legacy global state is always MT19937
+        raise CheckpointError(f"unexpected numpy RNG {np_name}")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate((state["python_version"], tuple(int(v) for v in state["python"].tolist()),
+                     state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "atomic_torch_save",
+    "config_of",
+    "load_checkpoint",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+]

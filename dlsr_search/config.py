@@ -1,0 +1,63 @@
+"""Run configs shared by the retrain trainer and the search, and the rules for changing them on resume.
+
+A config is a flat dataclass of JSON-able values; checkpoints carry it (as JSON) so a run can be
+resumed, audited, or exported without the command line that started it. On ``--resume`` the
+checkpoint's config wins; only operational fields (how long, how often to log/validate/save, threads,
+device...) may be changed, because changing e.g. the batch or the learning rate mid-run would make
+the resumed run differ from the run that was asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterable, TypeVar
+
+C = TypeVar("C")
+
+#: Fields a resumed run may change freely.
+OPERATIONAL = frozenset({
+    "out", "resume", "steps", "val_every", "val_max_images", "log_every", "ckpt_every", "ckpt_every_minutes",
+    "snapshot_every", "threads", "workers", "device", "bf16", "channels_last", "lr_cache", "export", "progress",
+})
+
+
+class ConfigError(ValueError):
+    """An invalid option value or combination, or a resume that would change how the run trains."""
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def from_json(cls: type[C], text: str) -> C:
+    data = json.loads(text)
+    names = {f.name for f in dataclasses.fields(cls)}  # tolerate fields added/removed between versions
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def merge_for_resume(saved: C, requested: C, explicit: Iterable[str] | None) -> C:
+    """The config a resumed run uses: ``saved``, with the operational fields the user set in ``requested``.
+
+    ``explicit``: fields the user actually set (None: every field that differs from the default counts
+    as set). An explicitly set, non-operational field that differs from the saved run is an error.
+    """
+    defaults = type(requested)(**{f.name: getattr(requested, f.name) for f in dataclasses.fields(requested)
+                                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING})
+    if explicit is None:
+        explicit = {f.name for f in dataclasses.fields(requested) if getattr(requested, f.name) != getattr(defaults, f.name)}
+    explicit = set(explicit)
+    conflicts = []
+    updates = {}
+    for f in dataclasses.fields(requested):
+        new, old = getattr(requested, f.name), getattr(saved, f.name)
+        if f.name in ("out", "resume") or (f.name in OPERATIONAL and f.name in explicit):
+            updates[f.name] = new
+        elif f.name in explicit and new != old and not f.name.endswith("_json"):
+            conflicts.append(f"{f.name}: run has {old!r}, command line asks {new!r}")
+    if conflicts:
+        raise ConfigError("--resume cannot change how the run trains (start a new --out, or drop these options):\n  "
+                          + "\n  ".join(conflicts))
+    return dataclasses.replace(saved, **updates)
+
+
+__all__ = ["ConfigError", "OPERATIONAL", "from_json", "merge_for_resume", "to_json"]

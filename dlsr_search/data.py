@@ -1,0 +1,232 @@
+"""Training data: HR/LR image pairs held in memory, and random LR/HR patches as a pure function of an index.
+
+Why a pure function: sample number ``k`` of a run (``k = step * global_batch + rank * batch + i``) fixes
+which image it comes from (a fresh permutation of the images per pass, from ``seed``) and its crop and
+dihedral augmentation (from ``(seed, k)``). No sampler or worker holds hidden state, so a resumed run,
+a run with more DataLoader workers, and every DDP rank see exactly the data an uninterrupted run would.
+
+LR images are MATLAB-bicubic ``imresize(modcrop(HR, s), 1/s)`` (``dlsr_infer.imresize``), computed
+once per image, kept in memory and optionally cached on disk as PNG.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dlsr_infer.evaluate import IMAGE_EXTENSIONS, load_rgb, make_lr
+from dlsr_infer.imresize import modcrop
+from dlsr_infer.model import MIN_INPUT_SIZE
+
+#: Folder used when neither --data nor $DLSR_DATA is given: ../shared/data/train beside the repo.
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
+
+
+class DataError(ValueError):
+    """Training/validation data that cannot be used (missing folder, no images, images too small)."""
+
+
+def default_data_roots() -> list[Path]:
+    env = os.environ.get("DLSR_DATA")
+    if env:
+        return [Path(p) for p in env.split(os.pathsep) if p]
+    return [DEFAULT_DATA]
+
+
+def list_images(roots: Sequence[str | os.PathLike]) -> list[Path]:
+    """All image files under the given folders (recursively) or given as files, sorted per root."""
+    if not roots:
+        raise DataError("no data folders given")
+    files: list[Path] = []
+    for root in map(Path, roots):
+        if root.is_file():
+            files.append(root)
+            continue
+        if not root.is_dir():
+            raise DataError(f"data folder not found: {root}")
+        found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        files.extend(found)
+    return files
+
+
+def split_by_image(files: Sequence[Path], holdout: int, seed: int) -> tuple[list[Path], list[Path]]:
+    """Split whole images (never patches of one image) into (train, held-out), reproducibly from seed."""
+    if not 0 < holdout < len(files):
+        raise DataError(f"cannot hold out {holdout} of {len(files)} images")
+    order = np.random.default_rng([seed, 0x5EA]).permutation(len(files))
+    held = sorted(int(i) for i in order[:holdout])
+    held_set = set(held)
+    return [f for i, f in enumerate(files) if i not in held_set], [files[i] for i in held]
+
+
+def _cache_path(cache_dir: Path | None, file: Path, scale: int) -> Path | None:
+    if cache_dir is None:
+        return None
+    st = file.stat()
+    # Key on path, size and mtime so an edited image never reuses a stale LR.
+    key = hashlib.sha1(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir / f"X{scale}" / f"{file.stem}_{key}.png"
+
+
+@dataclass
+class ImagePair:
+    name: str
+    hr: np.ndarray  # uint8 HxWx3, mod-cropped to the scale
+    lr: np.ndarray  # uint8 (H/s)x(W/s)x3
+
+
+def load_pairs(files: Sequence[Path], scale: int, *, min_lr_size: int = MIN_INPUT_SIZE,
+               cache_dir: str | os.PathLike | None = None, threads: int = 2,
+               progress: bool = False) -> tuple[list[ImagePair], list[str]]:
+    """Load HR images and their bicubic LR, dropping images whose LR side is under ``min_lr_size``.
+
+    Returns ``(pairs, skipped_names)``. numpy's resize loops release the GIL, so a few threads help.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else None
+
+    def one(f: Path) -> ImagePair | None:
+        hr = load_rgb(f)
+        if min(hr.shape[:2]) // scale < min_lr_size:
+            return None
+        hr = modcrop(hr, scale)
+        return ImagePair(f.name, hr, make_lr(hr, scale, _cache_path(cache, f, scale)))
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = pool.map(one, files)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(files), desc=f"loading x{scale} pairs", leave=False)
+        loaded = list(results)
+    pairs = [p for p in loaded if p is not None]
+    skipped = [f.name for f, p in zip(files, loaded) if p is None]
+    if not pairs:
+        raise DataError(f"none of the {len(files)} images is large enough (LR side >= {min_lr_size} at x{scale})")
+    return pairs, skipped
+
+
+def _dihedral(img: np.ndarray, code: int) -> np.ndarray:
+    """One of the 8 flips/rotations (code 0..7) of an HxWxC array."""
+    if code & 1:
+        img = img[:, ::-1]
+    if code & 2:
+        img = img[::-1, :]
+    if code & 4:
+        img = img.transpose(1, 0, 2)
+    return img
+
+
+class PatchDataset(Dataset):
+    """Sample ``k`` -> (LR patch, HR patch) as uint8 CHW tensors; deterministic in (seed, k)."""
+
+    def __init__(self, pairs: Sequence[ImagePair], scale: int, lr_patch: int, seed: int, *,
+                 augment: bool = True, stream: int = 0) -> None:
+        self.pairs = [p for p in pairs if min(p.lr.shape[:2]) >= lr_patch]
+        if not self.pairs:
+            raise DataError(f"no image is large enough for an LR patch of {lr_patch} px at x{scale}")
+        self.dropped = len(pairs) - len(self.pairs)
+        self.scale, self.lr_patch, self.seed, self.augment = scale, lr_patch, seed, augment
+        # stream: a second, independent sample stream from the same seed (the search's validation patches)
+        self._salt = [stream] if stream else []
+        self._perm_pass, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:  # one pass over the images; the sampler itself is endless
+        return len(self.pairs)
+
+    def image_index(self, k: int) -> int:
+        n = len(self.pairs)
+        pass_no = k // n
+        if pass_no != self._perm_pass:  # a fresh order of the images for every pass over them
+            self._perm = np.random.default_rng([self.seed, 1, pass_no, *self._salt]).permutation(n)
+            self._perm_pass = pass_no
+        return int(self._perm[k % n])
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples stacked into a uint8 batch, in this process (no DataLoader needed for a side stream)."""
+        lrs, hrs = zip(*(self[k] for k in indices))
+        return torch.stack(lrs), torch.stack(hrs)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self.pairs[self.image_index(k)]
+        rng = np.random.default_rng([self.seed, 2, k, *self._salt])
+        p, s = self.lr_patch, self.scale
+        h, w = pair.lr.shape[:2]
+        y, x = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
+        lr = pair.lr[y:y + p, x:x + p]
+        hr = pair.hr[y * s:(y + p) * s, x * s:(x + p) * s]
+        if self.augment:
+            code = int(rng.integers(0, 8))
+            lr, hr = _dihedral(lr, code), _dihedral(hr, code)
+        to_chw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # noqa: E731
+        return to_chw(lr), to_chw(hr)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields, for steps ``start_step .. end_step-1``, this rank's sample indices of that step.
+
+    Step ``t`` on rank ``r`` takes samples ``t*B*W + r*B ... + B-1``: disjoint shards per rank (like
+    DistributedSampler) and a position fully given by the step, so resuming needs only the step.
+    """
+
+    def __init__(self, batch: int, *, start_step: int, end_step: int, rank: int = 0, world: int = 1) -> None:
+        self.batch, self.start_step, self.end_step, self.rank, self.world = batch, start_step, end_step, rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.end_step - self.start_step)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for t in range(self.start_step, self.end_step):
+            yield step_indices(t, self.batch, self.rank, self.world)
+
+
+def step_indices(step: int, batch: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Sample indices of ``step`` on ``rank`` (``batch`` per rank): the whole data-order contract."""
+    base = (step * world + rank) * batch
+    return list(range(base, base + batch))
+
+
+def patch_loader(dataset: PatchDataset, batch: int, *, start_step: int, end_step: int, rank: int = 0,
+                 world: int = 1, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over steps [start_step, end_step) of this rank's share of the sample stream."""
+    sampler = StepBatchSampler(batch, start_step=start_step, end_step=end_step, rank=rank, world=world)
+    extra = {}
+    if workers > 0:
+        # fork shares the in-memory images copy-on-write instead of pickling them to every worker.
+        import multiprocessing as mp
+
+        if "fork" in mp.get_all_start_methods():
+            extra["multiprocessing_context"] = "fork"
+        extra["persistent_workers"] = False
+        extra["prefetch_factor"] = 4
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory, **extra)
+
+
+def to_float(batch: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 NCHW batch -> float32 in [0, 1] on ``device`` (uint8 crosses process/device boundaries: 4x less)."""
+    x = batch.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+__all__ = [
+    "DEFAULT_DATA",
+    "DataError",
+    "ImagePair",
+    "PatchDataset",
+    "StepBatchSampler",
+    "default_data_roots",
+    "list_images",
+    "load_pairs",
+    "patch_loader",
+    "split_by_image",
+    "step_indices",
+    "to_float",
+]

@@ -1,0 +1,55 @@
+"""Checkpoint -> model directory (config.json + model.safetensors + README.md) that `DLSR.from_pretrained` loads."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from dlsr_infer.genotype import Genotype, loads
+from dlsr_infer.model import DLSR
+
+from .checkpoint import config_of, load_checkpoint
+
+
+def model_card(genotype: Genotype, info: Mapping[str, Any]) -> str:
+    lines = [
+        f"# {genotype.name or 'DLSR'} x{genotype.scale}",
+        "",
+        "A DLSR super-resolution network (Huang et al., *Lightweight Image Super-Resolution with Hierarchical",
+        "and Differentiable Neural Architecture Search*), trained with `dlsr-search train`.",
+        "",
+        "```python",
+        "from dlsr_infer import DLSR",
+        "model = DLSR.from_pretrained('path/to/this/folder')",
+        "```",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in info.items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_model(model: DLSR, directory: str | os.PathLike, info: Mapping[str, Any]) -> Path:
+    """Write ``model`` as a model directory; ``info`` (step, val PSNR, data...) goes to the card and metadata."""
+    meta = {f"dlsr_train_{k}": str(v) for k, v in info.items()}
+    return model.save_pretrained(directory, model_card=model_card(model.genotype, info), metadata=meta)
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, directory: str | os.PathLike) -> Path:
+    """A retrain checkpoint (``last.pt``) -> model directory. (A search checkpoint has no trained
+    network to export: use its derived genotype, ``dlsr-search export`` writes that instead.)"""
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("kind") != "train":
+        raise ValueError(f"{checkpoint} is a {ckpt.get('kind')!r} checkpoint; only 'train' checkpoints hold a "
+                         "network to export")
+    config = config_of(ckpt)
+    genotype = loads(config["genotype_json"])
+    model = DLSR(genotype)
+    model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+    info = {"step": int(ckpt["step"]), "val_psnr_y": ckpt.get("last_val_psnr"), "data": ",".join(config["data"]),
+            "seed": config["seed"], "source": Path(checkpoint).name}
+    return save_model(model, directory, info)
+
+
+__all__ = ["export_checkpoint", "model_card", "save_model"]

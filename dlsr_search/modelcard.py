@@ -1,0 +1,183 @@
+"""Bundle a finished training run as a model directory with its model card, log and learning curve.
+
+    python -m dlsr_search.modelcard runs/x2 weights/dlsr-x2 --title "DLSR x2"
+
+copies the run's best model (config.json + model.safetensors), evaluates it with `dlsr-eval`'s code on
+Set5/Set14/B100 (and bicubic), and writes README.md (the card), log.jsonl and curve.png. Every figure
+in the card comes from the run's own log or from that evaluation: rerun the command to reproduce it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from dlsr_infer.evaluate import default_benchmarks_dir, evaluate, evaluate_bicubic
+from dlsr_infer.model import DLSR
+
+#: The paper's Table 2 PSNR-Y (dB) for DLSR, for comparison in the card.
+PAPER = {
+    2: {"Set5": 38.04, "Set14": 33.67, "B100": 32.21},
+    3: {"Set5": 34.49, "Set14": 30.39, "B100": 29.13},
+    4: {"Set5": 32.33, "Set14": 28.68, "B100": 27.61},
+}
+SETS = ("Set5", "Set14", "B100")
+
+
+def read_log(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def wall_time_s(records: list[dict[str, Any]]) -> float:
+    """Training wall time: the sum of each segment (start/resume to its last record)."""
+    total, seg_start, last = 0.0, None, None
+    for r in records:
+        if r["event"] in ("start", "resume"):
+            if seg_start is not None and last is not None:
+                total += last - seg_start
+            seg_start = r["time"]
+        last = r["time"]
+    if seg_start is not None and last is not None:
+        total += last - seg_start
+    return total
+
+
+def command_line(config: dict[str, Any]) -> str:
+    """The `dlsr-search train` command that reproduces a run, rebuilt from its stored config."""
+    skip = {"genotype_json", "resume", "progress", "export"}
+    parts = ["dlsr-search", "train"]
+    for key, value in config.items():
+        if key in skip or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(parts + ["--resume"])
+
+
+def plot_curve(points: list[tuple[int, float]], path: Path, title: str) -> None:
+    """Validation PSNR-Y against step, drawn with PIL (no plotting dependency)."""
+    w, h, m = 640, 400, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    d.text((m, 15), title, fill="black", font=font)
+    if points:
+        xs, ys = zip(*points)
+        x0, x1 = 0, max(max(xs), 1)
+        y0, y1 = min(ys) - 0.1, max(ys) + 0.1
+        px = lambda x: m + (x - x0) / (x1 - x0) * (w - 2 * m)  # noqa: E731
+        py = lambda y: h - m - (y - y0) / (y1 - y0) * (h - 2 * m)  # noqa: E731
+        d.rectangle([m, m, w - m, h - m], outline="black")
+        for i in range(5):
+            yv = y0 + (y1 - y0) * i / 4
+            d.text((5, py(yv) - 6), f"{yv:.2f}", fill="black", font=font)
+            xv = x0 + (x1 - x0) * i / 4
+            d.text((px(xv) - 10, h - m + 8), f"{int(xv)}", fill="black", font=font)
+        d.line([(px(x), py(y)) for x, y in points], fill=(200, 30, 30), width=2)
+        for x, y in points:
+            d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=(200, 30, 30))
+    d.text((w // 2 - 20, h - 25), "step", fill="black", font=font)
+    d.text((5, m - 20), "val PSNR-Y (dB)", fill="black", font=font)
+    img.save(path)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, hardware: str | None = None) -> Path:
+    records = read_log(run)
+    start = next(r for r in records if r["event"] == "start")
+    config = json.loads(start["config"])
+    steps = max(r["step"] for r in records)
+    src = run / "best" if (run / "best").is_dir() else run / "export"
+    model = DLSR.from_pretrained(src)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(src / name, out / name)
+    shutil.copyfile(run / "log.jsonl", out / "log.jsonl")
+    val = [(r["step"], r["psnr_y"]) for r in records if r["event"] == "val" and r.get("psnr_y") is not None]
+    plot_curve(val, out / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
+
+    dirs = [benchmarks / s for s in SETS]
+    ours = {r["dataset"]: r for r in evaluate(model, dirs)}
+    bic = {r["dataset"]: r for r in evaluate_bicubic(dirs, scale=model.scale)}
+    paper = PAPER.get(model.scale, {}) if model.genotype.channels == 48 else {}
+    rows = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
+    rows.append(f"| **{title} (this model)** | " + " | ".join(f"{ours[s]['psnr']:.2f} / {ours[s]['ssim']:.4f}" for s in SETS) + " |")
+    if paper:
+        rows.append("| DLSR, paper Table 2 (PSNR) | " + " | ".join(f"{paper[s]:.2f}" for s in SETS) + " |")
+    rows.append("| bicubic | " + " | ".join(f"{bic[s]['psnr']:.2f} / {bic[s]['ssim']:.4f}" for s in SETS) + " |")
+
+    hours = wall_time_s(records) / 3600
+    hw = hardware or f"{_cpu_name()}, {config.get('threads') or 'all'} CPU threads"
+    genotype = model.genotype
+    cells = "\n".join(f"| {j} | {', '.join(c.ops)} | {', '.join(map(str, c.inputs))} |"
+                      for j, c in enumerate(genotype.cells, start=1))
+    card = f"""# {title}
+
+DLSR x{genotype.scale}, {genotype.channels} channels, {model.num_parameters:,} parameters. Trained by this project
+with its own `dlsr-search train` (not converted from the authors' release). Load it with
+`DLSR.from_pretrained(...)` or use it through `dlsr_infer.upscale`.
+
+## Results (PSNR / SSIM on Y, border = scale, LR by MATLAB-style bicubic)
+
+{chr(10).join(rows)}
+
+Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and by
+`python -m dlsr_search.modelcard`, which wrote this card).
+
+## Training
+
+- data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` (571 HR images: T91, BSDS500 train+test, Sun-Hays 80);
+  validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
+- steps: {steps:,}; batch {config.get('batch')}; HR patch {config.get('patch')}; lr {config.get('lr')} halved every
+  {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {config.get('init_from') or 'none'}.
+- hardware: {hw}; training wall time {hours:.2f} h.
+- command: `{command_line(config)}`
+- log: `log.jsonl` (JSON lines); learning curve: `curve.png`.
+
+![learning curve](curve.png)
+
+## Genotype
+
+| cell | MRB ops | inputs (0 = stem) |
+|---|---|---|
+{cells}
+"""
+    (out / "README.md").write_text(card)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dlsr_search.modelcard", description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="run folder of dlsr-search train (log.jsonl, best/)")
+    p.add_argument("out", type=Path, help="model directory to write (e.g. weights/dlsr-x2)")
+    p.add_argument("--title", required=True)
+    p.add_argument("--benchmarks", type=Path, default=None, help="benchmark root (default: shared data)")
+    p.add_argument("--hardware", default=None, help="hardware description (default: this machine's CPU)")
+    a = p.parse_args(argv)
+    out = make_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
+                    hardware=a.hardware)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

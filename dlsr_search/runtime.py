@@ -1,0 +1,69 @@
+"""Process-level plumbing shared by `train` and `search`: threads, precision flags, signals, data loading order."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import distributed as D
+from .data import ImagePair, load_pairs
+
+
+def set_threads(threads: int | None, info: D.DistInfo) -> int | None:
+    """Apply ``--threads``; under torchrun on CPU default to cores / local processes (no oversubscription)."""
+    if threads is None and info.enabled and info.device.type == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world)))
+    if threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def precision_flags(bf16: bool | None, channels_last: bool | None,
+                    device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, channels_last); both default on for CUDA and off for CPU."""
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+    return (torch.bfloat16 if bf16 else None), channels_last
+
+
+def load_pairs_ranked(files: Sequence[Path], scale: int, info: D.DistInfo, **kw: Any) -> tuple[list[ImagePair], list[str]]:
+    """`load_pairs` on every rank, rank 0 first: it fills the on-disk LR cache, so ranks never write one file at once."""
+    result = None
+    for turn in ([0, 1] if info.enabled else [0]):
+        if (turn == 0) == info.is_main:
+            result = load_pairs(files, scale, **kw)
+        D.barrier(info)
+    assert result is not None
+    return result
+
+
+class StopRequest:
+    """SIGTERM / SIGINT -> finish the current step, write a checkpoint, exit cleanly (a second Ctrl-C: now)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+__all__ = ["StopRequest", "load_pairs_ranked", "precision_flags", "set_threads"]

@@ -1,0 +1,297 @@
+"""Retrain a DLSR network from its genotype (the paper's final training stage), resumable and DDP-ready.
+
+    python -m dlsr_search.cli train --scale 2 --out runs/x2 --val-holdout 10
+    torchrun --nproc_per_node=2 -m dlsr_search.cli train ...      (same run, two processes)
+
+Paper defaults: L1 loss, Adam(3e-4, betas 0.9/0.999), batch 32, HR patches 128/192/256 for x2/x3/x4
+(64 px LR), learning rate halved every 4e5 steps. Files in ``--out``: ``last.pt`` (resume point, every
+``--ckpt-every`` steps / ``--ckpt-every-minutes``), ``best/`` (model directory of the best validation
+PSNR-Y so far), ``log.jsonl``, ``config.json``. The loop below is deliberately flat: read it top to bottom.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from dlsr_infer.genotype import loads as load_genotype_json
+from dlsr_infer.model import DLSR, MIN_INPUT_SIZE
+
+from . import distributed as D
+from .checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from .config import ConfigError, from_json, merge_for_resume, to_json
+from .data import DataError, PatchDataset, default_data_roots, list_images, patch_loader, split_by_image, to_float
+from .export import save_model
+from .genotypes import resolve_genotype
+from .losses import sr_loss
+from .runlog import RunLog
+from .runtime import StopRequest, load_pairs_ranked, precision_flags, set_threads
+from .transfer import warm_start
+from .validation import ValidationSet
+
+#: The paper's HR training patch per scale (64 px LR patches).
+PATCH_BY_SCALE = {2: 128, 3: 192, 4: 256}
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    scale: int = 2
+    data: list[str] = field(default_factory=lambda: [str(p) for p in default_data_roots()])
+    val: str | None = None            # folder of HR images for validation PSNR-Y
+    val_holdout: int = 0              # ...or hold out this many training images (by image) instead
+    val_max_images: int | None = None
+    genotype: str | None = None       # shipped name / JSON file / model dir; None: dlsr_x{scale}
+    channels: int | None = None       # override the genotype's width (small test/benchmark nets)
+    genotype_json: str = ""           # the resolved genotype the run trains (filled in at start)
+    steps: int = 2_000_000
+    batch: int = 32                   # global batch: split over torchrun ranks
+    patch: int | None = None          # HR patch side; None: PATCH_BY_SCALE[scale]
+    lr: float = 3e-4
+    halve_every: int = 400_000
+    weight_decay: float = 1e-8
+    hfen: float = 0.0                 # mu of L1 + mu*HFEN; the paper retrains with plain L1
+    grad_clip: float = 0.0            # max grad norm; 0 = off
+    seed: int = 0
+    init_from: str | None = None      # warm start: model dir / alias / .pt (shape-matching tensors)
+    val_every: int = 2000
+    log_every: int = 100
+    ckpt_every: int = 1000
+    ckpt_every_minutes: float = 10.0
+    threads: int | None = None
+    workers: int = 0
+    device: str = "auto"
+    bf16: bool | None = None          # autocast to bfloat16; None: on for CUDA, off for CPU
+    channels_last: bool | None = None  # None: on for CUDA
+    lr_cache: str | None = None       # cache bicubic LR images as PNG here
+    export: str | None = None         # at the end, write the best (else last) model directory here
+    resume: bool = False
+    progress: bool = True
+
+    def hr_patch(self) -> int:
+        return self.patch if self.patch is not None else PATCH_BY_SCALE[self.scale]
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    best_psnr: float | None
+    losses: list[tuple[int, float]]   # (step, mean training loss over the log window)
+    exported: Path | None
+    resumed_from: int | None
+
+
+def check_config(cfg: TrainConfig, world: int) -> None:
+    if cfg.scale not in PATCH_BY_SCALE:
+        raise ConfigError(f"--scale must be one of {sorted(PATCH_BY_SCALE)}, got {cfg.scale}")
+    p = cfg.hr_patch()
+    if p % cfg.scale or p // cfg.scale < MIN_INPUT_SIZE:
+        raise ConfigError(f"--patch {p} must be a multiple of the scale {cfg.scale} and give an LR patch of at "
+                          f"least {MIN_INPUT_SIZE} px")
+    if cfg.batch < 1 or cfg.batch % world:
+        raise ConfigError(f"--batch {cfg.batch} must be a positive multiple of the number of processes ({world})")
+    if cfg.steps < 0 or cfg.halve_every < 1 or cfg.lr <= 0:
+        raise ConfigError("--steps must be >= 0, --halve-every >= 1 and --lr > 0")
+    if cfg.val and cfg.val_holdout:
+        raise ConfigError("give either --val DIR or --val-holdout N, not both")
+
+
+def train(cfg: TrainConfig, *, explicit: Iterable[str] | None = None) -> TrainResult:
+    """Run (or resume) a retrain. ``explicit``: the options the user set (for resume checks)."""
+    info = D.setup(cfg.device)
+    try:
+        with StopRequest() as stop:
+            return _train(cfg, info, stop, explicit)
+    finally:
+        D.teardown(info)
+
+
+def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iterable[str] | None) -> TrainResult:
+    out = Path(cfg.out)
+    ckpt_path = out / "last.pt"
+
+    # ---- resume or start: the checkpoint's config wins over the command line -------------------------------
+    ckpt = None
+    if cfg.resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path, kind="train")
+        cfg = merge_for_resume(from_json(TrainConfig, ckpt["config"]), cfg, explicit)
+    elif cfg.resume and info.is_main:
+        print(f"no checkpoint in {out} yet; starting a new run", flush=True)
+    elif ckpt_path.is_file():
+        raise ConfigError(f"{out} already holds a run ({ckpt_path.name}); pass --resume to continue it or "
+                          "choose another --out")
+    if not cfg.genotype_json:
+        genotype, notes = resolve_genotype(cfg.genotype, cfg.scale, cfg.channels)
+        cfg.genotype_json = genotype.to_json()
+    else:
+        genotype, notes = load_genotype_json(cfg.genotype_json), []
+    check_config(cfg, info.world)
+    try:  # find the data before writing anything into --out
+        files = list_images(cfg.data)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    device = info.device
+    autocast_dtype, channels_last = precision_flags(cfg.bf16, cfg.channels_last, device)
+    threads = set_threads(cfg.threads, info)
+    log = RunLog(out if info.is_main else None, total_steps=cfg.steps, start_step=ckpt["step"] if ckpt else 0,
+                 enabled=info.is_main, progress=cfg.progress, desc=f"train x{cfg.scale}")
+    for note in notes:
+        log.print(f"note: {note}")
+
+    # ---- model and optimizer: every rank builds the same init from the seed -------------------------------
+    seed_everything(cfg.seed)
+    model = DLSR(genotype).to(device).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    # Stepped once per iteration: halves the lr every `halve_every` steps (the paper's schedule).
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.halve_every, gamma=0.5)
+    step, best_psnr, train_seconds = 0, -math.inf, 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        step, best_psnr, train_seconds = int(ckpt["step"]), float(ckpt["best_psnr"]), float(ckpt["train_seconds"])
+        log.print(f"resumed {out} at step {step}")
+        log.record("resume", step)
+    elif cfg.init_from:
+        report = warm_start(model, cfg.init_from)
+        log.print(report.summary())
+        log.record("warm_start", step, source=report.source, loaded=len(report.loaded),
+                   skipped=[f"{k}: {why}" for k, why in report.skipped])
+    D.broadcast_parameters(model, info)
+    resumed_from = step if ckpt is not None else None
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(to_json(cfg) + "\n")
+        log.record("start", step, config=to_json(cfg), world=info.world, device=str(device),
+                   params=sum(p.numel() for p in params))
+        log.print(f"DLSR x{cfg.scale} {genotype.channels}ch {genotype.num_cells} cells, "
+                  f"{sum(p.numel() for p in params):,} params | {device} x{info.world} | "
+                  f"batch {cfg.batch} patch {cfg.hr_patch()} | steps {step}->{cfg.steps}")
+
+    # ---- data: patches are a pure function of (seed, sample index), see data.py ------------------------------
+    lr_patch = cfg.hr_patch() // cfg.scale
+    try:
+        val_files = None
+        if cfg.val_holdout:
+            files, val_files = split_by_image(files, cfg.val_holdout, cfg.seed)
+        pairs, skipped = load_pairs_ranked(files, cfg.scale, info, min_lr_size=lr_patch, cache_dir=cfg.lr_cache,
+                                           threads=threads or 2, progress=log.bar is not None)
+        dataset = PatchDataset(pairs, cfg.scale, lr_patch, cfg.seed)
+        valset = None
+        if info.is_main and (cfg.val or val_files):
+            valset = (ValidationSet.from_folder(cfg.val, cfg.scale, max_images=cfg.val_max_images, cache_dir=cfg.lr_cache)
+                      if cfg.val else ValidationSet.from_files(val_files, cfg.scale, max_images=cfg.val_max_images))
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    log.print(f"data: {len(dataset.pairs)} training images ({len(skipped)} too small for {lr_patch} px LR patches)"
+              + (f", {len(valset)} validation images" if valset else ""))
+    loader = patch_loader(dataset, cfg.batch // info.world, start_step=step, end_step=cfg.steps, rank=info.rank,
+                          world=info.world, workers=cfg.workers, pin_memory=device.type == "cuda")
+
+    def validate() -> float | None:
+        if valset is None:
+            return None
+        return valset.psnr(model, device, autocast_dtype=autocast_dtype)
+
+    def save_checkpoint(last_val: float | None) -> None:
+        atomic_torch_save({
+            "format": CHECKPOINT_FORMAT, "kind": "train", "step": step, "config": to_json(cfg),
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": rng_state(), "best_psnr": best_psnr, "last_val_psnr": last_val,
+            "samples_seen": step * cfg.batch, "world": info.world, "train_seconds": train_seconds,
+        }, ckpt_path)
+        log.record("checkpoint", step, path=str(ckpt_path))
+
+    def run_info(val: float | None) -> dict[str, Any]:
+        return {"step": step, "val_psnr_y": None if val is None else round(val, 4),
+                "val": cfg.val or (f"{cfg.val_holdout} held-out training images" if cfg.val_holdout else "none"),
+                "data": ",".join(cfg.data), "batch": cfg.batch, "hr_patch": cfg.hr_patch(), "seed": cfg.seed}
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    last_val: float | None = None
+    losses: list[tuple[int, float]] = []
+    window_loss = torch.zeros((), device=device)  # summed on device; .item() only when logging (no per-step sync)
+    window_steps, window_t0 = 0, time.perf_counter()
+    last_ckpt_time = time.monotonic()
+    for lr_u8, hr_u8 in loader:
+        t0 = time.perf_counter()
+        x = to_float(lr_u8, device, channels_last)
+        y = to_float(hr_u8, device, channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            sr = model(x)
+        loss = sr_loss(sr.float(), y, cfg.hfen)  # loss in fp32 even under autocast
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        D.average_gradients(params, info)  # every rank steps with the same averaged gradient
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        train_seconds += time.perf_counter() - t0
+        window_loss += loss.detach()
+        window_steps += 1
+        log.advance()
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            mean_loss = D.mean_over_ranks(window_loss.item() / window_steps, info)
+            dt = time.perf_counter() - window_t0
+            losses.append((step, mean_loss))
+            lr_now = sched.get_last_lr()[0]
+            log.print(f"step {step:>8d} | loss {mean_loss:8.4f} | lr {lr_now:.2e} | {window_steps / dt:6.2f} it/s"
+                      + (f" | val {last_val:.3f} dB" if last_val is not None else ""))
+            log.record("train", step, loss=mean_loss, lr=lr_now, it_per_s=window_steps / dt,
+                       samples_per_s=window_steps * cfg.batch / dt)
+            window_loss.zero_()
+            window_steps, window_t0 = 0, time.perf_counter()
+
+        if info.is_main and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps) and valset:
+            last_val = validate()
+            improved = last_val > best_psnr
+            if improved:  # keep the best network as a ready-to-use model directory
+                best_psnr = last_val
+                save_model(model, out / "best", run_info(last_val))
+            log.print(f"step {step:>8d} | val PSNR-Y {last_val:.3f} dB" + (" (best)" if improved else ""))
+            log.record("val", step, psnr_y=last_val, best=improved)
+
+        stopping = D.broadcast_flag(stop.requested, info)
+        due = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or \
+            (time.monotonic() - last_ckpt_time) / 60 >= cfg.ckpt_every_minutes
+        if info.is_main and (due or stopping or step == cfg.steps):
+            save_checkpoint(last_val)
+            last_ckpt_time = time.monotonic()
+        if stopping:
+            log.print(f"stopped at step {step} (signal); resume with --resume")
+            log.record("stop", step)
+            break
+
+    # ---- finish: a last checkpoint (if the loop did not just write one) and the export ------------------------
+    exported = None
+    if info.is_main:
+        if not ckpt_path.is_file():
+            save_checkpoint(last_val)
+        if cfg.export and not stop.requested:
+            exported = Path(cfg.export)
+            if (out / "best" / "model.safetensors").is_file():
+                shutil.copytree(out / "best", exported, dirs_exist_ok=True)
+            else:
+                save_model(model, exported, run_info(last_val))
+            log.print(f"exported {'best' if (out / 'best').is_dir() else 'last'} model to {exported}")
+            log.record("export", step, path=str(exported))
+        log.record("end", step, best_psnr=best_psnr if math.isfinite(best_psnr) else None)
+    log.close()
+    D.barrier(info)
+    return TrainResult(out, step, best_psnr if math.isfinite(best_psnr) else None, losses, exported, resumed_from)
+
+
+__all__ = ["PATCH_BY_SCALE", "TrainConfig", "TrainResult", "train"]

@@ -1,0 +1,60 @@
+"""Warm starts: copy every shape-matching tensor from a trained model into a new one (e.g. x2 -> x4).
+
+Between scales only the upsampler's conv differs in shape (out_channels * scale^2 filters), so an
+x4 run starting from x2 weights inherits every cell and only learns its upsampler from scratch; the
+authors did the same. Tensors that do not fit are reported by name, never silently dropped.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dlsr_infer.pretrained import WEIGHTS_NAME, read_state_dict, resolve
+
+from .checkpoint import load_checkpoint
+
+
+@dataclass
+class WarmStartReport:
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (tensor name, why)
+
+    def summary(self) -> str:
+        lines = [f"warm start from {self.source}: loaded {len(self.loaded)} tensors, skipped {len(self.skipped)}"]
+        lines += [f"  skipped {k}: {why}" for k, why in self.skipped]
+        return "\n".join(lines)
+
+
+def source_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """Tensors of a model directory / alias / Hub id, or the model state of a training checkpoint (.pt)."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".pt":
+        return dict(load_checkpoint(path)["model"]), str(path)
+    directory = resolve(os.fspath(source))
+    return read_state_dict(directory / WEIGHTS_NAME), str(directory)
+
+
+def warm_start(model: nn.Module, source: str | os.PathLike) -> WarmStartReport:
+    state, where = source_state_dict(source)
+    report = WarmStartReport(where)
+    own = model.state_dict()
+    merged = dict(own)
+    for k, target in own.items():
+        if k not in state:
+            report.skipped.append((k, "not in the source"))
+        elif state[k].shape != target.shape:
+            report.skipped.append((k, f"shape {tuple(state[k].shape)} in the source, {tuple(target.shape)} here"))
+        else:
+            merged[k] = state[k].to(target.dtype)
+            report.loaded.append(k)
+    report.skipped += [(k, "not in this model") for k in state if k not in own]
+    model.load_state_dict(merged)
+    return report
+
+
+__all__ = ["WarmStartReport", "source_state_dict", "warm_start"]

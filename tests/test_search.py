@@ -1,0 +1,199 @@
+"""dlsr_search: supernet, MiLeNAS step, parameter loss, genotype derivation, a 30-step search end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dlsr_infer import DLSR
+from dlsr_infer.genotype import OP_NAMES, loads, mrb_param_count
+from dlsr_search.data import to_float
+from dlsr_search.genotypes import derive_genotype
+from dlsr_search.losses import hfen, param_loss, sr_loss
+from dlsr_search.search import SearchConfig, search, search_step
+from dlsr_search.supernet import MixedOp, SuperNet
+from dlsr_search.synthetic import write_images
+
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: on a shared, oversubscribed CPU, OpenMP barriers make tiny nets 10x slower with more."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _tiny_supernet(**kw) -> SuperNet:
+    torch.manual_seed(0)
+    return SuperNet(scale=2, channels=8, num_cells=kw.pop("num_cells", 4), **kw).train()
+
+
+def test_mixed_op_is_softmax_weighted_sum():
+    torch.manual_seed(0)
+    mixed = MixedOp(4)
+    x = torch.randn(1, 4, 8, 8)
+    w = torch.softmax(torch.randn(len(OP_NAMES)), -1)
+    mixed.weights = w
+    expected = sum(wi * op(x) for wi, op in zip(w, mixed.ops))
+    assert torch.allclose(mixed(x), expected)
+
+
+def test_arch_and_weight_parameters_are_disjoint_and_complete():
+    net = _tiny_supernet(num_cells=5)
+    arch, theta = net.arch_parameters(), net.weight_parameters()
+    assert [tuple(p.shape) for p in arch] == [(3, 9), (2,), (3,), (4,)]  # betas for cells 3, 4, 5
+    ids = {id(p) for p in arch}
+    assert not ids & {id(p) for p in theta}
+    assert len(arch) + len(theta) == len(list(net.parameters()))
+    per_cell = _tiny_supernet(num_cells=3, per_cell_alphas=True)
+    assert tuple(per_cell.alphas.shape) == (3, 3, 9)
+
+
+def test_param_loss_gradient_reaches_alpha_and_favours_small_ops():
+    net = _tiny_supernet()
+    lp = param_loss(net.op_weights(), net.channels)
+    lp.backward()
+    g = net.alphas.grad
+    assert g is not None and g.abs().sum() > 0
+    # descending along -grad moves weight towards cheap ops: the biggest op gets the largest gradient
+    counts = torch.tensor([mrb_param_count(op, net.channels) for op in OP_NAMES], dtype=torch.float)
+    assert torch.equal(g.argmax(-1), torch.full((3,), int(counts.argmax())))
+    assert torch.equal(g.argmin(-1), torch.full((3,), int(counts.argmin())))
+    # per-cell alphas: averaged over cells, so the value matches shared alphas with the same rows
+    shared = torch.softmax(torch.randn(3, 9), -1)
+    assert torch.allclose(param_loss(shared.expand(4, 3, 9), 8), param_loss(shared, 8))
+
+
+def test_hfen_is_zero_for_identical_and_positive_for_blurred():
+    torch.manual_seed(0)
+    hr = torch.rand(1, 3, 24, 24)
+    assert hfen(hr, hr).item() == 0.0
+    blurred = torch.nn.functional.avg_pool2d(hr, 3, stride=1, padding=1)
+    assert hfen(blurred, hr).item() > 1.0
+    assert sr_loss(blurred, hr, 0.2) > sr_loss(blurred, hr, 0.0)
+
+
+def test_one_search_step_moves_alpha_and_beta_and_derives_a_buildable_genotype():
+    net = _tiny_supernet()
+    w_opt = torch.optim.Adam(net.weight_parameters(), 3e-4)
+    a_opt = torch.optim.Adam(net.arch_parameters(), 3e-4, betas=(0.5, 0.999), weight_decay=1e-8)
+    g = torch.Generator().manual_seed(1)
+    batch = lambda: (torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g),  # noqa: E731
+                     torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=g))
+
+    def forward_loss(lr_u8, hr_u8):
+        return sr_loss(net(to_float(lr_u8, torch.device("cpu"))), to_float(hr_u8, torch.device("cpu")), 0.2)
+
+    before = [p.detach().clone() for p in net.arch_parameters()]
+    theta_before = [p.detach().clone() for p in net.weight_parameters()]
+    loss_train, loss_val, loss_param = search_step(net, w_opt, a_opt, forward_loss, batch(), batch(), lam=1.0, gamma=0.2)
+    assert loss_val is not None and loss_param is not None and torch.isfinite(loss_train)
+    for p, old in zip(net.arch_parameters(), before):  # alpha and every beta: non-zero gradient, changed value
+        assert p.grad is not None and p.grad.abs().sum() > 0
+        assert not torch.equal(p.detach(), old)
+    assert any(not torch.equal(p.detach(), old) for p, old in zip(net.weight_parameters(), theta_before))
+
+    # warm-up step: weights move, the architecture gets no gradient at all
+    before = [p.detach().clone() for p in net.arch_parameters()]
+    search_step(net, w_opt, a_opt, forward_loss, batch(), None, lam=1.0, gamma=0.2)
+    assert all(p.grad is None for p in net.arch_parameters())
+    assert all(torch.equal(p.detach(), old) for p, old in zip(net.arch_parameters(), before))
+
+    genotype = net.genotype(seed=0, step=1)
+    text = genotype.to_json()
+    reloaded = loads(text)
+    assert reloaded.architecture_equals(genotype)
+    assert json.loads(text)["provenance"]["seed"] == 0
+    assert len(reloaded.provenance["betas"]) == 2 and len(reloaded.provenance["alphas"]) == 3
+    model = DLSR(reloaded)
+    assert model(torch.rand(1, 3, 16, 16)).shape == (1, 3, 32, 32)
+
+
+def test_derive_genotype_rules():
+    alphas = torch.zeros(3, 9)
+    alphas[0, 6] = alphas[1, 5] = alphas[2, 0] = 1.0
+    betas = [torch.tensor([0.1, 0.9]), torch.tensor([0.5, 0.1, 0.7]), torch.tensor([0.0, 3.0, 0.0, 2.0])]
+    g = derive_genotype(alphas, betas, scale=3, channels=16, num_cells=5, provenance={"seed": 7})
+    assert [c.inputs for c in g.cells] == [(0,), (1,), (1, 2), (1, 3), (2, 4)]  # top-2, ascending
+    assert all(c.ops == ("sep_conv_7x7", "sep_conv_5x5", "conv_1x1") for c in g.cells)
+    assert g.scale == 3 and g.channels == 16 and g.provenance["seed"] == 7
+    # per-cell alphas pick per-cell ops
+    per_cell = torch.zeros(5, 3, 9)
+    per_cell[4, :, 8] = 5.0
+    g = derive_genotype(per_cell, betas, scale=2, channels=8, num_cells=5)
+    assert g.cells[4].ops == ("dil_conv_5x5",) * 3 and g.cells[0].ops == ("conv_1x1",) * 3
+    with pytest.raises(ValueError):
+        derive_genotype(alphas, betas[:2], scale=2, channels=8, num_cells=5)
+
+
+def test_paper_genotype_links_are_in_the_search_space():
+    """The shipped genotype (B3<-(B1,B2), B4<-(B2,B3), B5<-(B2,B4), B6<-(B4,B5)) is derivable."""
+    from dlsr_infer.genotype import builtin
+
+    paper = builtin("dlsr_x2")
+    alphas = torch.zeros(3, 9)
+    for k, op in enumerate(paper.cells[0].ops):
+        alphas[k, OP_NAMES.index(op)] = 1.0
+    betas = []
+    for cell in paper.cells[2:]:
+        b = torch.zeros(len(betas) + 2)
+        for i in cell.inputs:
+            b[i - 1] = 1.0
+        betas.append(b)
+    g = derive_genotype(alphas, betas, scale=2, channels=paper.channels, num_cells=paper.num_cells)
+    assert g.architecture_equals(paper)
+
+
+def test_30_step_search_end_to_end(tmp_path):
+    data = write_images(tmp_path / "data", n=6)
+    cfg = SearchConfig(out=str(tmp_path / "run"), data=[str(data)], channels=8, cells=3, steps=30, warmup=10,
+                       batch=2, patch=32, val_holdout=2, snapshot_every=10, log_every=10, progress=False, threads=1)
+    result = search(cfg)
+    assert result.step == 30
+    out = tmp_path / "run"
+    names = sorted(p.name for p in (out / "genotypes").iterdir())
+    for due in (10, 20, 30):  # the scheduled snapshots
+        assert f"step_{due:08d}.json" in names
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    geno_records = [r for r in records if r["event"] == "genotype"]
+    assert {r["reason"] for r in geno_records} >= {"scheduled"}
+    changes = [r for r in geno_records if r["reason"] == "changed"]
+    # every write of a change is a genotype that differs from the one before it
+    for prev, cur in zip(geno_records, geno_records[1:]):
+        if cur["reason"] == "changed":
+            assert cur["cells"] != prev["cells"]
+    assert all(r["step"] > cfg.warmup for r in changes[1:])  # after warm-up only the architecture moves
+    for name in names:
+        g = loads((out / "genotypes" / name).read_text())
+        assert {"alphas", "betas", "alphas_softmax", "betas_softmax", "seed", "data", "step"} <= set(g.provenance)
+        assert g.provenance["step"] == int(name[5:13])
+        DLSR(g)
+    final = loads((out / "genotype.json").read_text())
+    assert final.architecture_equals(result.genotype)
+    phases = [r["phase"] for r in records if r["event"] == "search"]
+    assert phases == ["warm-up", "search", "search"]
+    # the architecture really moved away from its init during the search phase
+    assert torch.load(out / "last.pt", weights_only=True)["model"]["alphas"].abs().max() > 1e-3
+
+
+def test_search_resume_continues_exactly_and_exports_its_genotype(tmp_path):
+    from dlsr_search.checkpoint import load_checkpoint
+    from dlsr_search.cli import main as cli_main
+
+    data = write_images(tmp_path / "data", n=6)
+    common = dict(data=[str(data)], channels=8, cells=3, warmup=3, batch=2, patch=32, val_holdout=2,
+                  snapshot_every=0, log_every=4, progress=False, threads=1)
+    search(SearchConfig(out=str(tmp_path / "whole"), steps=8, **common))
+    search(SearchConfig(out=str(tmp_path / "split"), steps=5, **common))
+    resumed = search(SearchConfig(out=str(tmp_path / "split"), steps=8, resume=True, **common))
+    assert resumed.resumed_from == 5 and resumed.step == 8
+    a = load_checkpoint(tmp_path / "whole" / "last.pt", kind="search")
+    b = load_checkpoint(tmp_path / "split" / "last.pt", kind="search")
+    for k, v in a["model"].items():
+        assert torch.equal(b["model"][k], v), k
+    assert cli_main(["export", str(tmp_path / "split" / "last.pt"), str(tmp_path / "g.json")]) == 0
+    exported = loads((tmp_path / "g.json").read_text())
+    assert exported.architecture_equals(resumed.genotype) and exported.provenance["step"] == 8

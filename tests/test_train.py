@@ -1,0 +1,200 @@
+"""dlsr_search retrain: loss goes down, export round-trips, warm start, exact kill-and-resume, data stream."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dlsr_infer import DLSR
+from dlsr_infer.genotype import builtin
+from dlsr_search.checkpoint import load_checkpoint
+from dlsr_search.cli import main as cli_main
+from dlsr_search.config import ConfigError
+from dlsr_search.data import PatchDataset, load_pairs, list_images, step_indices, split_by_image
+from dlsr_search.synthetic import write_images
+from dlsr_search.train import TrainConfig, train
+from dlsr_search.transfer import warm_start
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: on a shared, oversubscribed CPU, OpenMP barriers make tiny nets 10x slower with more."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("train") / "imgs", n=6)
+
+
+def _cfg(tmp_path: Path, data_dir: Path, name: str, **kw) -> TrainConfig:
+    base = dict(out=str(tmp_path / name), scale=2, data=[str(data_dir)], channels=8, batch=2, patch=32, steps=10,
+                val_every=0, log_every=5, progress=False, threads=1, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_short_retrain_lowers_loss_and_exports_a_model_directory(tmp_path, data_dir):
+    val = write_images(tmp_path / "val", n=2, size=48, seed=5)
+    cfg = _cfg(tmp_path, data_dir, "run", steps=40, log_every=10, val=str(val), val_every=20,
+               export=str(tmp_path / "export"))
+    result = train(cfg)
+    assert result.step == 40 and len(result.losses) == 4
+    first, last = result.losses[0][1], result.losses[-1][1]
+    assert last < 0.8 * first, result.losses
+    assert result.best_psnr is not None and np.isfinite(result.best_psnr)
+
+    model = DLSR.from_pretrained(tmp_path / "export")  # round trip: the exported directory loads strictly
+    best = DLSR.from_pretrained(tmp_path / "run" / "best")
+    assert model.genotype.architecture_equals(best.genotype) and model.genotype.channels == 8
+    for k, v in best.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+    x = torch.rand(1, 3, 20, 20)
+    with torch.no_grad():
+        assert model(x).shape == (1, 3, 40, 40)
+
+    # the checkpoint loads pickle-free and exports through the CLI to an identical network
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 40 and json.loads(ckpt["config"])["batch"] == 2
+    assert cli_main(["export", str(tmp_path / "run" / "last.pt"), str(tmp_path / "from_ckpt")]) == 0
+    exported = DLSR.from_pretrained(tmp_path / "from_ckpt")
+    for k, v in ckpt["model"].items():
+        assert torch.equal(exported.state_dict()[k], v)
+    events = [r["event"] for r in _records(tmp_path / "run")]
+    assert events[0] == "start" and "val" in events and "export" in events and events[-1] == "end"
+
+
+def test_warm_start_x2_to_x4_loads_matching_tensors_and_reports_skipped(tmp_path, data_dir):
+    torch.manual_seed(0)
+    x2 = DLSR(builtin("dlsr_x2").replace(channels=8))
+    x2.save_pretrained(tmp_path / "x2")
+    x4 = DLSR(builtin("dlsr_x2").replace(channels=8, scale=4))
+    report = warm_start(x4, tmp_path / "x2")
+    skipped = {k for k, _ in report.skipped}
+    assert skipped == {"upsampler.conv.weight", "upsampler.conv.bias"}
+    assert all("shape" in why for _, why in report.skipped)
+    assert len(report.loaded) == len(x2.state_dict()) - 2
+    for k in report.loaded:
+        assert torch.equal(x4.state_dict()[k], x2.state_dict()[k])
+    assert "upsampler.conv.weight" in report.summary()
+
+    # through the trainer: the warm start is logged, with the skipped tensors named
+    cfg = _cfg(tmp_path, data_dir, "x4", scale=4, patch=64, steps=1, init_from=str(tmp_path / "x2"))
+    train(cfg)
+    rec = next(r for r in _records(tmp_path / "x4") if r["event"] == "warm_start")
+    assert rec["loaded"] == len(report.loaded) and len(rec["skipped"]) == 2
+    assert all(s.startswith("upsampler.conv.") for s in rec["skipped"])
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
+    steps = 60
+    common = ["--scale", "2", "--data", str(data_dir), "--channels", "8", "--batch", "2", "--patch", "32",
+              "--steps", str(steps), "--val-every", "0", "--log-every", "10", "--ckpt-every", "4", "--threads", "1",
+              "--lr", "1e-3", "--no-progress"]
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dlsr_search.cli", "train", "--out", str(out), "--resume", *common]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    killed_after = None
+    while time.monotonic() < deadline and proc.poll() is None:  # kill -9 right after the first checkpoint
+        log = out / "log.jsonl"
+        if log.is_file() and any(r["event"] == "checkpoint" for r in _records(out)):
+            proc.send_signal(signal.SIGKILL)
+            killed_after = max(r["step"] for r in _records(out))
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert killed_after is not None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumes = [r for r in _records(out) if r["event"] == "resume"]
+    assert len(resumes) == 1 and 0 < resumes[0]["step"] < steps
+
+    reference = tmp_path / "uninterrupted"
+    assert cli_main(["train", "--out", str(reference), *common]) == 0
+    a = load_checkpoint(out / "last.pt", kind="train")
+    b = load_checkpoint(reference / "last.pt", kind="train")
+    assert a["step"] == b["step"] == steps
+    for k, v in b["model"].items():
+        assert torch.equal(a["model"][k], v), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def test_resume_keeps_the_run_definition(tmp_path, data_dir):
+    cfg = _cfg(tmp_path, data_dir, "run", steps=2)
+    train(cfg)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(_cfg(tmp_path, data_dir, "run", steps=2))
+    with pytest.raises(ConfigError, match="batch"):
+        train(_cfg(tmp_path, data_dir, "run", steps=4, batch=4, resume=True), explicit={"batch", "steps", "resume"})
+    # operational options may change; unset options come from the checkpoint, not the defaults
+    result = train(TrainConfig(out=str(tmp_path / "run"), steps=4, resume=True, progress=False, threads=1),
+                   explicit={"out", "steps", "resume", "progress", "threads"})
+    assert result.resumed_from == 2 and result.step == 4
+    saved = json.loads(load_checkpoint(tmp_path / "run" / "last.pt")["config"])
+    assert saved["batch"] == 2 and saved["channels"] == 8 and saved["steps"] == 4
+
+
+def test_patch_stream_is_a_pure_function_of_the_sample_index(data_dir):
+    files = list_images([data_dir])
+    pairs, skipped = load_pairs(files, 2, min_lr_size=16)
+    assert not skipped
+    a, b = PatchDataset(pairs, 2, 16, seed=3), PatchDataset(pairs, 2, 16, seed=3)
+    for k in (0, 5, 17, 3, 1000):
+        la, ha = a[k]
+        lb, hb = b[k]
+        assert torch.equal(la, lb) and torch.equal(ha, hb)
+        assert la.shape == (3, 16, 16) and ha.shape == (3, 32, 32)
+    assert not torch.equal(a[0][0], PatchDataset(pairs, 2, 16, seed=4)[0][0])
+    assert not torch.equal(a[0][0], PatchDataset(pairs, 2, 16, seed=3, stream=1)[0][0])
+    # every image appears once per pass over the images
+    n = len(pairs)
+    assert sorted(a.image_index(k) for k in range(n, 2 * n)) == list(range(n))
+    # DataLoader workers change nothing: batch t is the same with 0 or 2 workers, from any start step
+    from dlsr_search.data import patch_loader
+
+    plain = list(patch_loader(a, 3, start_step=2, end_step=5))
+    forked = list(patch_loader(a, 3, start_step=2, end_step=5, workers=2))
+    late = list(patch_loader(a, 3, start_step=4, end_step=5))
+    assert len(plain) == 3 and all(torch.equal(p[0], f[0]) and torch.equal(p[1], f[1]) for p, f in zip(plain, forked))
+    assert torch.equal(late[0][0], plain[2][0])
+    # two ranks' shards of a step are disjoint and together are the single-process step
+    assert step_indices(7, 2, 0, 2) + step_indices(7, 2, 1, 2) == step_indices(7, 4)
+    # splits are by whole image and reproducible
+    tr, va = split_by_image(files, 2, seed=0)
+    assert len(va) == 2 and not set(tr) & set(va) and split_by_image(files, 2, seed=0) == (tr, va)
+
+
+def test_cli_help_for_every_subcommand(capsys):
+    for sub in ("train", "search", "export", "eval"):
+        with pytest.raises(SystemExit) as e:
+            cli_main([sub, "--help"])
+        assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "--resume" in text and "--init-from" in text and "--warmup" in text
+    with pytest.raises(SystemExit) as e:
+        cli_main(["--help"])
+    assert e.value.code == 0
+    assert cli_main(["train", "--out", "/nonexistent/x", "--data", "/nonexistent/data"]) == 2

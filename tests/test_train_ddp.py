@@ -1,0 +1,71 @@
+"""`torchrun --nproc_per_node=2` (gloo, CPU) runs the retrain (equal to the single-process run) and the search."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlsr_infer.genotype import loads
+from dlsr_search.checkpoint import load_checkpoint
+from dlsr_search.synthetic import write_images
+from dlsr_search.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "dlsr_search.cli", *args]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_torchrun_two_processes_train_like_one(tmp_path):
+    data = write_images(tmp_path / "imgs")
+    common = dict(data=[str(data)], channels=8, batch=4, patch=32, steps=4, log_every=2, val_every=0, threads=1)
+    done = torchrun(["train", "--out", str(tmp_path / "ddp"), "--data", str(data), "--channels", "8", "--batch", "4",
+                     "--patch", "32", "--steps", "4", "--log-every", "2", "--val-every", "0", "--threads", "1",
+                     "--no-progress", "--export", str(tmp_path / "export")])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "cpu x2" in done.stdout + done.stderr
+    ddp = load_checkpoint(tmp_path / "ddp" / "last.pt", kind="train")
+    assert ddp["step"] == 4 and ddp["world"] == 2
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+
+    # the two ranks' half-batches are exactly the single process's batch, and gradients are averaged:
+    # the runs agree up to float summation order
+    train(TrainConfig(out=str(tmp_path / "single"), progress=False, **common))
+    single = load_checkpoint(tmp_path / "single" / "last.pt", kind="train")
+    for k, v in single["model"].items():
+        assert torch.allclose(ddp["model"][k], v, rtol=1e-4, atol=1e-5), k
+
+
+def test_torchrun_two_processes_search(tmp_path):
+    data = write_images(tmp_path / "imgs", n=8)
+    out = tmp_path / "search"
+    done = torchrun(["search", "--out", str(out), "--data", str(data), "--channels", "8", "--cells", "3",
+                     "--batch", "4", "--patch", "32", "--steps", "6", "--warmup", "2", "--val-holdout", "2",
+                     "--log-every", "2", "--snapshot-every", "3", "--threads", "1", "--no-progress"])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    ckpt = load_checkpoint(out / "last.pt", kind="search")
+    assert ckpt["step"] == 6 and ckpt["world"] == 2
+    assert ckpt["model"]["alphas"].abs().max() > 1e-3  # the architecture was trained after the warm-up
+    loads((out / "genotype.json").read_text())
+    phases = [json.loads(line).get("phase") for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [p for p in phases if p] == ["warm-up", "search", "search"]
+    # only rank 0 wrote: one start record
+    assert sum('"event": "start"' in line for line in (out / "log.jsonl").read_text().splitlines()) == 1
