@@ -22,7 +22,7 @@ __all__ = ["DLSR", "Genotype", "GenotypeError", "ModelLoadError", "upscale", "__
 def __getattr__(name: str) -> Any:
     # upscale() pulls in PIL and the tiling code; keep `import dlsr_infer` light.
     if name == "upscale":
-        from .upscale import upscale
+        from .upscaling import upscale
 
         return upscale
     raise AttributeError(f"module 'dlsr_infer' has no attribute {name!r}")

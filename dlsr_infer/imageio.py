@@ -1,0 +1,530 @@
+"""Image files in and out, with the semantics `upscale()` and `dlsr-upscale` promise.
+
+Every image is normalised on load to one of four layouts, as an H x W x C numpy array of uint8 or uint16:
+
+====================  =========================================================================
+source                loaded as
+====================  =========================================================================
+RGB, RGBX, YCbCr, HSV RGB (8-bit)
+RGBA, RGBa            RGBA (8-bit)
+L, 1                  L (8-bit; bilevel images come back as 8-bit gray)
+LA, La                LA (8-bit)
+P                     RGB, or RGBA when the palette has transparency (PA too)
+I;16, I;16B, I, ...   L (16-bit); mode I is clipped to 0..65535
+16-bit RGB(A)/LA PNG  RGB / RGBA / LA (16-bit) - Pillow alone would truncate these to 8 bits
+CMYK (and LAB)        RGB, converted through the embedded ICC profile when there is one, with a
+                      `ColorConversionWarning` (the CMYK profile is not carried to the output)
+F (32-bit float)      refused: the value range is unknown
+====================  =========================================================================
+
+EXIF orientation is applied on load (the pixels come out upright and the orientation tag is dropped),
+the ICC profile and the remaining EXIF are carried to the output, only the first frame of an animated
+or multi-page file is read, and images over `max_pixels` are refused before being decoded
+(decompression-bomb guard). Files are written atomically: a temporary file in the destination
+folder, fsync, then a rename (or a hard link, which also refuses to clobber an existing file), so an
+interrupted write never leaves a truncated image under the final name.
+"""
+from __future__ import annotations
+
+import io
+import os
+import stat
+import struct
+import tempfile
+import threading
+import warnings
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+#: PIL's own hard limit (twice its warning threshold); `max_pixels` defaults to it.
+DEFAULT_MAX_PIXELS = 178_956_970
+#: Extensions picked up when a folder is given to the CLI.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".tga", ".ppm", ".pgm")
+#: Output formats we write, by extension.
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+           ".tiff": "TIFF", ".tga": "TGA", ".ppm": "PPM", ".pgm": "PPM", ".gif": "GIF"}
+
+_ORIENTATION = 0x0112
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+class ImageLoadError(ValueError):
+    """An input file is not a readable image (empty, truncated, corrupt, not an image, too large)."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """An image has more pixels than the decompression-bomb limit allows."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output file exists and overwriting was not allowed."""
+
+
+class ColorConversionWarning(UserWarning):
+    """An image's colour data was converted (e.g. CMYK to RGB) or reduced (e.g. 16 to 8 bits) on the way."""
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Decoded pixels plus what must travel with them.
+
+    `pixels` is H x W x C (C = 1 L, 2 LA, 3 RGB, 4 RGBA), uint8 or uint16.
+    """
+
+    pixels: np.ndarray
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+    source_format: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        p = self.pixels
+        if p.ndim != 3 or p.shape[2] not in (1, 2, 3, 4) or p.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"ImageData needs H x W x C (C 1..4) uint8/uint16 pixels, got {p.shape} {p.dtype}")
+
+    @property
+    def mode(self) -> str:
+        """'L', 'LA', 'RGB' or 'RGBA'."""
+        return ("L", "LA", "RGB", "RGBA")[self.pixels.shape[2] - 1]
+
+    @property
+    def bits(self) -> int:
+        return 16 if self.pixels.dtype == np.uint16 else 8
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    def with_pixels(self, pixels: np.ndarray) -> "ImageData":
+        return replace(self, pixels=pixels)
+
+
+# --- loading --------------------------------------------------------------------------------------
+def _open_unchecked(source: str | os.PathLike | BinaryIO) -> Image.Image:
+    """Image.open with PIL's own bomb check off (we apply `max_pixels` ourselves, with our message)."""
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1..8) to H x W [x C] pixels, as `ImageOps.exif_transpose` does."""
+    if orientation == 2:
+        a = a[:, ::-1]
+    elif orientation == 3:
+        a = a[::-1, ::-1]
+    elif orientation == 4:
+        a = a[::-1]
+    elif orientation == 5:
+        a = a.swapaxes(0, 1)
+    elif orientation == 6:
+        a = np.rot90(a, k=-1)
+    elif orientation == 7:
+        a = a.swapaxes(0, 1)[::-1, ::-1]
+    elif orientation == 8:
+        a = np.rot90(a, k=1)
+    return np.ascontiguousarray(a)
+
+
+def _exif_without_orientation(im: Image.Image) -> tuple[int, bytes | None]:
+    """(orientation 1..8, the EXIF bytes without the orientation tag or None). `im` is not modified."""
+    try:
+        source = im.getexif()
+        orientation = source.get(_ORIENTATION, 1)
+        if not len(source):
+            return 1, None
+        exif = Image.Exif()  # a copy: deleting the tag from im's own Exif would change the caller's image
+        exif.load(source.tobytes())
+    except Exception:  # noqa: BLE001 - malformed EXIF must not stop an upscale
+        return 1, None
+    if not isinstance(orientation, int) or not 1 <= orientation <= 8:
+        orientation = 1
+    if _ORIENTATION in exif:
+        del exif[_ORIENTATION]
+    try:
+        data = exif.tobytes() if len(exif) else None
+    except Exception:  # noqa: BLE001
+        data = None
+    return orientation, data
+
+
+def _cmyk_to_rgb(im: Image.Image, notes: list[str]) -> tuple[Image.Image, bytes | None]:
+    """CMYK (or LAB) to RGB, through the embedded ICC profile to sRGB when littlecms can."""
+    icc = im.info.get("icc_profile")
+    if icc:
+        try:
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            srgb = ImageCms.createProfile("sRGB")
+            out = ImageCms.profileToProfile(im, src, srgb, outputMode="RGB")
+            srgb_bytes = ImageCms.ImageCmsProfile(srgb).tobytes()
+            msg = f"{im.mode} image converted to RGB through its embedded ICC profile (output tagged sRGB)"
+            notes.append(msg)
+            warnings.warn(msg, ColorConversionWarning, stacklevel=4)
+            return out, srgb_bytes
+        except Exception:  # noqa: BLE001 - fall back to the plain conversion below
+            pass
+    try:
+        out = im.convert("RGB")
+    except ValueError as e:
+        raise ImageLoadError(f"cannot convert a {im.mode} image to RGB: {e}") from None
+    msg = (f"{im.mode} image converted to RGB with Pillow's plain formula (no ICC profile to convert through); "
+           "colours may shift")
+    notes.append(msg)
+    warnings.warn(msg, ColorConversionWarning, stacklevel=4)
+    return out, None
+
+
+def _png16_rawmode(im: Image.Image) -> str | None:
+    if im.format != "PNG" or len(getattr(im, "tile", ()) or ()) != 1:
+        return None
+    rawmode = im.tile[0][3]
+    if isinstance(rawmode, tuple):
+        rawmode = rawmode[0]
+    return rawmode if rawmode in ("RGB;16B", "RGBA;16B", "LA;16B") else None
+
+
+def _decode_png16(reopen: Callable[[], Image.Image], rawmode: str) -> np.ndarray:
+    """Decode a 16-bit RGB/RGBA/LA PNG exactly with Pillow's own (C) inflate and unfilter.
+
+    Pillow has no 16-bit colour mode and keeps only the high byte. The unfiltered bytes do not depend
+    on the unpacker, so decoding once with the big-endian unpacker (high bytes) and once with the
+    little-endian one (which then picks the low bytes) recovers every sample. LA;16 is read as 8-bit
+    RGBA, whose pixels are the same 4 bytes.
+    """
+    def decode(raw: str) -> np.ndarray:
+        im = reopen()
+        im.tile = [im.tile[0]._replace(args=raw) if hasattr(im.tile[0], "_replace")
+                   else (im.tile[0][0], im.tile[0][1], im.tile[0][2], raw)]
+        im.load()
+        return np.asarray(im)
+
+    if rawmode == "LA;16B":
+        b = decode("RGBA").astype(np.uint16)  # RGBA mode, bytes L_hi L_lo A_hi A_lo
+        return np.stack([b[..., 0] << 8 | b[..., 1], b[..., 2] << 8 | b[..., 3]], axis=-1)
+    hi = decode(rawmode).astype(np.uint16)
+    lo = decode(rawmode[:-1] + "L").astype(np.uint16)
+    return hi << 8 | lo
+
+
+def _pixels_from_pil(im: Image.Image, notes: list[str]) -> tuple[np.ndarray, bytes | None, bool]:
+    """(H x W x C pixels, replacement ICC profile or None, whether the ICC profile still applies)."""
+    mode = im.mode
+    icc_ok = True
+    replacement_icc = None
+    if mode in ("CMYK", "LAB"):
+        im, replacement_icc = _cmyk_to_rgb(im, notes)
+        icc_ok = False
+        mode = im.mode
+    if mode == "F":
+        raise ImageLoadError("32-bit float images (mode F) are not supported: their value range is unknown")
+    if mode.startswith("I;16"):
+        a = np.asarray(im).astype(np.uint16)
+    elif mode == "I":
+        a = np.asarray(im)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            notes.append("32-bit integer image clipped to the 16-bit range 0..65535")
+        a = np.clip(a, 0, 65535).astype(np.uint16)
+    elif mode in ("L", "LA", "RGB", "RGBA"):
+        a = np.asarray(im)
+    elif mode == "1":
+        a = np.asarray(im.convert("L"))
+    elif mode == "La":
+        a = np.asarray(im.convert("LA"))
+    elif mode in ("RGBa", "PA"):
+        a = np.asarray(im.convert("RGBA"))
+    elif mode == "P":
+        a = np.asarray(im.convert("RGBA" if "transparency" in im.info else "RGB"))
+    elif mode in ("RGBX", "YCbCr", "HSV"):
+        a = np.asarray(im.convert("RGB"))
+    else:
+        try:
+            a = np.asarray(im.convert("RGBA" if "A" in mode else "RGB"))
+        except ValueError as e:
+            raise ImageLoadError(f"unsupported image mode {mode!r}: {e}") from None
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return np.ascontiguousarray(a), replacement_icc, icc_ok
+
+
+def from_pil(im: Image.Image, *, apply_exif_orientation: bool = True) -> ImageData:
+    """Normalise a PIL image (see the module table); EXIF orientation applied unless told otherwise."""
+    if not isinstance(im, Image.Image):
+        raise TypeError(f"expected a PIL.Image.Image, got {type(im).__name__}")
+    notes: list[str] = []
+    orientation, exif = _exif_without_orientation(im)
+    pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes)
+    if apply_exif_orientation and orientation != 1:
+        pixels = _orient(pixels, orientation)
+    icc = im.info.get("icc_profile") if icc_ok else replacement_icc
+    return ImageData(pixels, icc_profile=icc or None, exif=exif, source_format=im.format, notes=tuple(notes))
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageData:
+    """Read an image file (see the module table). Raises `ImageLoadError` saying what is wrong."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ImageLoadError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ImageLoadError(f"{path}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageLoadError(f"{path}: is a directory, not an image")
+    if st.st_size == 0:
+        raise ImageLoadError(f"{path}: empty file (0 bytes)")
+    try:
+        im = _open_unchecked(path)
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{path}: not an image Pillow can read (unrecognised or corrupt header; the "
+                             f"{path.suffix or 'missing'} extension notwithstanding)") from None
+    except PermissionError as e:
+        raise ImageLoadError(f"{path}: cannot read ({e.strerror or e})") from None
+    except OSError as e:  # the header itself is cut short or damaged
+        raise ImageLoadError(f"{path}: truncated or corrupt image data ({e})") from None
+    with im:
+        w, h = im.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLargeError(
+                f"{path}: {w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} (decompression-bomb "
+                "guard; raise max_pixels / --max-pixels if you trust this file)"
+            )
+        notes: list[str] = []
+        try:
+            frames = int(getattr(im, "n_frames", 1))
+        except Exception:  # noqa: BLE001 - counting frames of a damaged file; decoding reports it
+            frames = 1
+        if frames > 1:
+            notes.append(f"only the first of {frames} frames was read")
+        try:
+            rawmode16 = _png16_rawmode(im)  # before anything (getexif on a PNG) loads the 8-bit pixels
+            rawmode = im.tile[0][3] if getattr(im, "tile", None) else ""
+            orientation, exif = _exif_without_orientation(im)
+            if rawmode16 is not None:
+                pixels = _decode_png16(lambda: _open_unchecked(path), rawmode16)
+                replacement_icc, icc_ok = None, True
+            else:
+                if isinstance(rawmode, tuple):
+                    rawmode = rawmode[0]
+                if isinstance(rawmode, str) and ";16" in rawmode and im.mode in ("RGB", "RGBA", "LA"):
+                    msg = f"Pillow decodes this 16-bit {im.format} {im.mode} image to 8 bits per channel"
+                    notes.append(msg)
+                    warnings.warn(f"{path}: {msg}", ColorConversionWarning, stacklevel=2)
+                im.load()
+                pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes)
+        except ImageLoadError as e:
+            raise ImageLoadError(f"{path}: {e}") from None
+        except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, IndexError) as e:
+            raise ImageLoadError(f"{path}: truncated or corrupt image data ({type(e).__name__}: {e})") from None
+        if orientation != 1:
+            pixels = _orient(pixels, orientation)
+        icc = im.info.get("icc_profile") if icc_ok else replacement_icc
+        return ImageData(pixels, icc_profile=icc or None, exif=exif, source_format=im.format, notes=tuple(notes))
+
+
+# --- converting back -------------------------------------------------------------------------------
+def can_be_pil(data: ImageData) -> bool:
+    """PIL holds 8-bit L/LA/RGB/RGBA and 16-bit L (I;16), but no 16-bit colour image."""
+    return data.bits == 8 or data.pixels.shape[2] == 1
+
+
+def to_pil(data: ImageData) -> Image.Image:
+    """The PIL image for `data` (16-bit gray as 'I;16'), with `icc_profile`/`exif` in `.info`."""
+    p = data.pixels
+    if data.bits == 16:
+        if p.shape[2] != 1:
+            raise ValueError(f"PIL has no 16-bit {data.mode} mode; keep the numpy array or save it with save_image")
+        im = Image.fromarray(np.ascontiguousarray(p[:, :, 0]), mode=None)
+        if im.mode != "I;16":  # pragma: no cover - big-endian hosts
+            im = Image.frombytes("I;16", (data.width, data.height), p[:, :, 0].astype("<u2").tobytes())
+    else:
+        im = Image.fromarray(np.ascontiguousarray(p[:, :, 0] if p.shape[2] == 1 else p))
+    if data.icc_profile:
+        im.info["icc_profile"] = data.icc_profile
+    if data.exif:
+        im.info["exif"] = data.exif
+    return im
+
+
+def to_8bit(pixels: np.ndarray) -> np.ndarray:
+    """uint16 -> uint8 with rounding (65535 -> 255)."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    return ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+# --- saving ----------------------------------------------------------------------------------------
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+
+def encode_png16(pixels: np.ndarray, *, icc_profile: bytes | None = None, exif: bytes | None = None,
+                 compress_level: int = 6) -> bytes:
+    """A 16-bit PNG (gray, gray+alpha, RGB or RGBA) from H x W x C uint16 pixels (Pillow cannot write
+    16-bit colour). Rows use the Up filter, which costs one vectorised subtraction."""
+    if pixels.dtype != np.uint16 or pixels.ndim != 3 or pixels.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"encode_png16 needs H x W x C uint16 pixels, got {pixels.shape} {pixels.dtype}")
+    h, w, c = pixels.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    rows = np.ascontiguousarray(pixels.astype(">u2")).view(np.uint8).reshape(h, w * c * 2)
+    up = rows.copy()
+    up[1:] -= rows[:-1]  # uint8 arithmetic wraps modulo 256, as the filter wants
+    raw = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1)
+    out = [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))]
+    if icc_profile:
+        out.append(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile)))
+    if exif:
+        out.append(_png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif))
+    out.append(_png_chunk(b"IDAT", zlib.compress(raw.tobytes(), compress_level)))
+    out.append(_png_chunk(b"IEND", b""))
+    return b"".join(out)
+
+
+def format_for(path: str | os.PathLike, fmt: str | None = None) -> str:
+    """The Pillow format name for an explicit `fmt` ('png', 'jpg', ...) or the path's extension."""
+    if fmt:
+        key = "." + fmt.lower().lstrip(".")
+        if key not in FORMATS:
+            raise ValueError(f"unsupported output format {fmt!r}; choose from "
+                             f"{', '.join(sorted({k[1:] for k in FORMATS}))}")
+        return FORMATS[key]
+    ext = Path(path).suffix.lower()
+    if ext not in FORMATS:
+        raise ValueError(f"cannot tell the output format from {Path(path).name!r}; use an extension such as "
+                         ".png or .jpg (or pass a format)")
+    return FORMATS[ext]
+
+
+def encode_image(data: ImageData, fmt: str, *, quality: int = 95) -> tuple[bytes, list[str]]:
+    """Encode `data` as `fmt` (a Pillow format name). Returns (bytes, notes about what was lost)."""
+    notes: list[str] = []
+    pixels = data.pixels
+    if fmt == "PNG" and data.bits == 16 and pixels.shape[2] != 1:
+        return encode_png16(pixels, icc_profile=data.icc_profile, exif=data.exif), notes
+    if data.bits == 16 and not (pixels.shape[2] == 1 and fmt in ("PNG", "TIFF")):
+        notes.append(f"{fmt} cannot hold 16-bit {data.mode}; written with 8 bits per channel")
+        pixels = to_8bit(pixels)
+    if fmt in ("JPEG", "BMP", "PPM") and pixels.shape[2] in (2, 4):
+        notes.append(f"{fmt} has no alpha channel; alpha dropped")
+        pixels = pixels[:, :, :-1]
+    if fmt == "GIF":
+        notes.append("GIF holds 256 colours; the output was quantised")
+    im = to_pil(replace(data, pixels=np.ascontiguousarray(pixels)))
+    params: dict[str, object] = {}
+    if data.icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
+        params["icc_profile"] = data.icc_profile
+    if data.exif and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
+        params["exif"] = data.exif
+    if fmt in ("JPEG", "WEBP"):
+        params["quality"] = quality
+    if fmt == "JPEG":
+        params["subsampling"] = 0 if quality >= 90 else 2
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **params)
+    return buf.getvalue(), notes
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, overwrite: bool = False) -> Path:
+    """Write a file so that it appears whole or not at all.
+
+    `write(f)` fills a temporary file in the same folder (hidden: `.<name>.<random>.partial`), which is
+    fsynced and then renamed over `path` (`overwrite=True`) or hard-linked to it, which fails if `path`
+    appeared meanwhile (`OutputExistsError`). On any error or interrupt the temporary file is removed.
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise OutputExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic and never clobbers
+            except FileExistsError:
+                raise OutputExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace "
+                                        "it)") from None
+            except OSError:  # filesystems without hard links
+                if path.exists():
+                    raise OutputExistsError(f"{path}: already exists") from None
+                os.replace(tmp, path)
+            tmp.unlink(missing_ok=True)
+        try:
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:  # pragma: no cover - some filesystems refuse to fsync a directory
+            pass
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_image(data: ImageData, path: str | os.PathLike, *, format: str | None = None, quality: int = 95,
+               overwrite: bool = False) -> list[str]:
+    """Encode and atomically write `data` (format from `format` or the extension). Returns notes about
+    anything the format could not hold (alpha in JPEG, 16 bits in WebP, ...), also issued as warnings."""
+    fmt = format_for(path, format)
+    if not overwrite and Path(path).exists():
+        raise OutputExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+    blob, notes = encode_image(data, fmt, quality=quality)
+    for note in notes:
+        warnings.warn(f"{path}: {note}", ColorConversionWarning, stacklevel=2)
+    atomic_write(path, lambda f: f.write(blob), overwrite=overwrite)
+    return notes
+
+
+__all__ = [
+    "ColorConversionWarning",
+    "DEFAULT_MAX_PIXELS",
+    "FORMATS",
+    "IMAGE_EXTENSIONS",
+    "ImageData",
+    "ImageLoadError",
+    "ImageTooLargeError",
+    "OutputExistsError",
+    "atomic_write",
+    "can_be_pil",
+    "encode_image",
+    "encode_png16",
+    "format_for",
+    "from_pil",
+    "load_image",
+    "save_image",
+    "to_8bit",
+    "to_pil",
+]

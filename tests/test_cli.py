@@ -1,0 +1,271 @@
+"""`dlsr-upscale` (`dlsr_infer.cli`): batches with failures, no clobbering, atomic outputs, interrupts."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageCms
+from torch import nn
+
+from dlsr_infer import DLSR
+from dlsr_infer.cli import main
+from dlsr_infer.genotype import builtin
+from dlsr_infer.imageio import encode_png16, load_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A random-weight 18-channel x2 model directory (output kept inside [0, 1])."""
+    torch.manual_seed(0)
+    model = DLSR(builtin("dlsr_s_x2"))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                nn.init.normal_(m.weight, 0.0, 0.7 * math.sqrt(2.0 / fan_in))
+        model.upsampler.conv.weight.mul_(0.3)
+        model.upsampler.conv.bias.fill_(0.5)
+    return model.save_pretrained(tmp_path_factory.mktemp("model") / "dlsr-test-x2")
+
+
+def image(path: Path, h: int = 24, w: int = 30, seed: int = 0, **save) -> Path:
+    a = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path, **save)
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """Three good images and a corrupt one (a non-image with a .png extension)."""
+    d = tmp_path / "in"
+    image(d / "a.png", seed=1)
+    image(d / "b.jpg", seed=2)
+    image(d / "c.png", h=16, w=17, seed=3)
+    (d / "corrupt.png").write_bytes(b"this is not a PNG\n" * 20)
+    (d / "notes.txt").write_text("not an image and not picked up from a folder")
+    return d
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def outputs(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_a_corrupt_file_fails_alone(capsys, folder: Path, model_dir: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    rc, out, err = run(capsys, folder, "-o", f"{out_dir}/", "--model", model_dir)
+    assert rc == 1
+    assert outputs(out_dir) == ["a.png", "b.jpg", "c.png"]
+    assert load_image(out_dir / "a.png").pixels.shape == (48, 60, 3)
+    assert load_image(out_dir / "c.png").pixels.shape == (32, 34, 3)
+    assert f"FAILED {folder / 'corrupt.png'}: not an image" in err
+    assert "3 of 4 image(s) upscaled x2" in out and "1 failed" in out
+
+
+def test_rerun_refuses_to_clobber_unless_told(capsys, folder: Path, model_dir: Path, tmp_path: Path) -> None:
+    (folder / "corrupt.png").unlink()
+    out_dir = tmp_path / "out"
+    assert run(capsys, folder, "-o", out_dir, "--model", model_dir)[0] == 0
+    before = {p: (out_dir / p).read_bytes() for p in outputs(out_dir)}
+    (out_dir / "a.png").write_bytes(b"precious")
+    rc, out, err = run(capsys, folder, "-o", out_dir, "--model", model_dir)
+    assert rc == 1 and err.count("exists (use --overwrite") == 3
+    assert (out_dir / "a.png").read_bytes() == b"precious"
+    rc, out, err = run(capsys, folder, "-o", out_dir, "--model", model_dir, "--skip-existing")
+    assert rc == 0 and "3 skipped (3 with existing output)" in out
+    assert (out_dir / "a.png").read_bytes() == b"precious"
+    rc, out, err = run(capsys, folder, "-o", out_dir, "--model", model_dir, "--overwrite")
+    assert rc == 0 and {p: (out_dir / p).read_bytes() for p in outputs(out_dir)} == before
+
+
+def test_an_input_is_never_overwritten(capsys, folder: Path, model_dir: Path) -> None:
+    src = folder / "a.png"
+    original = src.read_bytes()
+    rc, out, err = run(capsys, src, "-o", src, "--model", model_dir, "--overwrite")
+    assert rc == 1 and "would overwrite an input" in err and src.read_bytes() == original
+    rc, out, err = run(capsys, folder / "a.png", "-o", folder, "--model", model_dir, "--overwrite")
+    assert rc == 1 and "would overwrite an input" in err and src.read_bytes() == original
+
+
+def test_default_naming_glob_format_and_single_file_output(capsys, folder: Path, model_dir: Path,
+                                                           tmp_path: Path) -> None:
+    rc, out, err = run(capsys, str(folder / "*.png"), "--model", model_dir)
+    assert rc == 1  # corrupt.png matches the glob too
+    assert (folder / "a_x2.png").is_file() and (folder / "c_x2.png").is_file() and not (folder / "b_x2.jpg").exists()
+    # A rerun over the same folder does not upscale its own outputs again (no a_x2_x2.png).
+    rc, out, err = run(capsys, folder, "--model", model_dir, "--skip-existing")
+    assert "2 being outputs of other inputs" in out and not (folder / "a_x2_x2.png").exists()
+    assert (folder / "b_x2.jpg").is_file()
+    rc, out, err = run(capsys, folder / "b.jpg", "-o", tmp_path / "single.webp", "--model", model_dir)
+    assert rc == 0 and load_image(tmp_path / "single.webp").pixels.shape == (48, 60, 3)
+    rc, out, err = run(capsys, folder / "a.png", "-o", tmp_path / "f", "--format", "jpg", "--suffix", "_big",
+                       "--model", model_dir)
+    assert rc == 0 and (tmp_path / "f" / "a_big.jpg").is_file()
+
+
+def test_sixteen_bit_and_icc_go_through(capsys, model_dir: Path, tmp_path: Path) -> None:
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    a16 = np.random.default_rng(0).integers(0, 65536, (14, 16, 3), dtype=np.uint16)
+    (tmp_path / "deep.png").write_bytes(encode_png16(a16, icc_profile=icc))
+    rc, out, err = run(capsys, tmp_path / "deep.png", "--model", model_dir)
+    assert rc == 0, err
+    back = load_image(tmp_path / "deep_x2.png")
+    assert back.pixels.dtype == np.uint16 and back.pixels.shape == (28, 32, 3) and back.icc_profile == icc
+
+
+def test_bad_inputs_each_get_a_specific_error(capsys, model_dir: Path, tmp_path: Path) -> None:
+    good = image(tmp_path / "good.png", 40, 40)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "half.png").write_bytes(image(tmp_path / "small.png", 30, 30).read_bytes()[:200])
+    rc, out, err = run(capsys, tmp_path / "empty.png", tmp_path / "half.png", tmp_path / "missing.png", good,
+                       "-o", tmp_path / "out", "--model", model_dir, "--max-pixels", "1000")
+    assert rc == 1
+    assert "empty.png: empty file (0 bytes)" in err
+    assert "half.png: truncated or corrupt image data" in err
+    assert "missing.png: no such file or folder" in err
+    assert "good.png: 40x40 = 1,600 pixels is over the limit of 1,000" in err
+    assert outputs(tmp_path / "out") == []
+
+
+def test_usage_errors_exit_2(capsys, model_dir: Path, tmp_path: Path) -> None:
+    a, b = image(tmp_path / "a.png"), image(tmp_path / "b.png")
+    rc, out, err = run(capsys, a, "--tile", "-3", "--model", model_dir)
+    assert rc == 2 and "--tile must be >= 0" in err
+    assert run(capsys, a, "--dtype", "int8")[0] == 2  # argparse's own choice check
+    assert run(capsys, a, b, "-o", a, "--model", model_dir)[0] == 2  # a file, but two inputs
+    rc, out, err = run(capsys, a, "--model", tmp_path / "no-such-model")
+    assert rc == 2 and "cannot set up the model" in err
+    rc, out, err = run(capsys, a, "--model", model_dir, "--scale", "4")
+    assert rc == 2 and "upscales x2 but scale=4" in err
+
+
+def test_a_failing_write_leaves_nothing_behind(capsys, monkeypatch, folder: Path, model_dir: Path,
+                                               tmp_path: Path) -> None:
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    out_dir = tmp_path / "out"
+    rc, out, err = run(capsys, folder / "a.png", folder / "c.png", "-o", out_dir, "--model", model_dir)
+    assert rc == 1 and err.count("No space left on device") == 2
+    assert outputs(out_dir) == []  # no outputs and no temporary files
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell file from folder fsyncs")
+def test_ctrl_c_stops_cleanly_with_a_summary(capsys, monkeypatch, folder: Path, model_dir: Path,
+                                             tmp_path: Path) -> None:
+    calls = []
+    real_fsync = os.fsync
+
+    def interrupted_on_second_write(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".partial"):  # not the folder's fsync
+            calls.append(fd)
+            if len(calls) == 2:  # in the middle of writing the second output
+                raise KeyboardInterrupt
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", interrupted_on_second_write)
+    out_dir = tmp_path / "out"
+    rc, out, err = run(capsys, folder / "a.png", folder / "b.jpg", folder / "c.png", "-o", out_dir,
+                       "--model", model_dir)
+    assert rc == 130
+    assert "1 of 3 image(s) upscaled" in err and "interrupted while on" in err and "1 not started" in err
+    assert outputs(out_dir) == ["a.png"]  # b.jpg's temporary file was removed
+
+
+# --- real processes ---------------------------------------------------------------------------------
+_SLOW_WRITER = """
+import os, sys, time
+real_fsync = os.fsync
+def slow_fsync(fd):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".partial") and "b.jpg" in os.readlink(f"/proc/self/fd/{fd}"):
+        time.sleep(120)  # stuck half-way through writing b's output: data written, not yet renamed
+    real_fsync(fd)
+os.fsync = slow_fsync
+from dlsr_infer.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def _start_stuck_run(folder: Path, out_dir: Path, model_dir: Path) -> tuple[subprocess.Popen, Path]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(folder / "a.png"), str(folder / "b.jpg"),
+                             str(folder / "c.png"), "-o", str(out_dir), "--model", str(model_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        partial = [p for p in out_dir.glob(".b.jpg.*.partial")] if out_dir.exists() else []
+        if partial and partial[0].stat().st_size > 0:
+            return proc, partial[0]
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the run never got to writing b.jpg: {proc.communicate()}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to spot the file being written")
+def test_a_killed_run_leaves_no_partial_output(folder: Path, model_dir: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    proc, partial = _start_stuck_run(folder, out_dir, model_dir)
+    proc.send_signal(signal.SIGKILL)  # nothing runs after this: no cleanup handler can help
+    proc.communicate(timeout=30)
+    assert not (out_dir / "b.jpg").exists()  # the half-written output never got its final name
+    assert load_image(out_dir / "a.png").pixels.shape == (48, 60, 3)  # finished outputs are whole
+    assert sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(".")) == ["a.png"]
+    assert partial.exists()  # only a hidden temporary file remains, which no glob for images picks up
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to spot the file being written")
+def test_sigint_in_a_real_process_exits_130_and_cleans_up(folder: Path, model_dir: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    proc, partial = _start_stuck_run(folder, out_dir, model_dir)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted while on" in err and "1 of 3 image(s) upscaled" in err
+    assert outputs(out_dir) == ["a.png"]  # the temporary file is gone too
+
+
+def test_python_dash_m_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "dlsr_infer", "--help"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert out.returncode == 0 and "--tile-overlap" in out.stdout and "--max-pixels" in out.stdout
+
+
+def test_folder_expansion(tmp_path: Path) -> None:
+    from dlsr_infer.cli import expand_inputs
+
+    image(tmp_path / "d" / "a.png")
+    image(tmp_path / "d" / "sub" / "b.png")
+    (tmp_path / "d" / ".hidden.png").write_bytes(b"x")
+    (tmp_path / "d" / "readme.txt").write_text("x")
+    flat = expand_inputs([str(tmp_path / "d")])
+    deep = expand_inputs([str(tmp_path / "d"), str(tmp_path / "d" / "a.png")], recursive=True)
+    assert [p.name for p, _, err in flat] == ["a.png"]
+    assert [p.name for p, _, err in deep] == ["a.png", "b.png"]  # and the repeated a.png only once
+    assert expand_inputs([str(tmp_path / "empty*.png")])[0][2] == "no file matches this pattern"

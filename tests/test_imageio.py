@@ -1,0 +1,229 @@
+"""Image files in and out (`dlsr_infer.imageio`): modes, 16 bits, EXIF, ICC, bad files, atomic writes."""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms, ImageOps
+
+from dlsr_infer import imageio
+from dlsr_infer.imageio import (ColorConversionWarning, ImageData, ImageLoadError, ImageTooLargeError,
+                                OutputExistsError, atomic_write, encode_png16, format_for, from_pil, load_image,
+                                save_image)
+
+
+def rgb(h: int = 18, w: int = 23, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def srgb_icc() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+# --- 16 bits ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_sixteen_bit_png_round_trips_exactly(tmp_path: Path, channels: int) -> None:
+    a = np.random.default_rng(channels).integers(0, 65536, (31, 45, channels), dtype=np.uint16)
+    icc = srgb_icc()
+    (tmp_path / "a.png").write_bytes(encode_png16(a, icc_profile=icc))
+    back = load_image(tmp_path / "a.png")
+    assert back.pixels.dtype == np.uint16 and np.array_equal(back.pixels, a) and back.icc_profile == icc
+    # An independent decoder agrees: Pillow reads our file (8-bit high bytes for colour, I;16 for gray).
+    with Image.open(tmp_path / "a.png") as im:
+        im.load()
+        px = np.asarray(im)
+        if channels == 1:
+            assert np.array_equal(px, a[:, :, 0])
+        elif channels in (3, 4):
+            assert np.array_equal(px, (a >> 8).astype(np.uint8))
+        assert im.info.get("icc_profile") == icc
+
+
+def test_pillow_written_sixteen_bit_gray_and_save_back(tmp_path: Path) -> None:
+    a = np.random.default_rng(0).integers(0, 65536, (20, 21), dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "g.png")
+    data = load_image(tmp_path / "g.png")
+    assert data.mode == "L" and data.bits == 16 and np.array_equal(data.pixels[:, :, 0], a)
+    save_image(data, tmp_path / "g2.png")
+    assert np.array_equal(load_image(tmp_path / "g2.png").pixels, data.pixels)
+    save_image(data, tmp_path / "g2.tif")
+    assert np.array_equal(load_image(tmp_path / "g2.tif").pixels, data.pixels)
+
+
+def test_formats_that_cannot_hold_it_say_so(tmp_path: Path) -> None:
+    rgba16 = ImageData(np.full((8, 8, 4), 40000, np.uint16))
+    with pytest.warns(ColorConversionWarning) as caught:
+        notes = save_image(rgba16, tmp_path / "x.jpg")
+    assert any("8 bits" in n for n in notes) and any("alpha dropped" in n for n in notes)
+    assert len(caught) == 2
+    back = load_image(tmp_path / "x.jpg")
+    assert back.mode == "RGB" and back.bits == 8 and abs(int(back.pixels[0, 0, 0]) - 155) <= 2
+
+
+# --- modes, EXIF, ICC -------------------------------------------------------------------------------
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_matches_pillows_exif_transpose(tmp_path: Path, orientation: int) -> None:
+    im = Image.fromarray(rgb(10, 17))
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(tmp_path / "o.png", exif=exif.tobytes())
+    data = load_image(tmp_path / "o.png")
+    with Image.open(tmp_path / "o.png") as ref:
+        expected = np.asarray(ImageOps.exif_transpose(ref))
+    assert np.array_equal(data.pixels, expected)
+    if data.exif:  # the orientation tag is gone (the pixels are upright now)
+        remaining = Image.Exif()
+        remaining.load(data.exif)
+        assert 0x0112 not in remaining
+
+
+def test_exif_orientation_also_applies_to_pil_inputs_and_jpeg(tmp_path: Path) -> None:
+    im = Image.fromarray(rgb(10, 17))
+    exif = im.getexif()
+    exif[0x0112] = 8
+    im.save(tmp_path / "o.jpg", exif=exif.tobytes(), quality=95)
+    with Image.open(tmp_path / "o.jpg") as opened:
+        data = from_pil(opened)
+        expected = np.asarray(ImageOps.exif_transpose(opened))
+    assert data.pixels.shape == (17, 10, 3) and np.array_equal(data.pixels, expected)
+
+
+def test_icc_profile_survives_png_jpeg_webp_tiff(tmp_path: Path) -> None:
+    icc = srgb_icc()
+    Image.fromarray(rgb()).save(tmp_path / "in.png", icc_profile=icc)
+    data = load_image(tmp_path / "in.png")
+    assert data.icc_profile == icc
+    for ext in ("png", "jpg", "webp", "tiff"):
+        save_image(data, tmp_path / f"out.{ext}")
+        assert load_image(tmp_path / f"out.{ext}").icc_profile == icc, ext
+
+
+@pytest.mark.parametrize("mode,expected", [("P", "RGB"), ("1", "L"), ("LA", "LA"), ("RGBA", "RGBA"), ("L", "L")])
+def test_modes_normalise(mode: str, expected: str) -> None:
+    im = Image.fromarray(rgb()).convert(mode)
+    assert from_pil(im).mode == expected
+
+
+def test_palette_with_transparency_becomes_rgba(tmp_path: Path) -> None:
+    im = Image.fromarray(rgb()).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    im.save(tmp_path / "t.png", transparency=0)
+    data = load_image(tmp_path / "t.png")
+    assert data.mode == "RGBA" and 0 in data.pixels[:, :, 3] and 255 in data.pixels[:, :, 3]
+
+
+def test_cmyk_is_converted_with_a_warning(tmp_path: Path) -> None:
+    Image.fromarray(rgb()).convert("CMYK").save(tmp_path / "c.jpg")
+    with pytest.warns(ColorConversionWarning, match="CMYK image converted to RGB"):
+        data = load_image(tmp_path / "c.jpg")
+    assert data.mode == "RGB" and any("CMYK" in n for n in data.notes)
+
+
+def test_animated_gif_reads_the_first_frame_with_a_note(tmp_path: Path) -> None:
+    frames = [Image.fromarray(rgb(seed=i)).convert("P") for i in range(3)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    data = load_image(tmp_path / "a.gif")
+    assert data.mode == "RGB" and any("first of 3 frames" in n for n in data.notes)
+
+
+# --- bad files --------------------------------------------------------------------------------------
+def _png_header_only(w: int, h: int) -> bytes:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def test_bad_files_get_specific_errors(tmp_path: Path) -> None:
+    good = io.BytesIO()
+    Image.fromarray(rgb(64, 64)).save(good, format="PNG")
+    jpeg = io.BytesIO()
+    Image.fromarray(rgb(64, 64)).save(jpeg, format="JPEG")
+    cases = {
+        "empty.png": (b"", "empty file"),
+        "text.png": (b"hello, I am not a picture\n" * 10, "not an image Pillow can read"),
+        "trunc.png": (good.getvalue()[: len(good.getvalue()) // 2], "truncated or corrupt"),
+        "trunc.jpg": (jpeg.getvalue()[:300], "truncated or corrupt"),
+    }
+    for name, (blob, message) in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ImageLoadError, match=message):
+            load_image(tmp_path / name)
+    with pytest.raises(ImageLoadError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ImageLoadError, match="is a directory"):
+        load_image(tmp_path)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(60000, 60000))  # 3.6 G pixels, a few bytes
+    with pytest.raises(ImageTooLargeError, match="60000x60000 = 3,600,000,000 pixels is over the limit"):
+        load_image(tmp_path / "bomb.png")
+    Image.fromarray(rgb(50, 50)).save(tmp_path / "ok.png")
+    with pytest.raises(ImageTooLargeError, match="max_pixels"):
+        load_image(tmp_path / "ok.png", max_pixels=2499)
+    assert load_image(tmp_path / "ok.png", max_pixels=2500).pixels.shape == (50, 50, 3)
+    assert Image.MAX_IMAGE_PIXELS is not None  # PIL's own guard is restored after our open
+
+
+# --- writing ------------------------------------------------------------------------------------------
+def test_atomic_write_never_leaves_a_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.png"
+
+    def write_then_fail(f) -> None:
+        f.write(b"\x89PNG half of an image")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, write_then_fail)
+    assert list(tmp_path.iterdir()) == []
+
+    def write_then_interrupt(f) -> None:
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, write_then_interrupt, overwrite=True)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_atomic_write_refuses_to_clobber_and_sets_normal_permissions(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    atomic_write(target, lambda f: f.write(b"one"))
+    assert target.read_bytes() == b"one"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~umask
+    with pytest.raises(OutputExistsError):
+        atomic_write(target, lambda f: f.write(b"two"))
+    assert target.read_bytes() == b"one"
+    atomic_write(target, lambda f: f.write(b"two"), overwrite=True)
+    assert target.read_bytes() == b"two" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_the_no_clobber_check_is_atomic(tmp_path: Path, monkeypatch) -> None:
+    """A file that appears between our check and our link is not overwritten either."""
+    target = tmp_path / "race.png"
+    real_link = os.link
+
+    def link_after_someone_else_wrote(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(b"theirs")
+        return real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(imageio.os, "link", link_after_someone_else_wrote)
+    with pytest.raises(OutputExistsError):
+        atomic_write(target, lambda f: f.write(b"ours"))
+    assert target.read_bytes() == b"theirs" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_format_names() -> None:
+    assert format_for("a.JPG") == "JPEG" and format_for("a.png", "webp") == "WEBP"
+    with pytest.raises(ValueError, match="cannot tell the output format"):
+        format_for("a.xyz")
+    with pytest.raises(ValueError, match="unsupported output format"):
+        format_for("a.png", "heic")

@@ -1,0 +1,369 @@
+"""`upscale()`: every input kind and image mode round-trips with the right type, dtype, size and mode.
+
+All with a small random-weight 18-channel x2 network (weights drawn so its output is image-like, not
+clamped flat) on small images; tiling itself is tested in test_tiling.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageCms
+from torch import nn
+
+import dlsr_infer
+from dlsr_infer import DLSR
+from dlsr_infer.genotype import builtin
+from dlsr_infer.imageio import ColorConversionWarning, encode_png16, load_image
+from dlsr_infer.upscaling import LUMA, Upscaler, clear_model_cache, get_model, upscale, upscale_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def lively(name: str = "dlsr_s_x2", seed: int = 0) -> DLSR:
+    """Random weights whose signals propagate and whose output sits inside [0, 1] (see test_tiling)."""
+    torch.manual_seed(seed)
+    model = DLSR(builtin(name))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                nn.init.normal_(m.weight, 0.0, 0.7 * math.sqrt(2.0 / fan_in))
+                if m.bias is not None:
+                    nn.init.normal_(m.bias, 0.0, 0.1)
+        model.upsampler.conv.weight.mul_(0.3)
+        model.upsampler.conv.bias.mul_(0.3).add_(0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> DLSR:
+    return lively()
+
+
+def rgb(h: int = 20, w: int = 26, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (h + w)], -1)
+    return np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def srgb_icc() -> bytes:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+# --- numpy ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("channels", [None, 1, 2, 3, 4])
+def test_numpy_round_trips_layout_and_dtype(model: DLSR, dtype, channels) -> None:
+    a = rgb(12, 17)
+    a = np.dstack([a, a[:, :, :1]]) if channels == 4 else a[:, :, :channels] if channels else a[:, :, 0]
+    if dtype == np.uint16:
+        a = a.astype(np.uint16) * 257
+    elif dtype != np.uint8:
+        a = (a / 255.0).astype(dtype)
+    out = upscale(a, model=model)
+    assert isinstance(out, np.ndarray) and out.dtype == dtype
+    assert out.shape == (24, 34) + a.shape[2:]
+    if np.issubdtype(dtype, np.floating):
+        assert out.min() >= 0 and out.max() <= 1
+
+
+def test_sixteen_bit_keeps_sixteen_bits(model: DLSR) -> None:
+    a16 = rgb(16, 16).astype(np.uint16) * 257 + np.random.default_rng(1).integers(0, 257, (16, 16, 3)).astype(np.uint16)
+    out16 = upscale(a16, model=model)
+    outf = upscale(a16.astype(np.float64) / 65535, model=model)
+    assert out16.dtype == np.uint16
+    assert np.abs(out16.astype(np.float64) - outf * 65535).max() <= 1.0  # full 16-bit precision
+    assert np.count_nonzero(out16 % 257) > out16.size // 2  # not 8-bit values scaled up
+
+
+def test_numpy_errors_name_the_problem(model: DLSR) -> None:
+    with pytest.raises(ValueError, match=r"\[0, 1\].*divide by 255"):
+        upscale(np.full((8, 8, 3), 200.0), model=model)
+    with pytest.raises(ValueError, match="NaN"):
+        upscale(np.full((8, 8, 3), np.nan), model=model)
+    with pytest.raises(TypeError, match="dtype bool"):
+        upscale(np.zeros((8, 8), bool), model=model)
+    with pytest.raises(TypeError, match="int32"):
+        upscale(np.zeros((8, 8), np.int32), model=model)
+    with pytest.raises(ValueError, match="channels-first"):
+        upscale(np.zeros((3, 20, 20), np.uint8), model=model)
+    with pytest.raises(ValueError, match="empty"):
+        upscale(np.zeros((0, 5, 3), np.uint8), model=model)
+    with pytest.raises(TypeError, match="cannot upscale a list"):
+        upscale([[0, 1]], model=model)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (14, 3)])
+def test_tiny_images_work(model: DLSR, shape) -> None:
+    out = upscale(rgb(*shape), model=model)
+    assert out.shape == (2 * shape[0], 2 * shape[1], 3)
+
+
+# --- torch ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8])
+def test_tensor_round_trips_dtype_device_and_layout(model: DLSR, dtype) -> None:
+    x = torch.from_numpy(rgb(10, 14)).permute(2, 0, 1)
+    x = x.to(dtype) if dtype == torch.uint8 else (x.double() / 255).to(dtype)
+    out = upscale(x, model=model)
+    assert out.dtype == dtype and out.device == x.device and out.shape == (3, 20, 28)
+    batch = torch.stack([x, x.flip(-1)])
+    outb = upscale(batch, model=model)
+    assert outb.shape == (2, 3, 20, 28) and outb.dtype == dtype
+    assert torch.equal(outb[0], out)
+
+
+def test_tensor_batch_equals_images_one_by_one(model: DLSR) -> None:
+    batch = torch.rand(3, 3, 18, 22, generator=torch.Generator().manual_seed(0))
+    out = upscale(batch, model=model, tile=16, tile_overlap=0)
+    for i in range(3):
+        torch.testing.assert_close(out[i], upscale(batch[i], model=model, tile=16, tile_overlap=0), rtol=0, atol=1e-6)
+
+
+def test_tensor_channels_and_errors(model: DLSR) -> None:
+    assert upscale(torch.rand(1, 9, 9), model=model).shape == (1, 18, 18)
+    assert upscale(torch.rand(2, 4, 9, 9), model=model).shape == (2, 4, 18, 18)
+    with pytest.raises(ValueError, match="channels-last"):
+        upscale(torch.rand(9, 9, 3), model=model)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        upscale(torch.rand(3, 9, 9) * 255, model=model)
+    with pytest.raises(TypeError, match="floating point"):
+        upscale(torch.zeros(3, 9, 9, dtype=torch.int64), model=model)
+    with pytest.raises(ValueError, match="C x H x W or N x C x H x W"):
+        upscale(torch.rand(9, 9), model=model)
+
+
+# --- PIL modes -----------------------------------------------------------------------------------
+def _pil(mode: str) -> Image.Image:
+    a = rgb()
+    if mode == "I;16":
+        return Image.fromarray(a[:, :, 0].astype(np.uint16) * 257 + 3)
+    if mode == "I":
+        return Image.fromarray(a[:, :, 0].astype(np.int32) * 200)
+    if mode == "P+t":
+        im = Image.fromarray(a).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+        im.info["transparency"] = 0
+        return im
+    if mode == "PA":
+        return Image.fromarray(a).convert("P").convert("PA")
+    return Image.fromarray(a).convert(mode) if mode != "RGBA" else Image.fromarray(np.dstack([a, a[:, :, 1]]))
+
+
+@pytest.mark.parametrize("mode,expected", [
+    ("RGB", "RGB"), ("RGBA", "RGBA"), ("L", "L"), ("LA", "LA"), ("P", "RGB"), ("P+t", "RGBA"), ("PA", "RGBA"),
+    ("1", "L"), ("I;16", "I;16"), ("I", "I;16"), ("RGBX", "RGB"), ("YCbCr", "RGB"), ("CMYK", "RGB"),
+])
+def test_pil_modes(model: DLSR, mode: str, expected: str) -> None:
+    im = _pil(mode)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = upscale(im, model=model)
+    assert isinstance(out, Image.Image) and out.mode == expected and out.size == (52, 40)
+    converted = [w for w in caught if issubclass(w.category, ColorConversionWarning)]
+    assert bool(converted) == (mode == "CMYK"), [str(w.message) for w in caught]
+
+
+def test_pil_float_mode_is_refused(model: DLSR) -> None:
+    with pytest.raises(ValueError, match="mode F"):
+        upscale(Image.new("F", (20, 20)), model=model)
+
+
+def test_gray_runs_as_replicated_rgb_and_comes_back_as_luma(model: DLSR) -> None:
+    g = rgb()[:, :, 1]
+    out_l = np.asarray(upscale(Image.fromarray(g), model=model)).astype(np.float64)
+    out_rgb = upscale(np.repeat(g[:, :, None], 3, axis=2).astype(np.float32) / 255, model=model)
+    luma = (out_rgb @ np.array(LUMA)) * 255
+    assert np.abs(out_l - luma).max() <= 0.51
+
+
+def test_alpha_is_upscaled_separately_by_model_or_bicubic(model: DLSR) -> None:
+    a = rgb()
+    rgba = np.dstack([a, np.full(a.shape[:2], 255, np.uint8)])
+    rgba[5:9, 5:15, 3] = 0
+    by_model = upscale(rgba, model=model, alpha="model")
+    by_bicubic = upscale(rgba, model=model, alpha="bicubic")
+    plain = upscale(a, model=model)
+    assert np.array_equal(by_model[:, :, :3], plain) and np.array_equal(by_bicubic[:, :, :3], plain)
+    alpha = torch.from_numpy(rgba[:, :, 3].astype(np.float32) / 255)[None, None]
+    expected = torch.nn.functional.interpolate(alpha, scale_factor=2, mode="bicubic", align_corners=False)
+    expected = (expected.clamp(0, 1) * 255).round().to(torch.uint8)[0, 0].numpy()
+    assert np.array_equal(by_bicubic[:, :, 3], expected)
+    assert by_bicubic[0, 0, 3] == 255 and by_bicubic[14, 20, 3] == 0
+    with pytest.raises(ValueError, match="alpha must be"):
+        upscale(rgba, model=model, alpha="nearest")
+
+
+# --- paths ---------------------------------------------------------------------------------------
+def test_path_in_pil_out_with_icc_and_exif_orientation(model: DLSR, tmp_path: Path) -> None:
+    a = rgb(20, 30)
+    icc = srgb_icc()
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
+    exif[0x010F] = "dlsr test camera"
+    im.save(tmp_path / "in.png", exif=exif.tobytes(), icc_profile=icc)
+    out = upscale(tmp_path / "in.png", model=model)
+    assert isinstance(out, Image.Image) and out.mode == "RGB"
+    assert out.size == (40, 60)  # upright: 20 wide, 30 tall, x2
+    assert np.array_equal(np.asarray(out), upscale(np.rot90(a, k=-1).copy(), model=model))
+    assert out.info["icc_profile"] == icc
+    assert 0x0112 not in out.getexif() and out.getexif()[0x010F] == "dlsr test camera"
+
+
+def test_sixteen_bit_colour_path_comes_back_as_uint16(model: DLSR, tmp_path: Path) -> None:
+    a16 = np.random.default_rng(2).integers(0, 65536, (12, 15, 3), dtype=np.uint16)
+    (tmp_path / "c16.png").write_bytes(encode_png16(a16))
+    out = upscale(str(tmp_path / "c16.png"), model=model)
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint16
+    assert np.array_equal(out, upscale(a16, model=model))
+    Image.fromarray(a16[:, :, 0]).save(tmp_path / "g16.png")  # gray 16-bit: PIL I;16 out
+    out = upscale(tmp_path / "g16.png", model=model)
+    assert out.mode == "I;16" and out.size == (30, 24)
+
+
+def test_upscale_file_keeps_depth_alpha_and_icc(model: DLSR, tmp_path: Path) -> None:
+    a16 = np.random.default_rng(3).integers(0, 65536, (10, 11, 4), dtype=np.uint16)
+    icc = srgb_icc()
+    (tmp_path / "in.png").write_bytes(encode_png16(a16, icc_profile=icc))
+    notes = upscale_file(tmp_path / "in.png", tmp_path / "out.png", model=model)
+    assert notes == []
+    back = load_image(tmp_path / "out.png")
+    assert back.pixels.dtype == np.uint16 and back.pixels.shape == (20, 22, 4) and back.icc_profile == icc
+    assert np.array_equal(back.pixels, upscale(a16, model=model))
+    with pytest.raises(FileExistsError, match="already exists"):
+        upscale_file(tmp_path / "in.png", tmp_path / "out.png", model=model)
+
+
+def test_path_errors_are_specific(model: DLSR, tmp_path: Path) -> None:
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        upscale(tmp_path / "empty.png", model=model)
+    Image.fromarray(rgb(40, 40)).save(tmp_path / "big.png")
+    with pytest.raises(ValueError, match="over the limit of 1,000"):
+        upscale(tmp_path / "big.png", model=model, max_pixels=1000)
+
+
+# --- models --------------------------------------------------------------------------------------
+def test_model_scale_is_checked(model: DLSR) -> None:
+    with pytest.raises(ValueError, match="upscales x2 but scale=4"):
+        upscale(rgb(), scale=4, model=model)
+    assert upscale(rgb(), scale=2, model=model).shape == (40, 52, 3)
+    with pytest.raises(TypeError, match="model must be"):
+        upscale(rgb(), model=42)  # type: ignore[arg-type]
+
+
+def test_device_and_dtype_choices() -> None:
+    from dlsr_infer.upscaling import resolve_device, resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 inference needs CUDA"):
+        resolve_dtype("fp16", cpu)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("int8", cpu)
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == cpu
+        assert resolve_dtype("auto", resolve_device("auto")) == torch.float32
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_bf16_on_cpu_when_asked(model: DLSR) -> None:
+    a = rgb()
+    out = upscale(a, model=model, dtype="bf16")
+    ref = upscale(a, model=model)
+    assert out.shape == ref.shape and np.abs(out.astype(int) - ref.astype(int)).mean() < 3
+
+
+def test_models_loaded_by_name_are_cached(model: DLSR, tmp_path: Path, monkeypatch) -> None:
+    clear_model_cache()
+    model.save_pretrained(tmp_path / "m")
+    loads = []
+    original = DLSR.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(DLSR, "from_pretrained", classmethod(counting))
+    a = rgb()
+    first = upscale(a, model=tmp_path / "m")
+    second = upscale(a, model=str(tmp_path / "m"))
+    assert len(loads) == 1 and np.array_equal(first, second) and np.array_equal(first, upscale(a, model=model))
+    assert get_model(tmp_path / "m", device="cpu")[0] is get_model(str(tmp_path / "m"), device="cpu")[0]
+    upscale(a, model=tmp_path / "m", dtype="bf16")  # another dtype is another cache entry
+    assert len(loads) == 2
+    # New weights under the same name are picked up (the key includes the weights file's mtime/size).
+    lively(seed=1).save_pretrained(tmp_path / "m")
+    st = (tmp_path / "m" / "model.safetensors").stat()
+    os.utime(tmp_path / "m" / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert not np.array_equal(upscale(a, model=tmp_path / "m"), first) and len(loads) == 3
+    clear_model_cache()
+
+
+def test_a_passed_model_is_left_alone(model: DLSR) -> None:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    upscale(rgb(), model=model, channels_last=True)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].is_contiguous() for k in before)
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_progress_callback_and_upscaler_reuse(model: DLSR) -> None:
+    calls = []
+    up = Upscaler(model, tile=40, tile_overlap=8, progress=lambda done, total: calls.append((done, total)))
+    out = up(rgb(60, 70))
+    assert out.shape == (120, 140, 3)
+    assert calls and calls[-1][0] == calls[-1][1] == up.last_stats.num_tiles > 1
+    assert up(torch.rand(3, 20, 20)).shape == (3, 40, 40)
+
+
+def test_upscale_name_is_the_function_in_any_import_order() -> None:
+    code = ("import dlsr_infer.upscaling as m, dlsr_infer; from dlsr_infer import upscale as f; "
+            "import types; assert f is m.upscale and dlsr_infer.upscale is m.upscale; "
+            "assert not isinstance(f, types.ModuleType); print('ok')")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    assert callable(dlsr_infer.upscale)
+
+
+# --- CUDA (run where there is a GPU; skipped elsewhere) ---------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_tensor_batch_fp16_round_trip(model: DLSR) -> None:
+    x = torch.rand(3, 3, 40, 50, generator=torch.Generator().manual_seed(0))
+    ref = upscale(x, model=model, device="cpu")
+    out = upscale(x.cuda().half(), model=model, tile=24, tile_overlap=8)  # auto: fp16 autocast, channels_last
+    assert out.device.type == "cuda" and out.dtype == torch.float16 and out.shape == (3, 3, 80, 100)
+    assert 10 * math.log10(1 / float(((out.float().cpu() - ref) ** 2).mean())) > 35
+    assert next(model.parameters()).device.type == "cpu"  # the CPU model was copied, not moved
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_fp32_matches_cpu(model: DLSR) -> None:
+    a = rgb(30, 40)
+    gpu = upscale(a, model=model, device="cuda", dtype="fp32")
+    cpu = upscale(a, model=model, device="cpu")
+    assert np.abs(gpu.astype(int) - cpu.astype(int)).max() <= 1
