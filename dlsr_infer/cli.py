@@ -7,7 +7,8 @@
 Every input is processed even when some fail; failures are listed at the end and make the exit code 1.
 Outputs are written atomically (never a truncated file under the final name), an existing file is
 replaced only with --overwrite, and an input is never overwritten. Ctrl-C stops after cleaning up the
-file being written, prints the summary and exits 130 (SIGTERM: 143).
+file being written, prints the summary and exits 130 (SIGTERM: 143). A run killed outright (SIGKILL)
+can leave a hidden `.<output>.<random>.partial` file; the next run writing that output removes it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .imageio import (DEFAULT_MAX_PIXELS, FORMATS, IMAGE_EXTENSIONS, ImageLoadError, OutputExistsError,
-                      format_for, load_image, save_image)
+                      format_for, load_image, remove_stale_temps, save_image)
 
 PROG = "dlsr-upscale"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -31,6 +32,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 1
 TILE_BAR_MIN_TILES = 4
 #: Input formats we re-encode as PNG by default (palette/animation formats, or ones we do not write).
 _DEFAULT_TO_PNG = {".gif", ".tga", ".pgm", ".ppm"}
+#: oneDNN (CPU convolutions) keeps the kernels it builds for every input shape, up to 1024: over 500
+#: differently sized images RSS grew by 129 MiB, 43 of them this cache (benchmarks/bench_load.py; the
+#: rest is ideep's LRU_CACHE_CAPACITY, read when torch is imported, so only settable from outside).
+#: One image is one shape (its tiles share one) and a forward pass builds ~35 kernels, so 256 keeps
+#: several images' worth and hits as before where it can. Set before the first convolution; an
+#: explicit ONEDNN_PRIMITIVE_CACHE_CAPACITY in the environment wins.
+ONEDNN_CACHE_CAPACITY = 256
 
 
 class _Terminated(KeyboardInterrupt):
@@ -214,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return usage(f"-o {args.output} is a file, but {len(sources)} inputs need an output folder")
 
     # Heavy imports only once the command line is known to be sane (--help stays fast).
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
     import torch
     from tqdm.auto import tqdm
 
@@ -262,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     done, skipped = 0, len(ours)
     failed: list[Job] = [j for j in jobs if j.error]
     todo = [j for j in jobs if not j.error]
+    _remove_stale_temps(todo, quiet=args.quiet)
     interrupted = 0
     previous_term = None
     try:
@@ -339,6 +349,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if interrupted:
         return interrupted
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _remove_stale_temps(jobs: Sequence[Job], *, quiet: bool) -> None:
+    """Remove the hidden temporary files (`.<output name>.<random>.partial`) that an earlier run, killed
+    while writing one of these outputs, left next to it; never anything else (see `remove_stale_temps`)."""
+    by_folder: dict[Path, set[str]] = {}
+    for job in jobs:
+        if job.output is not None:
+            by_folder.setdefault(job.output.parent, set()).add(job.output.name)
+    for folder, names in by_folder.items():
+        removed = remove_stale_temps(folder, names)
+        if removed and not quiet:
+            print(f"note: removed {len(removed)} temporary file(s) left in {folder} by an interrupted run",
+                  file=sys.stderr)
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:

@@ -28,18 +28,25 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import struct
 import tempfile
 import threading
+import time
 import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 #: PIL's own hard limit (twice its warning threshold); `max_pixels` defaults to it.
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -266,6 +273,10 @@ def from_pil(im: Image.Image, *, apply_exif_orientation: bool = True) -> ImageDa
     if not isinstance(im, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image, got {type(im).__name__}")
     notes: list[str] = []
+    try:  # decode first, so that getexif() (which may decode, swallowing errors) cannot hide corrupt pixel data
+        im.load()
+    except (OSError, EOFError, SyntaxError, zlib.error, struct.error) as e:
+        raise ImageLoadError(f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
     orientation, exif = _exif_without_orientation(im)
     pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes)
     if apply_exif_orientation and orientation != 1:
@@ -285,6 +296,8 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
         raise ImageLoadError(f"{path}: cannot read ({e.strerror or e})") from None
     if stat.S_ISDIR(st.st_mode):
         raise ImageLoadError(f"{path}: is a directory, not an image")
+    if not stat.S_ISREG(st.st_mode):  # never opened: reading a FIFO would block forever
+        raise ImageLoadError(f"{path}: not a regular file (a FIFO, socket or device), not an image")
     if st.st_size == 0:
         raise ImageLoadError(f"{path}: empty file (0 bytes)")
     try:
@@ -313,18 +326,21 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
         try:
             rawmode16 = _png16_rawmode(im)  # before anything (getexif on a PNG) loads the 8-bit pixels
             rawmode = im.tile[0][3] if getattr(im, "tile", None) else ""
-            orientation, exif = _exif_without_orientation(im)
-            if rawmode16 is not None:
-                pixels = _decode_png16(lambda: _open_unchecked(path), rawmode16)
-                replacement_icc, icc_ok = None, True
-            else:
+            if rawmode16 is None:
                 if isinstance(rawmode, tuple):
                     rawmode = rawmode[0]
                 if isinstance(rawmode, str) and ";16" in rawmode and im.mode in ("RGB", "RGBA", "LA"):
                     msg = f"Pillow decodes this 16-bit {im.format} {im.mode} image to 8 bits per channel"
                     notes.append(msg)
                     warnings.warn(f"{path}: {msg}", ColorConversionWarning, stacklevel=2)
+                # Decode before getexif(): on a PNG getexif() decodes the pixels itself, and as its errors are
+                # swallowed (malformed EXIF must not stop an upscale) a corrupt IDAT would then load silently.
                 im.load()
+            orientation, exif = _exif_without_orientation(im)
+            if rawmode16 is not None:
+                pixels = _decode_png16(lambda: _open_unchecked(path), rawmode16)
+                replacement_icc, icc_ok = None, True
+            else:
                 pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes)
         except ImageLoadError as e:
             raise ImageLoadError(f"{path}: {e}") from None
@@ -449,20 +465,82 @@ def _umask() -> int:
     return 0o022
 
 
+#: `atomic_write`'s temporary files: `.<name>.<8 random characters from mkstemp>.partial`.
+TEMP_SUFFIX = ".partial"
+#: Temporary files younger than this (seconds) are never taken for stale (see `remove_stale_temps`).
+STALE_TEMP_MIN_AGE = 10.0
+
+
+def _lock_temp(fd: int) -> int | None:
+    """Hold an exclusive flock on a temporary file while it is written (released when its writer closes
+    the returned fd or dies), so that `remove_stale_temps` never removes a live writer's file."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        return None
+    lock_fd = os.dup(fd)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # pragma: no cover - a filesystem without flock: the age check alone protects the file
+        pass
+    return lock_fd
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None, *,
+                       suffix: str = TEMP_SUFFIX, min_age: float = STALE_TEMP_MIN_AGE) -> list[Path]:
+    """Remove the temporary files that a killed writer (SIGKILL, power loss) left in `folder`.
+
+    Only files named like our own temporary files (`.<name>.<8 chars><suffix>`, for an output named
+    in `names` when given) are considered, and only those older than `min_age` seconds that no live
+    process holds locked (`atomic_write` locks its temporary file while writing it). Returns the files
+    removed; errors (permissions, races with another cleaner) are ignored.
+    """
+    pattern = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}" + re.escape(suffix) + "$")
+    wanted = None if names is None else set(names)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or (wanted is not None and m["name"] not in wanted):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < min_age:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while a live writer holds it
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, overwrite: bool = False) -> Path:
     """Write a file so that it appears whole or not at all.
 
     `write(f)` fills a temporary file in the same folder (hidden: `.<name>.<random>.partial`), which is
     fsynced and then renamed over `path` (`overwrite=True`) or hard-linked to it, which fails if `path`
-    appeared meanwhile (`OutputExistsError`). On any error or interrupt the temporary file is removed.
+    appeared meanwhile (`OutputExistsError`). On any error or interrupt the temporary file is removed;
+    one left by a killed process is removed by `remove_stale_temps` (which `dlsr-upscale` runs).
     """
     path = Path(path)
     if not overwrite and path.exists():
         raise OutputExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     tmp = Path(tmp_name)
+    lock_fd = None
     try:
         with os.fdopen(fd, "wb") as f:
+            lock_fd = _lock_temp(f.fileno())  # held until renamed: see remove_stale_temps
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             write(f)
             f.flush()
@@ -491,6 +569,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
     return path
 
 
@@ -517,6 +598,8 @@ __all__ = [
     "ImageLoadError",
     "ImageTooLargeError",
     "OutputExistsError",
+    "STALE_TEMP_MIN_AGE",
+    "TEMP_SUFFIX",
     "atomic_write",
     "can_be_pil",
     "encode_image",
@@ -524,6 +607,7 @@ __all__ = [
     "format_for",
     "from_pil",
     "load_image",
+    "remove_stale_temps",
     "save_image",
     "to_8bit",
     "to_pil",

@@ -299,8 +299,10 @@ def _check_float_range(lo: float, hi: float, what: str) -> None:
 
 
 def _numpy_layout(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.bool_ or not (a.dtype in (np.uint8, np.uint16) or np.issubdtype(a.dtype, np.floating)):
-        raise TypeError(f"numpy images must be uint8, uint16 or float in [0, 1], got dtype {a.dtype}")
+    if not a.dtype.isnative:  # big-endian data (raw 16-bit files, FITS): same values, native byte order
+        a = a.astype(a.dtype.newbyteorder("="))
+    if a.dtype not in (np.uint8, np.uint16, np.float16, np.float32, np.float64):
+        raise TypeError(f"numpy images must be uint8, uint16 or float16/32/64 in [0, 1], got dtype {a.dtype}")
     if a.ndim == 2:
         a = a[:, :, None]
     elif not (a.ndim == 3 and a.shape[2] in (1, 2, 3, 4)):
@@ -375,6 +377,9 @@ class Upscaler:
 
     def tensor(self, t: torch.Tensor, *, progress: bool | ProgressFn | None = None) -> torch.Tensor:
         """C x H x W or N x C x H x W (C 1..4) float-in-[0, 1] or uint8 tensor -> same dtype, device, layout."""
+        if t.layout != torch.strided or t.device.type == "meta":
+            raise TypeError(f"tensors must be dense and hold data, got a {t.layout} tensor on {t.device} "
+                            "(use .to_dense() / a real device)")
         if t.dim() not in (3, 4):
             raise ValueError(f"tensors must be C x H x W or N x C x H x W, got shape {tuple(t.shape)}")
         x = t.unsqueeze(0) if t.dim() == 3 else t

@@ -9,6 +9,7 @@ either the old or the new checkpoint, never a torn one.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 CHECKPOINT_FORMAT = 1
+#: Suffix of the temporary files `atomic_torch_save` writes (`.<name>.<random>.tmp`).
+TEMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -33,12 +36,22 @@ def _umask() -> int:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` to a temp file `.<name>.<random>.tmp` beside `path`, fsync, rename. A temp file left
+    by a writer that was killed (SIGKILL) before its rename is removed by the next successful save."""
+    from dlsr_infer.imageio import _lock_temp, remove_stale_temps
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Serialised in memory first (checkpoints are a few MB): torch's zip writer turns a failing write
+    # (ENOSPC) into an opaque RuntimeError ("unexpected pos"), a plain write keeps the OSError.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    lock_fd = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            lock_fd = _lock_temp(f.fileno())  # so that no other writer's cleanup removes it while it is written
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
@@ -46,6 +59,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+    remove_stale_temps(path.parent, [path.name], suffix=TEMP_SUFFIX)
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
