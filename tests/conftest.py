@@ -37,3 +37,53 @@ def benchmarks_dir(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def authors_dir(shared_dir: Path) -> Path:
     return shared_dir / "reference" / "dlsr-authors"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread for the test session: the networks under test are tiny, and on a 2-core CI
+    machine (or one shared with a training job) OpenMP barriers make them several times slower with more."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def lively_model(genotype="dlsr_s_x2", *, seed: int = 0, out_gain: float = 0.3):
+    """A random-weight DLSR whose signals propagate through every cell and whose output is image-like.
+
+    PyTorch's default init gives a network that barely looks past a couple of pixels and outputs near
+    zero, which makes tiling, clamping and seam tests pass trivially; He-style weights (x0.7), small
+    random biases and an upsampler centred on 0.5 behave like trained weights in those respects.
+    """
+    import math
+
+    import torch
+    from torch import nn
+
+    from dlsr_infer import DLSR
+    from dlsr_infer.genotype import Genotype, builtin
+
+    torch.manual_seed(seed)
+    model = DLSR(genotype if isinstance(genotype, Genotype) else builtin(genotype))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+                nn.init.normal_(m.weight, 0.0, 0.7 * math.sqrt(2.0 / fan_in))
+                if m.bias is not None:
+                    nn.init.normal_(m.bias, 0.0, 0.1)
+        model.upsampler.conv.weight.mul_(out_gain)
+        model.upsampler.conv.bias.mul_(out_gain).add_(0.5)
+    return model.eval()
+
+
+def tiny_genotype(*, scale: int = 2, channels: int = 8, cells: int = 2):
+    """The paper's cell at a toy size, for tests that need a real but cheap network."""
+    from dlsr_infer.genotype import Genotype, builtin
+
+    spec = builtin("dlsr_s_x2").to_dict()
+    spec.update(name="tiny", channels=channels, cells=spec["cells"][:cells], scale=scale)
+    return Genotype.from_dict(spec)

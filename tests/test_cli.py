@@ -1,7 +1,6 @@
 """`dlsr-upscale` (`dlsr_infer.cli`): batches with failures, no clobbering, atomic outputs, interrupts."""
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -11,39 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageCms
-from torch import nn
 
-from dlsr_infer import DLSR
+from conftest import lively_model
 from dlsr_infer.cli import main
-from dlsr_infer.genotype import builtin
 from dlsr_infer.imageio import encode_png16, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random-weight 18-channel x2 model directory (output kept inside [0, 1])."""
-    torch.manual_seed(0)
-    model = DLSR(builtin("dlsr_s_x2"))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-                nn.init.normal_(m.weight, 0.0, 0.7 * math.sqrt(2.0 / fan_in))
-        model.upsampler.conv.weight.mul_(0.3)
-        model.upsampler.conv.bias.fill_(0.5)
-    return model.save_pretrained(tmp_path_factory.mktemp("model") / "dlsr-test-x2")
+    return lively_model("dlsr_s_x2").save_pretrained(tmp_path_factory.mktemp("model") / "dlsr-test-x2")
 
 
 def image(path: Path, h: int = 24, w: int = 30, seed: int = 0, **save) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import random
 import shutil
@@ -28,12 +27,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 import dlsr_infer.upscaling as upscaling
-from dlsr_infer import DLSR
+from conftest import lively_model, tiny_genotype
 from dlsr_infer.cli import main as cli_main
-from dlsr_infer.genotype import Genotype, builtin
 from dlsr_infer.imageio import atomic_write, load_image, remove_stale_temps, save_image
 from dlsr_infer.upscaling import upscale_file
 from dlsr_search.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
@@ -65,29 +62,10 @@ def _no_hang():
         signal.signal(signal.SIGALRM, old)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny (8 channels, 2 cells) random-weight x2 model directory whose output is image-like."""
-    spec = builtin("dlsr_s_x2").to_dict()
-    spec.update(name="tiny", channels=8, cells=spec["cells"][:2])
-    torch.manual_seed(0)
-    model = DLSR(Genotype.from_dict(spec))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-                nn.init.normal_(m.weight, 0.0, 0.7 * math.sqrt(2.0 / fan_in))
-        model.upsampler.conv.weight.mul_(0.3)
-        model.upsampler.conv.bias.fill_(0.5)
-    return model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny-x2")
+    return lively_model(tiny_genotype()).save_pretrained(tmp_path_factory.mktemp("model") / "tiny-x2")
 
 
 def image(path: Path, h: int = 24, w: int = 30, seed: int = 0) -> Path:

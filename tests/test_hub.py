@@ -27,15 +27,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 X = torch.rand(1, 3, 16, 18, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: with 2 cores shared with other jobs, intra-op threads only add waiting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _make_model(seed: int) -> DLSR:
     torch.manual_seed(seed)
     return DLSR(builtin("dlsr_s_x2"))

@@ -10,7 +10,6 @@ dtypes and tilings. All with a tiny random-weight network (8 channels, 2 cells) 
 from __future__ import annotations
 
 import io
-import math
 import os
 import re
 import signal
@@ -25,13 +24,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
-from torch import nn
 
 from dlsr_infer import DLSR
 from dlsr_infer.cli import main as cli_main
-from dlsr_infer.genotype import Genotype, builtin
 from dlsr_infer.imageio import ColorConversionWarning, ImageLoadError, ImageTooLargeError, load_image
 from dlsr_infer.upscaling import upscale, upscale_file
+from conftest import lively_model, tiny_genotype
 
 #: No test here may take longer than this (seconds): a hang fails instead of stalling the run.
 TIME_LIMIT = 60
@@ -56,30 +54,9 @@ def _no_hang():
         signal.signal(signal.SIGALRM, old)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def tiny_model(seed: int = 0, scale: int = 2) -> DLSR:
     """8 channels, 2 cells, weights drawn so the output is image-like (not clamped flat)."""
-    spec = builtin("dlsr_s_x2").to_dict()
-    spec.update(name="tiny", channels=8, cells=spec["cells"][:2], scale=scale)
-    torch.manual_seed(seed)
-    model = DLSR(Genotype.from_dict(spec))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-                nn.init.normal_(m.weight, 0.0, 0.7 * math.sqrt(2.0 / fan_in))
-                if m.bias is not None:
-                    nn.init.normal_(m.bias, 0.0, 0.1)
-        model.upsampler.conv.weight.mul_(0.3)
-        model.upsampler.conv.bias.mul_(0.3).add_(0.5)
-    return model.eval()
+    return lively_model(tiny_genotype(scale=scale), seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,6 @@ from dlsr_search.synthetic import write_images
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a shared, oversubscribed CPU, OpenMP barriers make tiny nets 10x slower with more."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _tiny_supernet(**kw) -> SuperNet:
     torch.manual_seed(0)
     return SuperNet(scale=2, channels=8, num_cells=kw.pop("num_cells", 4), **kw).train()

@@ -25,14 +25,6 @@ from dlsr_infer.genotype import MAX_CELLS, MAX_CHANNELS, MAX_CONFIG_BYTES, Genot
 from dlsr_infer.pretrained import CONFIG_NAME, MAX_HEADER_BYTES, WEIGHTS_NAME
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class NoBuild(DLSR):
     """Fails if anything tries to build a network from the config."""
 

@@ -19,35 +19,16 @@ from torch import nn
 
 from dlsr_infer import DLSR
 from dlsr_infer.genotype import builtin
+from conftest import lively_model
 from dlsr_infer.model import MIN_INPUT_SIZE
 from dlsr_infer import tiling
 from dlsr_infer.tiling import (DEFAULT_OVERLAP, ESA_STRIDE, TileOOMError, auto_tile, axis_weights, context_alignment,
                                plan_tiles, run_tiled)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine's cores are shared; oversubscribed threads make convolutions several times slower.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def lively(name: str, seed: int = 0) -> DLSR:
     """A random-weight DLSR whose signals propagate (see the module docstring)."""
-    torch.manual_seed(seed)
-    model = DLSR(builtin(name))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-                nn.init.normal_(m.weight, 0.0, 0.7 * math.sqrt(2.0 / fan_in))
-                if m.bias is not None:
-                    nn.init.normal_(m.bias, 0.0, 0.1)
-        model.upsampler.conv.weight.mul_(0.5)
-        model.upsampler.conv.bias.mul_(0.5).add_(0.5)
-    return model.eval()
+    return lively_model(name, seed=seed, out_gain=0.5)
 
 
 def texture(h: int, w: int, seed: int = 0) -> torch.Tensor:

@@ -26,15 +26,6 @@ from dlsr_search.transfer import warm_start
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: on a shared, oversubscribed CPU, OpenMP barriers make tiny nets 10x slower with more."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return write_images(tmp_path_factory.mktemp("train") / "imgs", n=6)

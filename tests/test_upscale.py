@@ -16,39 +16,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageCms
-from torch import nn
 
 import dlsr_infer
 from dlsr_infer import DLSR
-from dlsr_infer.genotype import builtin
 from dlsr_infer.imageio import ColorConversionWarning, encode_png16, load_image
 from dlsr_infer.upscaling import LUMA, Upscaler, clear_model_cache, get_model, upscale, upscale_file
+from conftest import lively_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def lively(name: str = "dlsr_s_x2", seed: int = 0) -> DLSR:
-    """Random weights whose signals propagate and whose output sits inside [0, 1] (see test_tiling)."""
-    torch.manual_seed(seed)
-    model = DLSR(builtin(name))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-                nn.init.normal_(m.weight, 0.0, 0.7 * math.sqrt(2.0 / fan_in))
-                if m.bias is not None:
-                    nn.init.normal_(m.bias, 0.0, 0.1)
-        model.upsampler.conv.weight.mul_(0.3)
-        model.upsampler.conv.bias.mul_(0.3).add_(0.5)
-    return model.eval()
+    return lively_model(name, seed=seed)
 
 
 @pytest.fixture(scope="module")
