@@ -172,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dlsr-search {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permissions: checkpoints are atomic, so the last one is intact
+        print(f"dlsr-search {args.command}: error: {e} (the last checkpoint is intact; fix this and --resume)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -101,13 +101,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, hardware: str | None = None) -> Path:
+def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: Path | None = None,
+              hardware: str | None = None) -> Path:
     records = read_log(run)
     start = next(r for r in records if r["event"] == "start")
     config = json.loads(start["config"])
-    steps = max(r["step"] for r in records)
-    src = run / "best" if (run / "best").is_dir() else run / "export"
+    src = model_dir or run / "best"
     model = DLSR.from_pretrained(src)
+    steps = max(r["step"] for r in records)
+    # the step the bundled weights come from: the last best validation for best/, else the last checkpoint
+    events = [r for r in records if (r["event"] == "val" and r.get("best")) or
+              (model_dir is not None and r["event"] == "checkpoint")]
+    model_step = events[-1]["step"] if events else steps
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(src / name, out / name)
@@ -147,7 +152,7 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 
 - data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` (571 HR images: T91, BSDS500 train+test, Sun-Hays 80);
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
-- steps: {steps:,}; batch {config.get('batch')}; HR patch {config.get('patch')}; lr {config.get('lr')} halved every
+- steps: {steps:,} trained, weights from step {model_step:,}; batch {config.get('batch')}; HR patch {config.get('patch')}; lr {config.get('lr')} halved every
   {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {config.get('init_from') or 'none'}.
 - hardware: {hw}; training wall time {hours:.2f} h.
 - command: `{command_line(config)}`
@@ -170,11 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path, help="run folder of dlsr-search train (log.jsonl, best/)")
     p.add_argument("out", type=Path, help="model directory to write (e.g. weights/dlsr-x2)")
     p.add_argument("--title", required=True)
+    p.add_argument("--model", type=Path, default=None,
+                   help="model directory to bundle (default RUN/best; use `dlsr-search export RUN/last.pt DIR` "
+                        "for the last step, which involves no selection on validation images)")
     p.add_argument("--benchmarks", type=Path, default=None, help="benchmark root (default: shared data)")
     p.add_argument("--hardware", default=None, help="hardware description (default: this machine's CPU)")
     a = p.parse_args(argv)
     out = make_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
-                    hardware=a.hardware)
+                    model_dir=a.model, hardware=a.hardware)
     print(f"wrote {out}")
     return 0
 

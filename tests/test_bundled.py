@@ -1,0 +1,62 @@
+"""The bundled weights: every alias loads offline, pickle-free and strictly, and reproduces its card."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+from dlsr_infer.pretrained import ALIASES, CONFIG_NAME, WEIGHTS_NAME, bundled_model_dir
+
+ALIAS_NAMES = sorted(ALIASES)
+
+
+@pytest.mark.parametrize("alias", ALIAS_NAMES)
+def test_alias_is_bundled_with_card_log_and_curve(alias):
+    d = bundled_model_dir(alias)
+    assert d is not None, f"no bundled weights for {alias!r} in weights/"
+    for name in (CONFIG_NAME, WEIGHTS_NAME, "README.md", "log.jsonl", "curve.png"):
+        assert (d / name).is_file(), f"{d / name} missing"
+    # the weights file is safetensors (8-byte little-endian header length, then a JSON header), not a pickle
+    raw = (d / WEIGHTS_NAME).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert raw[8:9] == b"{" and json.loads(raw[8:8 + n])
+
+
+def _card_psnr(card: str, dataset: str) -> float:
+    row = next(line for line in card.splitlines() if line.startswith("| **"))
+    header = next(line for line in card.splitlines() if line.startswith("| method |"))
+    col = [c.strip() for c in header.strip("|").split("|")].index(dataset)
+    cell = [c.strip() for c in row.strip("|").split("|")][col]
+    return float(re.match(r"([\d.]+)", cell)[1])
+
+
+@pytest.mark.parametrize("alias", ALIAS_NAMES)
+def test_alias_loads_offline_and_reproduces_its_card_on_set5(alias, benchmarks_dir, tmp_path):
+    """In a fresh process with the Hub disabled and an empty cache: strict load, then dlsr-eval on Set5."""
+    d = bundled_model_dir(alias)
+    assert d is not None
+    expected = _card_psnr((d / "README.md").read_text(), "Set5")
+    code = (
+        "import sys, json, socket\n"
+        "def no_net(*a, **k): raise RuntimeError('network access attempted')\n"
+        "socket.socket.connect = no_net\n"
+        "import pickle, torch\n"
+        "def no_pickle(*a, **k): raise RuntimeError('unpickling attempted')\n"
+        "torch.load = pickle.load = pickle.loads = no_pickle\n"
+        "from dlsr_infer import DLSR\n"
+        "from dlsr_infer.evaluate import evaluate\n"
+        f"m = DLSR.from_pretrained({alias!r})\n"
+        f"r = evaluate(m, [{str(benchmarks_dir / 'Set5')!r}])[0]\n"
+        "print(json.dumps({'psnr': r['psnr'], 'params': m.num_parameters}))\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert abs(got["psnr"] - expected) <= 0.01, (alias, got, expected)
+    assert not (tmp_path / "hf" / "hub").exists() or not any((tmp_path / "hf" / "hub").iterdir())
