@@ -1,6 +1,7 @@
 """Bundle a finished training run as a model directory with its model card, log and learning curve.
 
     python -m dlsr_search.modelcard runs/x2 weights/dlsr-x2 --title "DLSR x2"
+    python -m dlsr_search.modelcard summary weights      # README's results table, from the cards
 
 copies the run's best model (config.json + model.safetensors), evaluates it with `dlsr-eval`'s code on
 Set5/Set14/B100 (and bicubic), and writes README.md (the card), log.jsonl and curve.png. Every figure
@@ -170,7 +171,30 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
     return out
 
 
+def summary_table(weights: Path) -> str:
+    """README's results table, gathered from the bundled model cards (each made by `make_card`)."""
+    lines = ["| model | params | Set5 | Set14 | B100 |", "|---|---|---|---|---|"]
+    for card in sorted(weights.glob("*/README.md")):
+        text = card.read_text()
+        model = DLSR.from_pretrained(card.parent)
+        table = text.split("| method |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]  # the results rows only
+        for row in table:
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            name = cells[0].replace("**", "").replace(" (this model)", " (ours, bundled)")
+            params = f"{model.num_parameters:,}"
+            if name.startswith("bicubic"):
+                name, params = f"bicubic x{model.scale}", "-"
+            lines.append(f"| {name} | {params} | " + " | ".join(cells[1:]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["summary"]:
+        print(summary_table(Path(argv[1]) if len(argv) > 1 else Path("weights")))
+        return 0
     p = argparse.ArgumentParser(prog="python -m dlsr_search.modelcard", description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="run folder of dlsr-search train (log.jsonl, best/)")
     p.add_argument("out", type=Path, help="model directory to write (e.g. weights/dlsr-x2)")
