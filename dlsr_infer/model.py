@@ -39,6 +39,14 @@ class DLSR(CellNetwork):
         self.genotype = genotype
         self.eval()
 
+    #: Eval-mode `forward()` without autograd runs the fused inference form (`dlsr_infer.fast`: same
+    #: function, fewer and fused kernels), cached and rebuilt whenever a parameter changes. False: always
+    #: run the layers (e.g. to step through them).
+    fast_inference: bool = True
+    #: Precision of that form: "fp32" (within 1e-4 of the layers), "bf16", or "auto" (bf16 where the CPU
+    #: has native bf16, else fp32). `torch.autocast("cpu", torch.bfloat16)` also selects bf16.
+    inference_precision: str = "fp32"
+
     def cell_input(self, index: int, feats: list[torch.Tensor]) -> torch.Tensor:
         inputs = self.genotype.cells[index].inputs
         if len(inputs) == 1:
@@ -55,6 +63,12 @@ class DLSR(CellNetwork):
                 f"input {tuple(x.shape[-2:])} is smaller than {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}, the least DLSR "
                 "accepts; dlsr_infer.upscale() pads small images automatically"
             )
+        if self.fast_inference and not self.training and not torch.is_grad_enabled():
+            from .fast import dispatch
+
+            y = dispatch(self, x)
+            if y is not None:
+                return y
         return super().forward(x)
 
     # --- construction helpers ----------------------------------------------------------------
