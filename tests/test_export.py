@@ -1,0 +1,76 @@
+"""ONNX export (`dlsr-export --onnx`) and its parity under onnxruntime (skipped when the optional
+`onnx` / `onnxruntime` extra is missing)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlsr_infer.export import export_onnx, main
+from dlsr_infer.genotype import builtin
+from dlsr_infer.model import DLSR
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(name: str = "dlsr_s_x2") -> DLSR:
+    torch.manual_seed(0)
+    return DLSR(builtin(name))
+
+
+def test_export_writes_file_and_leaves_model_alone(tmp_path):
+    pytest.importorskip("onnx")
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = export_onnx(model, tmp_path / "sub" / "m.onnx")
+    assert path.is_file() and path.stat().st_size > 10_000
+    assert not list(path.parent.glob("*.tmp"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3]))  # dynamic N/H/W
+
+
+@pytest.mark.parametrize("name", ["dlsr_s_x2", "dlsr_x3"])
+def test_onnxruntime_parity_dynamic_shapes(tmp_path, name):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from dlsr_infer.export import OnnxUpscaler
+
+    model = _model(name)
+    path = export_onnx(model, tmp_path / "m.onnx")
+    runner = OnnxUpscaler(path, threads=1)
+    for shape in [(1, 3, 64, 64), (2, 3, 23, 41), (1, 3, 15, 15)]:
+        x = torch.rand(*shape)
+        with torch.enable_grad():
+            ref = model(x).detach()
+        y = runner(x)
+        assert y.shape == ref.shape
+        assert (y - ref).abs().max().item() <= 1e-4
+
+
+def test_cli_export_and_check(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "x.onnx"
+    assert main(["--genotype", "dlsr_s_x2", "--onnx", str(out), "--check"]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "dynamic" in text and "max abs diff" in text
+
+
+def test_cli_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--onnx", str(tmp_path / "a.onnx")])  # neither MODEL nor --genotype
+    with pytest.raises(SystemExit):
+        main(["x2", "--genotype", "dlsr_x2", "--onnx", str(tmp_path / "a.onnx")])
+    assert main(["--genotype", "no_such", "--onnx", str(tmp_path / "a.onnx")]) == 2
+    assert "cannot load" in capsys.readouterr().err

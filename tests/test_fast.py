@@ -1,0 +1,314 @@
+"""The fused inference form (`dlsr_infer.fast`) against the layers it replaces.
+
+Parity: max abs diff <= 1e-4 in fp32 on [0, 1] images, for every bundled genotype and for random
+genotypes that together use all nine MRB ops (and multi-input links), on both backends. Then the
+automatic use from `DLSR.forward` (when it applies, when it must not, cache invalidation), the bf16
+path (parity on random weights; Set5 PSNR with the authors' trained weights) and torch.compile (slow).
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dlsr_infer import fast
+from dlsr_infer.genotype import BUILTIN, OP_NAMES, Genotype, builtin
+from dlsr_infer.model import DLSR
+
+ATOL = 1e-4
+BACKENDS = ["aten"] + (["mkldnn"] if fast.mkldnn_fusion_available() else [])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small inputs gain nothing from threads, and OpenMP barriers stall badly on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _randomize(model: DLSR, seed: int) -> DLSR:
+    """Non-default weights: biases and all, at a scale that keeps activations O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            scale = (1.0 / fan_in) ** 0.5 if p.dim() > 1 else 0.05
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model.eval()
+
+
+def _layers(model: DLSR, x: torch.Tensor) -> torch.Tensor:
+    """The reference: the layers themselves (autograd on, so no fused form)."""
+    with torch.enable_grad():
+        return model(x).detach()
+
+
+def _random_genotypes() -> list[Genotype]:
+    """Three random genotypes, 2-4 cells, multi-input links, scales 2/3/4, using all nine ops between them."""
+    rng = random.Random(1234)
+    ops = list(OP_NAMES)
+    rng.shuffle(ops)
+    pool = ops + [rng.choice(OP_NAMES) for _ in range(9)]  # 18 op slots: every op at least once
+    genotypes = []
+    for g, (scale, n_cells, channels) in enumerate([(2, 2, 16), (3, 3, 24), (4, 1, 12)]):
+        cells = []
+        for j in range(1, n_cells + 1):
+            n_in = rng.randint(1, j)
+            inputs = sorted(rng.sample(range(j), n_in))
+            cells.append({"ops": [pool.pop() for _ in range(3)], "inputs": inputs})
+        genotypes.append(Genotype.from_dict({"format_version": 1, "scale": scale, "in_channels": 3, "out_channels": 3,
+                                             "channels": channels, "cells": cells, "name": f"random{g}"}))
+    return genotypes
+
+
+RANDOM_GENOTYPES = _random_genotypes()
+
+
+def test_random_genotypes_cover_every_op_and_links():
+    used = {op for g in RANDOM_GENOTYPES for c in g.cells for op in c.ops}
+    assert used == set(OP_NAMES)
+    assert any(len(c.inputs) > 1 for g in RANDOM_GENOTYPES for c in g.cells)
+    assert {g.scale for g in RANDOM_GENOTYPES} == {2, 3, 4}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", BUILTIN)
+def test_parity_builtin(name, backend):
+    model = _randomize(DLSR(builtin(name)), seed=hash(name) % 1000)
+    x = torch.rand(1, 3, 29, 38, generator=torch.Generator().manual_seed(0))
+    ref = _layers(model, x)
+    with torch.inference_mode():
+        y = fast.build(model, backend=backend)(x)
+    assert y.shape == ref.shape and y.dtype == torch.float32 and y.is_contiguous()
+    assert (y - ref).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("merge_1x1", [False, True])
+@pytest.mark.parametrize("index", range(len(RANDOM_GENOTYPES)))
+def test_parity_random_genotypes(index, merge_1x1, backend):
+    genotype = RANDOM_GENOTYPES[index]
+    model = _randomize(DLSR(genotype), seed=index)
+    x = torch.rand(2, 3, 23, 31, generator=torch.Generator().manual_seed(index))  # batch 2, odd sizes
+    ref = _layers(model, x)
+    with torch.no_grad():
+        y = fast.build(model, backend=backend, merge_1x1=merge_1x1)(x)
+    assert (y - ref).abs().max().item() <= ATOL
+
+
+def test_parity_default_weights_and_min_size():
+    model = DLSR(builtin("dlsr_x3"))  # PyTorch's default init
+    x = torch.rand(1, 3, 15, 15)  # the smallest input the network accepts
+    ref = _layers(model, x)
+    with torch.inference_mode():
+        assert (model(x) - ref).abs().max().item() <= ATOL
+
+
+# --- automatic use from DLSR.forward -----------------------------------------------------------
+def _small_model(seed: int = 0) -> DLSR:
+    return _randomize(DLSR(builtin("dlsr_s_x2")), seed)
+
+
+def _cached(model: DLSR):
+    entry = model.__dict__.get("_fast_cache")
+    return None if entry is None else entry[1]
+
+
+def test_forward_uses_fused_form_only_for_eval_without_grad():
+    model = _small_model()
+    x = torch.rand(1, 3, 20, 24)
+    model(x)  # autograd on: layers
+    assert _cached(model) is None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert _cached(model) is None
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    assert isinstance(_cached(model), fast.FastDLSR)
+    assert (y - _layers(model, x)).abs().max().item() <= ATOL
+    model.fast_inference = False
+    fast.invalidate(model)
+    with torch.inference_mode():
+        model(x)
+    assert _cached(model) is None
+
+
+def test_fused_form_is_not_part_of_the_module():
+    model = _small_model()
+    keys = set(model.state_dict())
+    n_modules = len(list(model.modules()))
+    with torch.inference_mode():
+        model(torch.rand(1, 3, 16, 16))
+    assert _cached(model) is not None
+    assert set(model.state_dict()) == keys
+    assert len(list(model.modules())) == n_modules
+    clone = copy.deepcopy(model)
+    pickle.loads(pickle.dumps(model))
+    x = torch.rand(1, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.allclose(clone(x), model(x), atol=ATOL)
+
+
+@pytest.mark.parametrize("edit", ["inplace", "load_state_dict", "data", "replace", "optimizer"])
+def test_cache_follows_weight_changes(edit):
+    model = _small_model(seed=1)
+    x = torch.rand(1, 3, 18, 22)
+    with torch.inference_mode():
+        model(x)
+    first = _cached(model)
+    w = model.cells[0].mrb[1][1].weight
+    if edit == "inplace":
+        with torch.no_grad():
+            w.mul_(1.5)
+    elif edit == "load_state_dict":
+        model.load_state_dict(_small_model(seed=2).state_dict())
+    elif edit == "data":
+        w.data.mul_(-0.5)  # bypasses the version counter
+    elif edit == "replace":
+        model.stem.weight = torch.nn.Parameter(model.stem.weight.detach() * 2)
+    else:
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(x).mean().backward()
+        opt.step()
+        model.eval()
+    with torch.inference_mode():
+        y = model(x)
+    assert _cached(model) is not first
+    assert (y - _layers(model, x)).abs().max().item() <= ATOL
+    with torch.inference_mode():  # unchanged weights: the cache is reused
+        model(x)
+    second = _cached(model)
+    with torch.inference_mode():
+        model(x)
+    assert _cached(model) is second
+
+
+def test_hooks_and_foreign_inputs_fall_back_to_layers():
+    model = _small_model()
+    seen = []
+    handle = model.cells[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.inference_mode():
+        model(torch.rand(1, 3, 16, 16))
+    assert seen and _cached(model) is None
+    handle.remove()
+    with torch.inference_mode():
+        y = model(torch.rand(1, 3, 16, 16, dtype=torch.float64).float())
+        model.double()
+        z = model(torch.rand(1, 3, 16, 16, dtype=torch.float64))  # float64: layers
+    assert y.dtype == torch.float32 and z.dtype == torch.float64
+
+
+def test_precision_resolution(monkeypatch):
+    assert fast.resolve_precision("fp32") == "fp32"
+    assert fast.resolve_precision("bf16") == "bf16"
+    with pytest.raises(ValueError):
+        fast.resolve_precision("fp16")
+    fast.bf16_native.cache_clear()
+    try:
+        monkeypatch.setenv("DLSR_BF16", "0")
+        assert fast.resolve_precision("auto") == "fp32"
+        fast.bf16_native.cache_clear()
+        monkeypatch.setenv("DLSR_BF16", "1")
+        assert fast.resolve_precision("auto") == "bf16"
+        assert fast.resolve_precision("auto", "meta") == "fp32"  # bf16 auto-selection is for CPUs only
+    finally:
+        fast.bf16_native.cache_clear()
+
+
+# --- bf16 ----------------------------------------------------------------------------------------
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).mean())
+    return 10 * np.log10(1.0 / max(mse, 1e-20))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_close_to_fp32(backend):
+    model = _randomize(DLSR(builtin("dlsr_x4")), seed=3)
+    x = torch.rand(1, 3, 30, 34, generator=torch.Generator().manual_seed(3))
+    ref = _layers(model, x)
+    with torch.inference_mode():
+        y = fast.build(model, precision="bf16", backend=backend)(x)
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    assert _psnr(y, ref) > 45.0  # random weights; the trained-weights check is below
+
+
+def test_auto_precision_checks_bf16_parity(monkeypatch):
+    monkeypatch.setenv("DLSR_BF16", "1")
+    fast.bf16_native.cache_clear()
+    try:
+        model = _small_model()
+        model.inference_precision = "auto"
+        x = torch.rand(1, 3, 20, 20)
+        with torch.inference_mode():
+            model(x)
+        assert _cached(model).precision == "bf16"  # random weights: ~60 dB from fp32
+        assert fast.bf16_parity(model) > fast.BF16_MIN_PSNR
+        monkeypatch.setattr(fast, "BF16_MIN_PSNR", 200.0)  # a model bf16 would hurt: fp32, with a warning
+        fast.invalidate(model)
+        with torch.inference_mode(), pytest.warns(RuntimeWarning, match="using fp32"):
+            y = model(x)
+        assert _cached(model).precision == "fp32"
+        assert (y - _layers(model, x)).abs().max().item() <= ATOL
+        assert fast.preferred_dtype(model) == torch.float32
+        monkeypatch.setattr(fast, "BF16_MIN_PSNR", 50.0)
+        fast.invalidate(model)  # the decision is cached with the form until the weights change
+        assert fast.preferred_dtype(model) == torch.bfloat16
+        assert fast.preferred_dtype(model, "meta") == torch.float32
+    finally:
+        fast.bf16_native.cache_clear()
+
+
+def test_autocast_bf16_selects_the_bf16_form():
+    model = _small_model()
+    x = torch.rand(1, 3, 20, 20)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert _cached(model).precision == "bf16"
+    assert y.dtype == torch.float32 and _psnr(y, _layers(model, x)) > 45.0
+    model.inference_precision = "bf16"
+    with torch.inference_mode():
+        model(x)
+    assert _cached(model).precision == "bf16"
+
+
+def test_bf16_set5_psnr_with_trained_weights(benchmarks_dir, authors_dir):
+    """The bf16 form with the authors' trained x2 weights loses <= 0.02 dB PSNR-Y on Set5 (MATLAB LR)."""
+    from dlsr_infer.convert import convert_authors_checkpoint
+    from dlsr_infer.evaluate import load_rgb, modcrop
+    from dlsr_infer.metrics import psnr_y
+
+    ckpt = authors_dir / "RFDN_beta21_ps128_20210128_1000.pt"
+    set5 = benchmarks_dir / "Set5"
+    if not ckpt.is_file() or not (set5 / "LR_bicubic" / "X2").is_dir():
+        pytest.skip("authors' checkpoint or Set5 LR_bicubic/X2 not available")
+    model = convert_authors_checkpoint(ckpt, builtin("dlsr_x2"))
+    bf16 = fast.build(model, precision="bf16")
+    drops = []
+    for f in sorted((set5 / "HR").glob("*.png")):
+        hr = modcrop(load_rgb(f), 2)
+        lr = load_rgb(set5 / "LR_bicubic" / "X2" / f"{f.stem}x2.png")
+        x = torch.from_numpy(lr.transpose(2, 0, 1).copy()).float().div(255).unsqueeze(0)
+        with torch.inference_mode():
+            outs = [model(x), bf16(x)]
+        sr = [o[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy() for o in outs]
+        drops.append(psnr_y(sr[0], hr, crop=2) - psnr_y(sr[1], hr, crop=2))
+    assert float(np.mean(drops)) <= 0.02, drops
+
+
+@pytest.mark.slow
+def test_torch_compile_parity():
+    model = _randomize(DLSR(builtin("dlsr_s_x2")), seed=5)
+    x = torch.rand(1, 3, 24, 24)
+    compiled = torch.compile(fast.build(model, backend="aten"))
+    with torch.inference_mode():
+        y = compiled(x)
+    assert (y - _layers(model, x)).abs().max().item() <= ATOL
