@@ -1,7 +1,9 @@
 """Shared test fixtures: where the read-only shared material lives, and the `slow` marker."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,23 @@ def tiny_genotype(*, scale: int = 2, channels: int = 8, cells: int = 2):
     spec = builtin("dlsr_s_x2").to_dict()
     spec.update(name="tiny", channels=channels, cells=spec["cells"][:cells], scale=scale)
     return Genotype.from_dict(spec)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Fail the code inside that runs past `seconds` (SIGALRM; no plugin needed): a hang fails the test
+    instead of stalling the run."""
+    if not hasattr(signal, "SIGALRM"):  # pragma: no cover - not POSIX
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError(f"test ran for more than {seconds} s: a hang?")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

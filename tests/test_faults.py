@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 import dlsr_infer.upscaling as upscaling
-from conftest import lively_model, tiny_genotype
+from conftest import lively_model, tiny_genotype, time_limit
 from dlsr_infer.cli import main as cli_main
 from dlsr_infer.imageio import atomic_write, load_image, remove_stale_temps, save_image
 from dlsr_infer.upscaling import upscale_file
@@ -45,21 +45,8 @@ SEED = int(os.environ.get("DLSR_FAULT_SEED", time.time_ns() % 2**31))
 
 @pytest.fixture(autouse=True)
 def _no_hang():
-    """Fail a test that runs past TIME_LIMIT (SIGALRM; no plugin needed)."""
-    if not hasattr(signal, "SIGALRM"):  # pragma: no cover - not POSIX
+    with time_limit(TIME_LIMIT):
         yield
-        return
-
-    def expired(signum, frame):
-        raise TimeoutError(f"test ran for more than {TIME_LIMIT} s: a hang?")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TIME_LIMIT)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import time_limit
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks" / "bench_load.py"
@@ -31,20 +31,8 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason=
 
 @pytest.fixture(autouse=True)
 def _no_hang():
-    if not hasattr(signal, "SIGALRM"):  # pragma: no cover - not POSIX
+    with time_limit(TIME_LIMIT):
         yield
-        return
-
-    def expired(signum, frame):
-        raise TimeoutError(f"test ran for more than {TIME_LIMIT} s: a hang?")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TIME_LIMIT)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def bench(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> dict:

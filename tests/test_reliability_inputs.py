@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import signal
 import struct
 import warnings
 import zlib
@@ -29,7 +28,7 @@ from dlsr_infer import DLSR
 from dlsr_infer.cli import main as cli_main
 from dlsr_infer.imageio import ColorConversionWarning, ImageLoadError, ImageTooLargeError, load_image
 from dlsr_infer.upscaling import upscale, upscale_file
-from conftest import lively_model, tiny_genotype
+from conftest import lively_model, tiny_genotype, time_limit
 
 #: No test here may take longer than this (seconds): a hang fails instead of stalling the run.
 TIME_LIMIT = 60
@@ -37,21 +36,8 @@ TIME_LIMIT = 60
 
 @pytest.fixture(autouse=True)
 def _no_hang():
-    """Fail a test that runs past TIME_LIMIT (SIGALRM; no plugin needed)."""
-    if not hasattr(signal, "SIGALRM"):  # pragma: no cover - not POSIX
+    with time_limit(TIME_LIMIT):
         yield
-        return
-
-    def expired(signum, frame):
-        raise TimeoutError(f"test ran for more than {TIME_LIMIT} s: a hang?")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TIME_LIMIT)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def tiny_model(seed: int = 0, scale: int = 2) -> DLSR:
