@@ -303,9 +303,10 @@ def rss_now_kb() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def run_child(argv: list[str]) -> dict[str, Any]:
+def run_child(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     out = subprocess.run([sys.executable, str(Path(__file__)), "--child", *argv], capture_output=True, text=True,
-                         check=False, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+                         check=False,
+                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **(env or {})})
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -320,6 +321,23 @@ def child_main(argv: list[str]) -> None:
     a = ap.parse_args(argv)
     h, w = a.size
     model = make_model(f"dlsr_x{a.scale}")
+    if a.what.startswith("alloc"):  # alloc-{fp32,bf16}[-mallopt]: one large tile through the fused form
+        if a.what.endswith("mallopt"):
+            assert fast.tune_malloc()
+        net = fast.build(model, precision="bf16" if "bf16" in a.what else "fp32")
+        x = torch.rand(1, 3, h, w)
+        with torch.inference_mode():
+            net(x[..., :32, :32])
+            net(x)  # first large run: the heap grows
+            before = rss_now_kb()
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.perf_counter()
+            net(x)
+            seconds = time.perf_counter() - t0
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+        print(json.dumps({"peak_rss_mb": peak_rss_kb() / 1024, "before_mb": before / 1024, "seconds": seconds,
+                          "sys_seconds": r1.ru_stime - r0.ru_stime, "minor_faults": r1.ru_minflt - r0.ru_minflt}))
+        return
     if a.what.startswith("upscale"):
         from dlsr_infer import upscale
 
@@ -359,6 +377,14 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
     modes = ["eager-ref", "layers", "default"] + (["bf16"] if fast.bf16_native() else [])
     for mode in modes:
         res["forward_x4_720p"][mode] = run_child([mode, "--scale", "4", "--size", "180", "320"])
+    # a large tile (x2, 560x560 LR) through the fused form, with glibc's default allocator behaviour,
+    # with fast.tune_malloc(), and with PyTorch's transparent-huge-page allocation
+    res["large_tile_x2_560"] = {}
+    for prec in ["fp32"] + (["bf16"] if fast.bf16_native() else []):
+        for variant, env in (("", {}), ("-mallopt", {}), ("-thp", {"THP_MEM_ALLOC_ENABLE": "1"})):
+            mode = f"alloc-{prec}" + ("-mallopt" if variant == "-mallopt" else "")
+            res["large_tile_x2_560"][f"{prec}{variant}"] = run_child(
+                [mode, "--scale", "2", "--size", "560", "560"], env)
     # 8K output: x4 of a 1920x1080 image through upscale() (auto tile), fp32 and bf16
     res["upscale_8k_x4"] = {}
     for mode in ["upscale"] + (["upscale-bf16"] if fast.bf16_native() else []):
@@ -447,13 +473,15 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("memory"):
         mem = result["memory"]
         lines += ["**Peak RSS** (fresh process each; includes ~the interpreter + torch):", "",
-                  "| run | peak RSS MB | RSS before run MB | seconds |", "|---|---:|---:|---:|"]
+                  "| run | peak RSS MB | RSS before run MB | seconds | sys seconds | minor faults |",
+                "|---|---:|---:|---:|---:|---:|"]
         for group, runs in mem.items():
             for k, v in runs.items():
                 if "error" in v:
-                    lines.append(f"| {group} {k} | error: {v['error']} | | |")
+                    lines.append(f"| {group} {k} | error: {v['error']} | | | | |")
                 else:
-                    lines.append(f"| {group} {k} | {v['peak_rss_mb']:.0f} | {v['before_mb']:.0f} | {v['seconds']:.1f} |")
+                    lines.append(f"| {group} {k} | {v['peak_rss_mb']:.0f} | {v['before_mb']:.0f} | {v['seconds']:.1f} | "
+                                 f"{v.get('sys_seconds', float('nan')):.2f} | {v.get('minor_faults', '')} |")
         lines.append("")
     if result.get("tiling"):
         lines += ["**Tiling** (x4, 320x180 -> 1280x720 via `upscale()`): " + ", ".join(

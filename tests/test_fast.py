@@ -312,3 +312,33 @@ def test_torch_compile_parity():
     with torch.inference_mode():
         y = compiled(x)
     assert (y - _layers(model, x)).abs().max().item() <= ATOL
+
+
+def test_tune_malloc_in_a_subprocess():
+    """Process-wide, so checked in a child: applies on Linux/glibc, and the fused form still matches."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, torch
+        from dlsr_infer import fast
+        from dlsr_infer.genotype import builtin
+        from dlsr_infer.model import DLSR
+        ok = fast.tune_malloc()
+        torch.manual_seed(0)
+        m = DLSR(builtin("dlsr_s_x2"))
+        x = torch.rand(1, 3, 24, 24)
+        ref = m(x).detach()
+        with torch.inference_mode():
+            d = (m(x) - ref).abs().max().item()
+        print(ok, d)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    ok, diff = out.stdout.split()
+    import platform
+
+    assert ok == str(sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+    assert float(diff) <= ATOL
