@@ -109,3 +109,13 @@ def time_limit(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def write_image(path: Path, h: int = 24, w: int = 30, seed: int = 0, **save) -> Path:
+    """A random RGB image file (format from the extension; `save` goes to PIL's save)."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, **save)
+    return path

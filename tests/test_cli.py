@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms
+from PIL import ImageCms
 
-from conftest import lively_model
+from conftest import lively_model, write_image as image
 from dlsr_infer.cli import main
 from dlsr_infer.imageio import encode_png16, load_image
 
@@ -25,11 +25,6 @@ def model_dir(tmp_path_factory) -> Path:
     return lively_model("dlsr_s_x2").save_pretrained(tmp_path_factory.mktemp("model") / "dlsr-test-x2")
 
 
-def image(path: Path, h: int = 24, w: int = 30, seed: int = 0, **save) -> Path:
-    a = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(a).save(path, **save)
-    return path
 
 
 @pytest.fixture

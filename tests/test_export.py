@@ -10,14 +10,6 @@ from dlsr_infer.genotype import builtin
 from dlsr_infer.model import DLSR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(name: str = "dlsr_s_x2") -> DLSR:
     torch.manual_seed(0)
     return DLSR(builtin(name))

@@ -23,15 +23,6 @@ ATOL = 1e-4
 BACKENDS = ["aten"] + (["mkldnn"] if fast.mkldnn_fusion_available() else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small inputs gain nothing from threads, and OpenMP barriers stall badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize(model: DLSR, seed: int) -> DLSR:
     """Non-default weights: biases and all, at a scale that keeps activations O(1)."""
     gen = torch.Generator().manual_seed(seed)

@@ -23,13 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import dlsr_infer.upscaling as upscaling
-from conftest import lively_model, tiny_genotype, time_limit
+from conftest import lively_model, tiny_genotype, time_limit, write_image as image
 from dlsr_infer.cli import main as cli_main
 from dlsr_infer.imageio import atomic_write, load_image, remove_stale_temps, save_image
 from dlsr_infer.upscaling import upscale_file
@@ -55,10 +53,6 @@ def model_dir(tmp_path_factory) -> Path:
     return lively_model(tiny_genotype()).save_pretrained(tmp_path_factory.mktemp("model") / "tiny-x2")
 
 
-def image(path: Path, h: int = 24, w: int = 30, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 @pytest.fixture
