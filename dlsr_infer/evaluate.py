@@ -186,12 +186,15 @@ def evaluate(
     max_images: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     method: str = "model",
+    dtype: str = "fp32",
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` (NCHW float [0,1] RGB -> NCHW RGB, ``scale`` x larger) on dataset folders.
 
     ``scale`` defaults to ``model.scale``; giving a different one is an error. The model is moved to
-    ``device`` and put in eval mode. Returns one dict per dataset with keys ``dataset, scale, method,
-    psnr, ssim, images, per_image`` (``per_image``: list of ``{image, psnr, ssim}``).
+    ``device`` and put in eval mode. ``dtype`` 'fp32' (the published protocol, and the default) runs
+    ``model(x)`` in float32; 'auto', 'bf16' or 'fp16' run it the way ``upscale(dtype=...)`` does, to
+    measure what a reduced precision costs. Returns one dict per dataset with keys ``dataset, scale,
+    method, psnr, ssim, images, per_image`` (``per_image``: list of ``{image, psnr, ssim}``).
     """
     model_scale = getattr(model, "scale", None)
     if scale is None:
@@ -205,8 +208,14 @@ def evaluate(
         model = model.to(device)
     if hasattr(model, "eval"):
         model.eval()
+    if dtype == "fp32":
+        run = _model_upscaler(model, scale, device)
+    else:
+        from .upscaling import Upscaler as _Upscaler  # whole-image pass, the same rounding to uint8
+
+        run = _Upscaler(model, scale=scale, device=device, dtype=dtype, tile=0).pixels
     return _run_protocol(
-        _model_upscaler(model, scale, device),
+        run,
         dataset_dirs,
         scale=scale,
         method=method,
@@ -310,6 +319,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", metavar="PATH", help="write results (with per-image scores) as JSON")
     ap.add_argument("--markdown", metavar="PATH", help="write the summary table as Markdown")
     ap.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "auto", "bf16", "fp16"),
+                    help="compute precision: fp32 (the published protocol, default) or as upscale(dtype=...) runs "
+                    "it (auto: bf16 on CPUs with native bf16)")
     ap.add_argument("--cache-dir", metavar="DIR", help="cache generated LR images as PNG here")
     ap.add_argument("--max-images", type=int, metavar="N", help="evaluate only the first N images of each set")
     return ap
@@ -343,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.model is not None:
             model = _load_model(args.model)
             results += evaluate(model, datasets, scale=scale, device=args.device, max_images=args.max_images,
-                                cache_dir=args.cache_dir, method=args.model)
+                                cache_dir=args.cache_dir, method=args.model, dtype=args.dtype)
             scale = results[0]["scale"] if results else int(model.scale)
         if args.bicubic:
             results += evaluate_bicubic(datasets, scale=scale, max_images=args.max_images, cache_dir=args.cache_dir)

@@ -611,7 +611,10 @@ def preferred_dtype(model: nn.Module, device: torch.device | str = "cpu") -> tor
     """The compute dtype an 'auto' caller (e.g. `upscale(dtype="auto")` on CPU) should use for `model`:
     bfloat16 on a CPU with native bf16 when the bf16 form passes the parity probe, else float32.
     Running the model under `torch.autocast("cpu", torch.bfloat16)` then uses the fused bf16 form."""
-    if torch.device(device).type != "cpu" or not bf16_native() or not hasattr(model, "genotype"):
+    from .model import DLSR
+
+    # Only a DLSR runs its fused form; another module (a wrapper, a user's network) stays in fp32.
+    if torch.device(device).type != "cpu" or not bf16_native() or not isinstance(model, DLSR):
         return torch.float32
     return torch.bfloat16 if fast_module(model, "auto").precision == "bf16" else torch.float32
 

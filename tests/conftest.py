@@ -7,8 +7,15 @@ import signal
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# CI replays the same property-test examples every run (a red CI names a reproducible case); developers
+# get fresh random examples each run, which is how new edge cases are found.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI", "").lower() == "true":
+    settings.load_profile("ci")
 
 
 def _shared_dir() -> Path:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT
 from dlsr_infer.pretrained import ALIASES, CONFIG_NAME, WEIGHTS_NAME, bundled_model_dir
@@ -60,3 +61,22 @@ def test_alias_loads_offline_and_reproduces_its_card_on_set5(alias, benchmarks_d
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert abs(got["psnr"] - expected) <= 0.01, (alias, got, expected)
     assert not (tmp_path / "hf" / "hub").exists() or not any((tmp_path / "hf" / "hub").iterdir())
+
+
+@pytest.mark.parametrize("alias", ALIAS_NAMES)
+def test_default_precision_keeps_the_card_figure_on_set5(alias, benchmarks_dir):
+    """`upscale()`'s default dtype (bf16 on a CPU with native bf16) may cost at most 0.02 dB on Set5
+    against the card's fp32 figure: the parity condition under which 'auto' picks bf16."""
+    from dlsr_infer import DLSR
+    from dlsr_infer.evaluate import evaluate
+    from dlsr_infer.upscaling import auto_dtype
+
+    d = bundled_model_dir(alias)
+    assert d is not None
+    m = DLSR.from_pretrained(alias).eval()
+    picked = auto_dtype(m, torch.device("cpu"))
+    if picked == torch.float32:
+        pytest.skip("this CPU runs upscale() in fp32 (no native bf16): nothing to compare")
+    expected = _card_psnr((d / "README.md").read_text(), "Set5")
+    got = evaluate(m, [benchmarks_dir / "Set5"], dtype="auto")[0]["psnr"]
+    assert abs(got - expected) <= 0.02, (alias, got, expected)

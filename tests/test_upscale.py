@@ -247,6 +247,41 @@ def test_model_scale_is_checked(model: DLSR) -> None:
         upscale(rgb(), model=42)  # type: ignore[arg-type]
 
 
+def test_auto_dtype_on_cpu_is_bf16_only_where_native_and_parity_holds(monkeypatch) -> None:
+    """dtype='auto' on CPU: bf16 where the CPU has native bf16 and the model passes the parity probe
+    (about 2x faster), fp32 otherwise; 'fp32' always gives the exact float32 result."""
+    from dlsr_infer import fast
+
+    net = lively()
+    x = rgb(40, 44).astype(np.float32) / 255.0
+    exact = upscale(x, model=net, device="cpu", dtype="fp32", tile=0)
+    with torch.inference_mode():
+        ref = net(torch.from_numpy(x).permute(2, 0, 1)[None]).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    assert np.abs(exact - ref).max() <= 1e-6
+    native = fast.bf16_native()
+    auto = Upscaler(net, device="cpu")
+    assert auto.compute_dtype == (torch.bfloat16 if native else torch.float32)
+    out = upscale(x, model=net, device="cpu", tile=0)
+    if native:  # bf16 really ran (not bit-equal to fp32), and stays close: > 40 dB on [0, 1]
+        err = float(np.mean((out - exact) ** 2))
+        assert 0.0 < err < 1e-4, err
+    else:
+        assert np.array_equal(out, exact)
+    assert Upscaler(net, device="cpu", compile=True).compute_dtype == torch.float32  # only eager bf16 is tested
+    assert Upscaler(net, device="cpu", dtype="fp32").compute_dtype == torch.float32
+
+    fast.bf16_native.cache_clear()
+    monkeypatch.setenv("DLSR_BF16", "0")  # a CPU without native bf16
+    assert Upscaler(net, device="cpu").compute_dtype == torch.float32
+    monkeypatch.undo()
+    fast.bf16_native.cache_clear()
+    monkeypatch.setattr(fast, "BF16_MIN_PSNR", 500.0)  # bf16 fails the parity probe for this model
+    fast.invalidate(net)
+    with pytest.warns(RuntimeWarning, match="using fp32"):
+        assert Upscaler(net, device="cpu").compute_dtype == torch.float32
+    fast.invalidate(net)
+
+
 def test_device_and_dtype_choices() -> None:
     from dlsr_infer.upscaling import resolve_device, resolve_dtype
 
