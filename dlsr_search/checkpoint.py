@@ -15,10 +15,12 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 import numpy as np
 import torch
+
+from .config import ConfigError, from_json, merge_for_resume
 
 CHECKPOINT_FORMAT = 1
 #: Suffix of the temporary files `atomic_torch_save` writes (`.<name>.<random>.tmp`).
@@ -87,6 +89,32 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict
     if kind is not None and ckpt.get("kind") != kind:
         raise CheckpointError(f"{path} is a {ckpt.get('kind')!r} checkpoint, expected a {kind!r} one")
     return ckpt
+
+
+C = TypeVar("C")
+
+
+def resume_or_start(cfg: C, *, kind: str, explicit: Iterable[str] | None,
+                    announce: bool = True) -> tuple[C, dict[str, Any] | None]:
+    """(config to run, checkpoint or None) for a run's `--out` and `--resume`.
+
+    On resume the checkpoint's config wins over the command line, except for the operational options
+    the user set (`merge_for_resume`); `--resume` on an empty `--out` starts afresh (announced when
+    `announce`, i.e. on the main process); an occupied `--out` without `--resume` is refused, never
+    overwritten.
+    """
+    noun = "search" if kind == "search" else "run"
+    path = Path(cfg.out) / "last.pt"  # type: ignore[attr-defined]
+    if cfg.resume and path.is_file():  # type: ignore[attr-defined]
+        ckpt = load_checkpoint(path, kind=kind)
+        return merge_for_resume(from_json(type(cfg), ckpt["config"]), cfg, explicit), ckpt
+    if cfg.resume:  # type: ignore[attr-defined]
+        if announce:
+            print(f"no checkpoint in {path.parent} yet; starting a new {noun}", flush=True)
+    elif path.is_file():
+        raise ConfigError(f"{path.parent} already holds a {noun} ({path.name}); pass --resume to continue it or "
+                          "choose another --out")
+    return cfg, None
 
 
 def config_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:

@@ -33,8 +33,9 @@ import torch
 from dlsr_infer.genotype import Genotype, loads as load_genotype_json
 
 from . import distributed as D
-from .checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, rng_state, seed_everything, set_rng_state
-from .config import ConfigError, from_json, merge_for_resume, to_json
+from .checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, resume_or_start, rng_state, seed_everything,
+                         set_rng_state)
+from .config import ConfigError, from_json, to_json
 from .data import DataError, PatchDataset, default_data_roots, list_images, patch_loader, split_by_image, step_indices, to_float
 from .genotypes import derive_genotype
 from .losses import param_loss, sr_loss
@@ -163,15 +164,8 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
     out = Path(cfg.out)
     ckpt_path = out / "last.pt"
 
-    # ---- resume or start --------------------------------------------------------------------------------------
-    ckpt = None
-    if cfg.resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, kind="search")
-        cfg = merge_for_resume(from_json(SearchConfig, ckpt["config"]), cfg, explicit)
-    elif cfg.resume and info.is_main:
-        print(f"no checkpoint in {out} yet; starting a new search", flush=True)
-    elif ckpt_path.is_file():
-        raise ConfigError(f"{out} already holds a search ({ckpt_path.name}); pass --resume or choose another --out")
+    # ---- resume or start: the checkpoint's config wins over the command line -------------------------------
+    cfg, ckpt = resume_or_start(cfg, kind="search", explicit=explicit, announce=info.is_main)
     check_config(cfg, info.world)
     try:  # find the data before writing anything into --out
         files = list_images(cfg.data)

@@ -23,8 +23,8 @@ from dlsr_infer.genotype import loads as load_genotype_json
 from dlsr_infer.model import DLSR, MIN_INPUT_SIZE
 
 from . import distributed as D
-from .checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, rng_state, seed_everything, set_rng_state
-from .config import ConfigError, from_json, merge_for_resume, to_json
+from .checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, resume_or_start, rng_state, seed_everything, set_rng_state
+from .config import ConfigError, to_json
 from .data import DataError, PatchDataset, default_data_roots, list_images, patch_loader, split_by_image, to_float
 from .export import save_model
 from .genotypes import resolve_genotype
@@ -117,15 +117,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     ckpt_path = out / "last.pt"
 
     # ---- resume or start: the checkpoint's config wins over the command line -------------------------------
-    ckpt = None
-    if cfg.resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, kind="train")
-        cfg = merge_for_resume(from_json(TrainConfig, ckpt["config"]), cfg, explicit)
-    elif cfg.resume and info.is_main:
-        print(f"no checkpoint in {out} yet; starting a new run", flush=True)
-    elif ckpt_path.is_file():
-        raise ConfigError(f"{out} already holds a run ({ckpt_path.name}); pass --resume to continue it or "
-                          "choose another --out")
+    cfg, ckpt = resume_or_start(cfg, kind="train", explicit=explicit, announce=info.is_main)
     if not cfg.genotype_json:
         genotype, notes = resolve_genotype(cfg.genotype, cfg.scale, cfg.channels)
         cfg.genotype_json = genotype.to_json()

@@ -173,12 +173,15 @@ def test_30_step_search_end_to_end(tmp_path):
 def test_search_resume_continues_exactly_and_exports_its_genotype(tmp_path):
     from dlsr_search.checkpoint import load_checkpoint
     from dlsr_search.cli import main as cli_main
+    from dlsr_search.config import ConfigError
 
     data = write_images(tmp_path / "data", n=6)
     common = dict(data=[str(data)], channels=8, cells=3, warmup=3, batch=2, patch=32, val_holdout=2,
                   snapshot_every=0, log_every=4, progress=False, threads=1)
     search(SearchConfig(out=str(tmp_path / "whole"), steps=8, **common))
     search(SearchConfig(out=str(tmp_path / "split"), steps=5, **common))
+    with pytest.raises(ConfigError, match="already holds a search"):  # never overwritten without --resume
+        search(SearchConfig(out=str(tmp_path / "split"), steps=8, **common))
     resumed = search(SearchConfig(out=str(tmp_path / "split"), steps=8, resume=True, **common))
     assert resumed.resumed_from == 5 and resumed.step == 8
     a = load_checkpoint(tmp_path / "whole" / "last.pt", kind="search")
