@@ -14,7 +14,7 @@ import json
 import platform
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -32,6 +32,21 @@ SETS = ("Set5", "Set14", "B100")
 
 def read_log(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def stage_records(run: Path, until: int | None = None) -> list[dict[str, Any]]:
+    """A run's log up to step `until`: the part of a run that a later warm start actually came from
+    (the run may have been resumed and gone on training after the hand-off)."""
+    records = read_log(run)
+    return records if until is None else [r for r in records if r.get("step", 0) <= until]
+
+
+def parse_stage(text: str) -> tuple[Path, int | None]:
+    """'RUN' or 'RUN@STEP' (the `--earlier` argument) -> (run folder, last step used or None)."""
+    run, sep, step = text.rpartition("@")
+    if not sep or not step.isdigit():
+        return Path(text), None
+    return Path(run), int(step)
 
 
 def wall_time_s(records: list[dict[str, Any]]) -> float:
@@ -102,8 +117,21 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _stage_line(i: int, run: Path, records: list[dict[str, Any]]) -> str:
+    config = json.loads(next(r for r in records if r["event"] == "start")["config"])
+    steps = max(r["step"] for r in records)
+    return (f"  {i}. `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, HR patch "
+            f"{config.get('patch')}, lr {config.get('lr')} halved every {config.get('halve_every')}; warm start: "
+            f"{config.get('init_from') or 'none'}; wall time {wall_time_s(records) / 3600:.2f} h; command: "
+            f"`{command_line(config)}`")
+
+
 def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: Path | None = None,
-              hardware: str | None = None) -> Path:
+              hardware: str | None = None, earlier: Sequence[tuple[Path, int | None]] = ()) -> Path:
+    """Write the model directory `out` for `run`. `earlier`: the runs this one was warm-started from,
+    oldest first, each with the last step the next stage took from it (None: all of it); their logs
+    are kept as log-stage<i>.jsonl and their steps and commands listed in the card."""
+    stages = [(r, stage_records(r, until)) for r, until in earlier]
     records = read_log(run)
     start = next(r for r in records if r["event"] == "start")
     config = json.loads(start["config"])
@@ -118,6 +146,10 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(src / name, out / name)
     shutil.copyfile(run / "log.jsonl", out / "log.jsonl")
+    for stale in out.glob("log-stage*.jsonl"):
+        stale.unlink()
+    for i, (_, recs) in enumerate(stages, start=1):
+        (out / f"log-stage{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     val = [(r["step"], r["psnr_y"]) for r in records if r["event"] == "val" and r.get("psnr_y") is not None]
     plot_curve(val, out / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
 
@@ -132,6 +164,15 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     rows.append("| bicubic | " + " | ".join(f"{bic[s]['psnr']:.2f} / {bic[s]['ssim']:.4f}" for s in SETS) + " |")
 
     hours = wall_time_s(records) / 3600
+    history = ""
+    if stages:
+        lines = [_stage_line(i, r, recs) for i, (r, recs) in enumerate(stages, start=1)]
+        lines.append(_stage_line(len(stages) + 1, run, records) + " (this run)")
+        total_steps = sum(max(x["step"] for x in recs) for _, recs in stages) + steps
+        total_h = sum(wall_time_s(recs) for _, recs in stages) / 3600 + hours
+        history = ("\n- training stages, oldest first (each warm-started from the one before; logs "
+                   "`log-stage<i>.jsonl`):\n" + "\n".join(lines)
+                   + f"\n- all stages: {total_steps:,} steps, {total_h:.2f} h wall time.")
     hw = hardware or f"{_cpu_name()}, {config.get('threads') or 'all'} CPU threads"
     genotype = model.genotype
     cells = "\n".join(f"| {j} | {', '.join(c.ops)} | {', '.join(map(str, c.inputs))} |"
@@ -157,7 +198,7 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
   {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {config.get('init_from') or 'none'}.
 - hardware: {hw}; training wall time {hours:.2f} h.
 - command: `{command_line(config)}`
-- log: `log.jsonl` (JSON lines); learning curve: `curve.png`.
+- log: `log.jsonl` (JSON lines); learning curve: `curve.png`.{history}
 
 ![learning curve](curve.png)
 
@@ -204,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
                         "for the last step, which involves no selection on validation images)")
     p.add_argument("--benchmarks", type=Path, default=None, help="benchmark root (default: shared data)")
     p.add_argument("--hardware", default=None, help="hardware description (default: this machine's CPU)")
+    p.add_argument("--earlier", action="append", default=[], metavar="RUN[@STEP]",
+                   help="a run this one was warm-started from, oldest first (repeat); @STEP: the last step "
+                        "the next stage took from it, when that run went on training afterwards")
     a = p.parse_args(argv)
     out = make_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
-                    model_dir=a.model, hardware=a.hardware)
+                    model_dir=a.model, hardware=a.hardware, earlier=[parse_stage(e) for e in a.earlier])
     print(f"wrote {out}")
     return 0
 

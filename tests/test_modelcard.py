@@ -1,0 +1,66 @@
+"""Model cards: every figure comes from the run's log and a dlsr-eval pass, and a warm-started model's
+card lists the whole chain of runs that made it (steps, wall time, commands, logs)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dlsr_infer import DLSR
+from dlsr_infer.evaluate import evaluate
+from dlsr_search.modelcard import make_card, parse_stage
+from dlsr_search.synthetic import write_images
+from dlsr_search.train import TrainConfig, train
+
+
+def _cfg(tmp_path: Path, name: str, **kw) -> TrainConfig:
+    base = dict(out=str(tmp_path / name), scale=2, data=[str(tmp_path / "imgs")], channels=8, batch=2, patch=32,
+                val=str(tmp_path / "val"), val_every=2, log_every=2, progress=False, threads=1, lr=1e-3,
+                export=str(tmp_path / name / "export"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> Path:
+    """Run A (x2) trained 4 steps, handed off, then resumed to 6; run B (x4) warm-started from A@4."""
+    tmp = tmp_path_factory.mktemp("card")
+    write_images(tmp / "imgs", n=6)
+    write_images(tmp / "val", n=2, size=64, seed=5)
+    for name in ("Set5", "Set14", "B100"):
+        write_images(tmp / "bench" / name / "HR", n=1, size=64, seed=len(name))
+    train(_cfg(tmp, "A", steps=4))
+    shutil.copytree(tmp / "A" / "export", tmp / "A-handoff")
+    train(_cfg(tmp, "A", steps=6, resume=True), explicit={"steps", "resume"})
+    train(_cfg(tmp, "B", scale=4, patch=64, steps=3, val_every=3, init_from=str(tmp / "A-handoff")))
+    return tmp
+
+
+def test_parse_stage():
+    assert parse_stage("runs/x2@5379") == (Path("runs/x2"), 5379)
+    assert parse_stage("runs/x2") == (Path("runs/x2"), None)
+    assert parse_stage("runs/a@b") == (Path("runs/a@b"), None)
+
+
+def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
+    out = chain / "model"
+    make_card(chain / "B", out, title="T x4", benchmarks=chain / "bench", model_dir=chain / "B" / "export",
+              earlier=[(chain / "A", 4)])
+    card = (out / "README.md").read_text()
+    stage1 = [json.loads(x) for x in (out / "log-stage1.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in stage1) == 4 and any(r["event"] == "start" for r in stage1)
+    assert f"1. `{chain / 'A'}`, x2: 4 steps" in card  # the hand-off step, not the 6 that A went on to
+    assert f"2. `{chain / 'B'}`, x4: 3 steps" in card and "(this run)" in card
+    assert f"--out {chain / 'A'}" in card and f"--init-from {chain / 'A-handoff'}" in card
+    assert "all stages: 7 steps" in card
+    # the table's figure is what dlsr-eval gives for the bundled weights
+    ours = evaluate(DLSR.from_pretrained(out), [chain / "bench" / "Set5"])[0]
+    row = next(line for line in card.splitlines() if line.startswith("| **T x4"))
+    assert f"{ours['psnr']:.2f} / {ours['ssim']:.4f}" == row.split("|")[2].strip()
+    for name in ("config.json", "model.safetensors", "log.jsonl", "curve.png"):
+        assert (out / name).is_file()
+
+    make_card(chain / "B", out, title="T x4", benchmarks=chain / "bench", model_dir=chain / "B" / "export")
+    assert not list(out.glob("log-stage*.jsonl")) and "training stages" not in (out / "README.md").read_text()
