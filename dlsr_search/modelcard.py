@@ -21,6 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 from dlsr_infer.evaluate import default_benchmarks_dir, evaluate, evaluate_bicubic
 from dlsr_infer.model import DLSR
 
+from .data import DataError, list_images
+
 #: The paper's Table 2 PSNR-Y (dB) for DLSR, for comparison in the card.
 PAPER = {
     2: {"Set5": 38.04, "Set14": 33.67, "B100": 32.21},
@@ -117,6 +119,20 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _data_note(roots: list[str] | None) -> str:
+    """How many HR images the training folders hold now (the card is written beside the run)."""
+    try:
+        n = len(list_images(roots or []))
+    except DataError:
+        return "not found where the card was written"
+    note = f"{n} HR images"
+    return note + ": T91, BSDS500 train+test, Sun-Hays 80" if n == SHARED_TRAIN_IMAGES else note
+
+
+#: Image count of ../shared/data/train (T91 + BSDS500 train/test + Sun-Hays 80).
+SHARED_TRAIN_IMAGES = 571
+
+
 def _stage_line(i: int, run: Path, records: list[dict[str, Any]]) -> str:
     config = json.loads(next(r for r in records if r["event"] == "start")["config"])
     steps = max(r["step"] for r in records)
@@ -192,7 +208,7 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 
 ## Training
 
-- data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` (571 HR images: T91, BSDS500 train+test, Sun-Hays 80);
+- data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'))});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
 - steps: {steps:,} trained, weights from step {model_step:,}; batch {config.get('batch')}; HR patch {config.get('patch')}; lr {config.get('lr')} halved every
   {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {config.get('init_from') or 'none'}.

@@ -54,7 +54,7 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
     assert f"1. `{chain / 'A'}`, x2: 4 steps" in card  # the hand-off step, not the 6 that A went on to
     assert f"2. `{chain / 'B'}`, x4: 3 steps" in card and "(this run)" in card
     assert f"--out {chain / 'A'}" in card and f"--init-from {chain / 'A-handoff'}" in card
-    assert "all stages: 7 steps" in card
+    assert "all stages: 7 steps" in card and "(6 HR images)" in card
     # the table's figure is what dlsr-eval gives for the bundled weights
     ours = evaluate(DLSR.from_pretrained(out), [chain / "bench" / "Set5"])[0]
     row = next(line for line in card.splitlines() if line.startswith("| **T x4"))
