@@ -231,9 +231,10 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 def summary_table(weights: Path) -> str:
     """README's results table, gathered from the bundled model cards (each made by `make_card`)."""
     lines = ["| model | params | Set5 | Set14 | B100 |", "|---|---|---|---|---|"]
-    for card in sorted(weights.glob("*/README.md")):
+    seen: set[str] = set()  # reference rows (paper, bicubic) shared by two cards of one scale appear once
+    models = [(DLSR.from_pretrained(card.parent), card) for card in sorted(weights.glob("*/README.md"))]
+    for model, card in sorted(models, key=lambda mc: (mc[0].scale, -mc[0].num_parameters)):
         text = card.read_text()
-        model = DLSR.from_pretrained(card.parent)
         table = text.split("| method |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]  # the results rows only
         for row in table:
             cells = [c.strip() for c in row.strip("|").split("|")]
@@ -241,7 +242,12 @@ def summary_table(weights: Path) -> str:
             params = f"{model.num_parameters:,}"
             if name.startswith("bicubic"):
                 name, params = f"bicubic x{model.scale}", "-"
-            lines.append(f"| {name} | {params} | " + " | ".join(cells[1:]) + " |")
+            row = f"| {name} | {params} | " + " | ".join(cells[1:]) + " |"
+            if name.startswith("bicubic"):
+                if row in seen:
+                    continue
+                seen.add(row)
+            lines.append(row)
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@
 An N x 3 x H x W tensor in [0, 1] comes back as an N x 3 x sH x sW tensor of the same dtype on the same
 device. Tiles run in batches; the output is assembled on the CPU and moved back, so GPU memory is
 bounded by a batch of tiles. fp16 tiles that overflow are re-run in fp32 automatically. Without CUDA
-this runs on the CPU in fp32.
+this runs on the CPU (bf16 where the CPU has native bf16 and the model passes its parity probe, else fp32).
 """
 from __future__ import annotations
 

@@ -64,3 +64,17 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
 
     make_card(chain / "B", out, title="T x4", benchmarks=chain / "bench", model_dir=chain / "B" / "export")
     assert not list(out.glob("log-stage*.jsonl")) and "training stages" not in (out / "README.md").read_text()
+
+
+def test_summary_table_orders_by_scale_and_shows_each_bicubic_row_once(chain):
+    from dlsr_search.modelcard import summary_table
+
+    weights = chain / "weights"
+    make_card(chain / "B", weights / "b-x4", title="B x4", benchmarks=chain / "bench", model_dir=chain / "B" / "export")
+    for name in ("a-x2", "a2-x2"):
+        make_card(chain / "A", weights / name, title=f"{name} model", benchmarks=chain / "bench",
+                  model_dir=chain / "A" / "export")
+    rows = summary_table(weights).splitlines()[2:]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert names == ["a-x2 model (ours, bundled)", "bicubic x2", "a2-x2 model (ours, bundled)",
+                     "B x4 (ours, bundled)", "bicubic x4"]
