@@ -338,18 +338,26 @@ def child_main(argv: list[str]) -> None:
         print(json.dumps({"peak_rss_mb": peak_rss_kb() / 1024, "before_mb": before / 1024, "seconds": seconds,
                           "sys_seconds": r1.ru_stime - r0.ru_stime, "minor_faults": r1.ru_minflt - r0.ru_minflt}))
         return
-    if a.what.startswith("upscale"):
+    if a.what.startswith("upscale"):  # upscale[-bf16][-mallopt]: what dlsr-upscale does (it tunes malloc)
         from dlsr_infer import upscale
 
+        if a.what.endswith("-mallopt"):
+            assert fast.tune_malloc()
         img = synthetic_photo(h, w, 0)
-        dtype = "bf16" if a.what.endswith("bf16") else "fp32"
+        dtype = "bf16" if "bf16" in a.what else "fp32"
         small = synthetic_photo(64, 64, 1)
         upscale(small, model=model, dtype=dtype, device="cpu", tile=a.tile)  # warm-up (kernels, caches)
         before = rss_now_kb()
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         out = upscale(img, model=model, dtype=dtype, device="cpu", tile=a.tile)
         seconds = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
         assert out.shape == (h * a.scale, w * a.scale, 3)
+        print(json.dumps({"peak_rss_mb": peak_rss_kb() / 1024, "before_mb": before / 1024, "seconds": seconds,
+                          "cpu_seconds": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime,
+                          "sys_seconds": r1.ru_stime - r0.ru_stime, "minor_faults": r1.ru_minflt - r0.ru_minflt}))
+        return
     else:
         x = torch.rand(1, 3, h, w)
         with torch.inference_mode():
@@ -385,10 +393,12 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
             mode = f"alloc-{prec}" + ("-mallopt" if variant == "-mallopt" else "")
             res["large_tile_x2_560"][f"{prec}{variant}"] = run_child(
                 [mode, "--scale", "2", "--size", "560", "560"], env)
-    # 8K output: x4 of a 1920x1080 image through upscale() (auto tile), fp32 and bf16
+    # 8K output: x4 of a 1920x1080 image through upscale() (auto tile), fp32 and bf16, each with glibc's
+    # default allocator behaviour and with fast.tune_malloc() (what dlsr-upscale does for its process)
     res["upscale_8k_x4"] = {}
     for mode in ["upscale"] + (["upscale-bf16"] if fast.bf16_native() else []):
-        res["upscale_8k_x4"][mode] = run_child([mode, "--scale", "4", "--size", "1080", "1920"])
+        for variant in ("", "-mallopt"):
+            res["upscale_8k_x4"][mode + variant] = run_child([mode + variant, "--scale", "4", "--size", "1080", "1920"])
     return res
 
 
@@ -473,15 +483,16 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("memory"):
         mem = result["memory"]
         lines += ["**Peak RSS** (fresh process each; includes ~the interpreter + torch):", "",
-                  "| run | peak RSS MB | RSS before run MB | seconds | sys seconds | minor faults |",
-                "|---|---:|---:|---:|---:|---:|"]
+                  "| run | peak RSS MB | RSS before run MB | seconds | CPU seconds | sys seconds | minor faults |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
         for group, runs in mem.items():
             for k, v in runs.items():
                 if "error" in v:
-                    lines.append(f"| {group} {k} | error: {v['error']} | | | | |")
+                    lines.append(f"| {group} {k} | error: {v['error']} | | | | | |")
                 else:
+                    cpu = f"{v['cpu_seconds']:.1f}" if "cpu_seconds" in v else ""
                     lines.append(f"| {group} {k} | {v['peak_rss_mb']:.0f} | {v['before_mb']:.0f} | {v['seconds']:.1f} | "
-                                 f"{v.get('sys_seconds', float('nan')):.2f} | {v.get('minor_faults', '')} |")
+                                 f"{cpu} | {v.get('sys_seconds', float('nan')):.2f} | {v.get('minor_faults', '')} |")
         lines.append("")
     if result.get("tiling"):
         lines += ["**Tiling** (x4, 320x180 -> 1280x720 via `upscale()`): " + ", ".join(

@@ -49,6 +49,19 @@ def authors_dir(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _keep_default_malloc():
+    """`dlsr-upscale` tunes glibc malloc for its own process; run in-process by the tests it would change
+    the test process for the rest of the session (memory tests included), so the tests opt out."""
+    saved = os.environ.get("DLSR_TUNE_MALLOC")
+    os.environ["DLSR_TUNE_MALLOC"] = "0"
+    yield
+    if saved is None:
+        os.environ.pop("DLSR_TUNE_MALLOC", None)
+    else:
+        os.environ["DLSR_TUNE_MALLOC"] = saved
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """One intra-op thread for the test session: the networks under test are tiny, and on a 2-core CI
     machine (or one shared with a training job) OpenMP barriers make them several times slower with more."""

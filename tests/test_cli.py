@@ -243,3 +243,20 @@ def test_folder_expansion(tmp_path: Path) -> None:
     assert [p.name for p, _, err in flat] == ["a.png"]
     assert [p.name for p, _, err in deep] == ["a.png", "b.png"]  # and the repeated a.png only once
     assert expand_inputs([str(tmp_path / "empty*.png")])[0][2] == "no file matches this pattern"
+
+
+@pytest.mark.parametrize("setting, tuned", [(None, True), ("1", True), ("0", False), ("off", False)])
+def test_the_cli_tunes_malloc_for_its_own_process_unless_told_not_to(capsys, monkeypatch, folder: Path,
+                                                                     model_dir: Path, tmp_path: Path,
+                                                                     setting, tuned) -> None:
+    from dlsr_infer import fast
+
+    calls: list[int] = []
+    monkeypatch.setattr(fast, "tune_malloc", lambda *a, **k: calls.append(1) or True)  # record, change nothing
+    if setting is None:
+        monkeypatch.delenv("DLSR_TUNE_MALLOC", raising=False)
+    else:
+        monkeypatch.setenv("DLSR_TUNE_MALLOC", setting)
+    rc, _, _ = run(capsys, folder / "a.png", "-o", tmp_path / "a.png", "--model", model_dir)
+    assert rc == 0 and (tmp_path / "a.png").is_file()
+    assert calls == ([1] if tuned else [])
