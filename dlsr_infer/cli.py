@@ -232,8 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .upscaling import Upscaler
 
     # This process is ours and a batch job: keep freed large blocks in glibc's heap instead of a fresh,
-    # page-faulted mmap per tensor (8K x4: 1.6x faster in fp32, 1.3x in bf16, peak RSS within +/-7%;
-    # benchmarks/README.md). DLSR_TUNE_MALLOC=0 turns it off. Library callers opt in themselves.
+    # page-faulted mmap per tensor (8K-output x4, 1 thread: 2.0x less CPU time in fp32, 1.13x in bf16, for
+    # 10-36% more peak RSS, still under 1.5 GB; benchmarks/README.md). DLSR_TUNE_MALLOC=0 turns it off.
+    # Library callers opt in themselves: it is process-wide.
     if os.environ.get("DLSR_TUNE_MALLOC", "1").strip().lower() not in ("0", "false", "no", "off"):
         tune_malloc()
 
