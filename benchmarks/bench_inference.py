@@ -526,11 +526,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-set5", action="store_true")
     ap.add_argument("--no-tiling", action="store_true")
     ap.add_argument("--quick", action="store_true", help="x4 only, 3 repeats, no photos/compile/memory/tiling")
+    ap.add_argument("--tune-malloc", action="store_true",
+                    help="apply dlsr_infer.fast.tune_malloc() to this process first (as dlsr-upscale does)")
     ap.add_argument("--json", default=str(HERE / "results" / "inference.json"))
     ap.add_argument("--markdown")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tune_malloc and not fast.tune_malloc():
+        raise SystemExit("--tune-malloc: not glibc, nothing to tune")
     if args.quick:
         args.scales, args.repeats, args.photos, args.compile_scales = [4], min(args.repeats, 3), 0, []
         args.no_memory = True
