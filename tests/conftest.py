@@ -139,3 +139,11 @@ def write_image(path: Path, h: int = 24, w: int = 30, seed: int = 0, **save) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, **save)
     return path
+
+
+def write_image_folder(folder: Path) -> Path:
+    """Three good images of two formats and two sizes (a.png, b.jpg, c.png): the CLI tests' input folder."""
+    write_image(folder / "a.png", seed=1)
+    write_image(folder / "b.jpg", seed=2)
+    write_image(folder / "c.png", h=16, w=17, seed=3)
+    return folder

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import ImageCms
 
-from conftest import lively_model, write_image as image
+from conftest import lively_model, write_image as image, write_image_folder
 from dlsr_infer.cli import main
 from dlsr_infer.imageio import encode_png16, load_image
 
@@ -25,15 +25,10 @@ def model_dir(tmp_path_factory) -> Path:
     return lively_model("dlsr_s_x2").save_pretrained(tmp_path_factory.mktemp("model") / "dlsr-test-x2")
 
 
-
-
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     """Three good images and a corrupt one (a non-image with a .png extension)."""
-    d = tmp_path / "in"
-    image(d / "a.png", seed=1)
-    image(d / "b.jpg", seed=2)
-    image(d / "c.png", h=16, w=17, seed=3)
+    d = write_image_folder(tmp_path / "in")
     (d / "corrupt.png").write_bytes(b"this is not a PNG\n" * 20)
     (d / "notes.txt").write_text("not an image and not picked up from a folder")
     return d

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import dlsr_infer.upscaling as upscaling
-from conftest import lively_model, tiny_genotype, time_limit, write_image as image
+from conftest import lively_model, tiny_genotype, time_limit, write_image as image, write_image_folder
 from dlsr_infer.cli import main as cli_main
 from dlsr_infer.imageio import atomic_write, load_image, remove_stale_temps, save_image
 from dlsr_infer.upscaling import upscale_file
@@ -53,15 +53,9 @@ def model_dir(tmp_path_factory) -> Path:
     return lively_model(tiny_genotype()).save_pretrained(tmp_path_factory.mktemp("model") / "tiny-x2")
 
 
-
-
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
-    d = tmp_path / "in"
-    image(d / "a.png", seed=1)
-    image(d / "b.jpg", seed=2)
-    image(d / "c.png", h=16, w=17, seed=3)
-    return d
+    return write_image_folder(tmp_path / "in")
 
 
 def listing(d: Path) -> list[str]:
