@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .fast import tune_malloc
+    from .fast import env_flag, tune_malloc
     from .pretrained import ModelLoadError
     from .tiling import TileOOMError
     from .upscaling import Upscaler
@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # page-faulted mmap per tensor (8K-output x4, 1 thread: 2.0x less CPU time in fp32, 1.13x in bf16, for
     # 10-36% more peak RSS, still under 1.5 GB; benchmarks/README.md). DLSR_TUNE_MALLOC=0 turns it off.
     # Library callers opt in themselves: it is process-wide.
-    if os.environ.get("DLSR_TUNE_MALLOC", "1").strip().lower() not in ("0", "false", "no", "off"):
+    if env_flag("DLSR_TUNE_MALLOC") is not False:
         tune_malloc()
 
     try:

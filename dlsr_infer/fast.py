@@ -92,6 +92,15 @@ def mkldnn_fusion_available() -> bool:
         return False
 
 
+def env_flag(name: str) -> bool | None:
+    """An on/off switch from the environment: None when `name` is unset; '0', 'false', 'no', 'off' and
+    the empty string are off, anything else is on."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
 @functools.lru_cache(maxsize=None)
 def bf16_native() -> bool:
     """True when this CPU has native bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16).
@@ -99,9 +108,9 @@ def bf16_native() -> bool:
     oneDNN emulates bf16 on older AVX-512 CPUs, which is slower than fp32, so only native support
     counts. `DLSR_BF16=0/1` in the environment overrides the detection.
     """
-    env = os.environ.get("DLSR_BF16")
-    if env is not None:
-        return env.strip().lower() not in ("0", "false", "no", "off", "")
+    forced = env_flag("DLSR_BF16")
+    if forced is not None:
+        return forced
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     flags = _cpu_flags()

@@ -136,20 +136,20 @@ def get_model(model: ModelLike = None, *, scale: int | None = None, device: str 
               channels_last: bool | None = None) -> tuple[nn.Module, nn.Module, int]:
     """(model to run, its eager module, scale) for `upscale()`.
 
-    A name (alias, directory, Hub id) is loaded once per process and cached by (name, device, dtype,
-    compile); a directory's cache entry is renewed when its weights file changes. A module passed in is
+    A name (alias, directory, Hub id) is loaded once per process and cached by (name, device, memory
+    format, compile): the dtype only sets the autocast around it, so one copy serves them all. A directory's cache entry is renewed when its weights file changes. A module passed in is
     used as is when it already lives on `device`, and copied there otherwise (the caller's model is
     never moved or modified).
     """
     dev = resolve_device(device)
-    cdtype = resolve_dtype(dtype, dev)
+    resolve_dtype(dtype, dev)  # refuse a bad dtype before loading anything
     cl = dev.type == "cuda" if channels_last is None else bool(channels_last)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 1):
         raise ValueError(f"scale must be a positive integer, got {scale!r}")
     if model is None:
         model = f"x{scale or 4}"
     if isinstance(model, (str, os.PathLike)):
-        key = (*_cache_name(model), str(dev), str(cdtype), cl, bool(compile))
+        key = (*_cache_name(model), str(dev), cl, bool(compile))
         with _CACHE_LOCK:
             hit = _CACHE.get(key)
         if hit is None:

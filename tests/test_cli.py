@@ -240,7 +240,7 @@ def test_folder_expansion(tmp_path: Path) -> None:
     assert expand_inputs([str(tmp_path / "empty*.png")])[0][2] == "no file matches this pattern"
 
 
-@pytest.mark.parametrize("setting, tuned", [(None, True), ("1", True), ("0", False), ("off", False)])
+@pytest.mark.parametrize("setting, tuned", [(None, True), ("1", True), ("0", False), ("off", False), ("", False)])
 def test_the_cli_tunes_malloc_for_its_own_process_unless_told_not_to(capsys, monkeypatch, folder: Path,
                                                                      model_dir: Path, tmp_path: Path,
                                                                      setting, tuned) -> None:

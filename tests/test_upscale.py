@@ -322,7 +322,11 @@ def test_models_loaded_by_name_are_cached(model: DLSR, tmp_path: Path, monkeypat
     second = upscale(a, model=str(tmp_path / "m"))
     assert len(loads) == 1 and np.array_equal(first, second) and np.array_equal(first, upscale(a, model=model))
     assert get_model(tmp_path / "m", device="cpu")[0] is get_model(str(tmp_path / "m"), device="cpu")[0]
-    upscale(a, model=tmp_path / "m", dtype="bf16")  # another dtype is another cache entry
+    # The dtype is only the autocast around the model: one cached copy serves every dtype.
+    assert get_model(tmp_path / "m", device="cpu", dtype="bf16")[0] is get_model(tmp_path / "m", device="cpu")[0]
+    upscale(a, model=tmp_path / "m", dtype="bf16")
+    assert len(loads) == 1
+    get_model(tmp_path / "m", device="cpu", channels_last=True)  # another memory format is another copy
     assert len(loads) == 2
     # New weights under the same name are picked up (the key includes the weights file's mtime/size).
     lively(seed=1).save_pretrained(tmp_path / "m")
