@@ -137,9 +137,10 @@ def get_model(model: ModelLike = None, *, scale: int | None = None, device: str 
     """(model to run, its eager module, scale) for `upscale()`.
 
     A name (alias, directory, Hub id) is loaded once per process and cached by (name, device, memory
-    format, compile): the dtype only sets the autocast around it, so one copy serves them all. A directory's cache entry is renewed when its weights file changes. A module passed in is
-    used as is when it already lives on `device`, and copied there otherwise (the caller's model is
-    never moved or modified).
+    format, compile): the dtype only sets the autocast around it, so one copy serves them all. A
+    directory's cache entry is renewed when its weights file changes. A module passed in is used as is
+    when it already lives on `device`, and copied there otherwise (the caller's model is never moved or
+    modified).
     """
     dev = resolve_device(device)
     resolve_dtype(dtype, dev)  # refuse a bad dtype before loading anything
