@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every", type=int, help="validate every N steps (0: never)")
     t.add_argument("--val-max-images", type=int, help="validate on at most N images")
     t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default 0: off)")
+    t.add_argument("--ema", type=float, metavar="DECAY", help="keep a moving average of the weights with this decay, "
+                   "e.g. 0.999; validation, best/ and export use it (default 0: off)")
     t.add_argument("--export", metavar="DIR", help="at the end, write the best (else last) model directory here")
 
     s = sub.add_parser("search", help="differentiable architecture search (MiLeNAS) on a supernet",

@@ -37,8 +37,9 @@ def save_model(model: DLSR, directory: str | os.PathLike, info: Mapping[str, Any
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, directory: str | os.PathLike) -> Path:
-    """A retrain checkpoint (``last.pt``) -> model directory. (A search checkpoint has no trained
-    network to export: use its derived genotype, ``dlsr-search export`` writes that instead.)"""
+    """A retrain checkpoint (``last.pt``) -> model directory: the averaged weights if the run kept an EMA.
+    (A search checkpoint has no trained network to export: use its derived genotype, ``dlsr-search
+    export`` writes that instead.)"""
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("kind") != "train":
         raise ValueError(f"{checkpoint} is a {ckpt.get('kind')!r} checkpoint; only 'train' checkpoints hold a "
@@ -46,9 +47,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, directory: str | os.PathLik
     config = config_of(ckpt)
     genotype = loads(config["genotype_json"])
     model = DLSR(genotype)
-    model.load_state_dict({k: v.float() for k, v in ckpt["model"].items()})
+    # A run trained with --ema serves its averaged weights (what its validation scored), as train's export does.
+    ema = ckpt.get("ema")
+    state = ema["model"] if ema is not None else ckpt["model"]
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     info = {"step": int(ckpt["step"]), "val_psnr_y": ckpt.get("last_val_psnr"), "data": ",".join(config["data"]),
-            "seed": config["seed"], "source": Path(checkpoint).name}
+            "seed": config["seed"], "source": Path(checkpoint).name,
+            **({"ema_decay": ema["decay"]} if ema is not None else {})}
     return save_model(model, directory, info)
 
 

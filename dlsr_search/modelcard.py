@@ -65,6 +65,11 @@ def wall_time_s(records: list[dict[str, Any]]) -> float:
     return total
 
 
+def _ema_note(config: dict[str, Any]) -> str:
+    decay = config.get("ema") or 0.0
+    return f"; weights: moving average (EMA) of the trained weights, decay {decay}" if decay else ""
+
+
 def command_line(config: dict[str, Any]) -> str:
     """The `dlsr-search train` command that reproduces a run, rebuilt from its stored config."""
     skip = {"genotype_json", "resume", "progress", "export"}
@@ -211,7 +216,7 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 - data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'))});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
 - steps: {steps:,} trained, weights from step {model_step:,}; batch {config.get('batch')}; HR patch {config.get('patch')}; lr {config.get('lr')} halved every
-  {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {config.get('init_from') or 'none'}.
+  {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {config.get('init_from') or 'none'}{_ema_note(config)}.
 - hardware: {hw}; training wall time {hours:.2f} h.
 - command: `{command_line(config)}`
 - log: `log.jsonl` (JSON lines); learning curve: `curve.png`.{history}

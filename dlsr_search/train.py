@@ -26,6 +26,7 @@ from . import distributed as D
 from .checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, resume_or_start, rng_state, seed_everything, set_rng_state
 from .config import ConfigError, to_json
 from .data import DataError, PatchDataset, default_data_roots, list_images, patch_loader, split_by_image, to_float
+from .ema import WeightEMA
 from .export import save_model
 from .genotypes import resolve_genotype
 from .losses import sr_loss
@@ -57,6 +58,7 @@ class TrainConfig:
     weight_decay: float = 1e-8
     hfen: float = 0.0                 # mu of L1 + mu*HFEN; the paper retrains with plain L1
     grad_clip: float = 0.0            # max grad norm; 0 = off
+    ema: float = 0.0                  # decay of a moving average of the weights (0 = off); val/best/export use it
     seed: int = 0
     init_from: str | None = None      # warm start: model dir / alias / .pt (shape-matching tensors)
     val_every: int = 2000
@@ -98,6 +100,8 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"--batch {cfg.batch} must be a positive multiple of the number of processes ({world})")
     if cfg.steps < 0 or cfg.halve_every < 1 or cfg.lr <= 0:
         raise ConfigError("--steps must be >= 0, --halve-every >= 1 and --lr > 0")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ConfigError(f"--ema must be in [0, 1) (0: off), got {cfg.ema}")
     if cfg.val and cfg.val_holdout:
         raise ConfigError("give either --val DIR or --val-holdout N, not both")
 
@@ -146,6 +150,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     # Stepped once per iteration: halves the lr every `halve_every` steps (the paper's schedule).
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.halve_every, gamma=0.5)
     step, best_psnr, train_seconds = 0, -math.inf, 0.0
+    ema: WeightEMA | None = None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -160,6 +165,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
         log.record("warm_start", step, source=report.source, loaded=len(report.loaded),
                    skipped=[f"{k}: {why}" for k, why in report.skipped])
     D.broadcast_parameters(model, info)
+    if cfg.ema:  # made after the warm start / resume so that it starts from the weights the run starts from
+        ema = WeightEMA(model, cfg.ema)
+        if ckpt is not None:
+            ema.load_state_dict(ckpt["ema"])
+    # What validation, best/ and export see: the averaged weights when there are some.
+    served = ema.model if ema is not None else model
     resumed_from = step if ckpt is not None else None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -193,12 +204,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     def validate() -> float | None:
         if valset is None:
             return None
-        return valset.psnr(model, device, autocast_dtype=autocast_dtype)
+        return valset.psnr(served, device, autocast_dtype=autocast_dtype)
 
     def save_checkpoint(last_val: float | None) -> None:
         atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "kind": "train", "step": step, "config": to_json(cfg),
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            **({"ema": ema.state_dict()} if ema is not None else {}),
             "rng": rng_state(), "best_psnr": best_psnr, "last_val_psnr": last_val,
             "samples_seen": step * cfg.batch, "world": info.world, "train_seconds": train_seconds,
         }, ckpt_path)
@@ -207,7 +219,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     def run_info(val: float | None) -> dict[str, Any]:
         return {"step": step, "val_psnr_y": None if val is None else round(val, 4),
                 "val": cfg.val or (f"{cfg.val_holdout} held-out training images" if cfg.val_holdout else "none"),
-                "data": ",".join(cfg.data), "batch": cfg.batch, "hr_patch": cfg.hr_patch(), "seed": cfg.seed}
+                "data": ",".join(cfg.data), "batch": cfg.batch, "hr_patch": cfg.hr_patch(), "seed": cfg.seed,
+                **({"ema_decay": cfg.ema} if ema is not None else {})}
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     last_val: float | None = None
@@ -229,6 +242,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update(model)
         step += 1
         train_seconds += time.perf_counter() - t0
         window_loss += loss.detach()
@@ -252,7 +267,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
             improved = last_val > best_psnr
             if improved:  # keep the best network as a ready-to-use model directory
                 best_psnr = last_val
-                save_model(model, out / "best", run_info(last_val))
+                save_model(served, out / "best", run_info(last_val))
             log.print(f"step {step:>8d} | val PSNR-Y {last_val:.3f} dB" + (" (best)" if improved else ""))
             log.record("val", step, psnr_y=last_val, best=improved)
 
@@ -277,7 +292,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
             if (out / "best" / "model.safetensors").is_file():
                 shutil.copytree(out / "best", exported, dirs_exist_ok=True)
             else:
-                save_model(model, exported, run_info(last_val))
+                save_model(served, exported, run_info(last_val))
             log.print(f"exported {'best' if (out / 'best').is_dir() else 'last'} model to {exported}")
             log.record("export", step, path=str(exported))
         log.record("end", step, best_psnr=best_psnr if math.isfinite(best_psnr) else None)

@@ -19,9 +19,11 @@ from dlsr_search.checkpoint import load_checkpoint
 from dlsr_search.cli import main as cli_main
 from dlsr_search.config import ConfigError
 from dlsr_search.data import PatchDataset, load_pairs, list_images, step_indices, split_by_image
+from dlsr_search.ema import WeightEMA
 from dlsr_search.synthetic import write_images
 from dlsr_search.train import TrainConfig, train
 from dlsr_search.transfer import warm_start
+from dlsr_search.validation import ValidationSet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,7 +100,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     steps = 60
     common = ["--scale", "2", "--data", str(data_dir), "--channels", "8", "--batch", "2", "--patch", "32",
               "--steps", str(steps), "--val-every", "0", "--log-every", "10", "--ckpt-every", "4", "--threads", "1",
-              "--lr", "1e-3", "--no-progress"]
+              "--lr", "1e-3", "--ema", "0.9", "--no-progress"]
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "dlsr_search.cli", "train", "--out", str(out), "--resume", *common]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -129,8 +131,52 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     assert a["step"] == b["step"] == steps
     for k, v in b["model"].items():
         assert torch.equal(a["model"][k], v), k
+    assert a["ema"]["updates"] == b["ema"]["updates"] == steps
+    for k, v in b["ema"]["model"].items():  # the weight average resumes exactly too
+        assert torch.equal(a["ema"]["model"][k], v), k
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def test_weight_ema_follows_its_formula():
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = WeightEMA(net, 0.5)
+    expected = 0.0
+    for value in (1.0, 2.0, 4.0):
+        with torch.no_grad():
+            net.weight.fill_(value)
+        ema.update(net)
+        d = min(0.5, (1 + ema.updates) / (10 + ema.updates))
+        expected = d * expected + (1 - d) * value
+        assert ema.model.weight.item() == pytest.approx(expected)
+    assert not ema.model.weight.requires_grad and net.weight.item() == 4.0  # the trained net is untouched
+    with pytest.raises(ValueError, match="decay"):
+        WeightEMA(net, 1.0)
+
+
+def test_ema_run_validates_keeps_and_exports_the_averaged_weights(tmp_path, data_dir):
+    val = write_images(tmp_path / "val", n=2, size=48, seed=5)
+    with pytest.raises(ConfigError, match="--ema"):
+        train(_cfg(tmp_path, data_dir, "bad", ema=1.0))
+    cfg = _cfg(tmp_path, data_dir, "run", steps=20, ema=0.9, val=str(val), val_every=20,
+               export=str(tmp_path / "export"))
+    train(cfg)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt", kind="train")
+    averaged, raw = ckpt["ema"]["model"], ckpt["model"]
+    assert ckpt["ema"]["updates"] == 20 and any(not torch.equal(averaged[k], raw[k]) for k in raw)
+    # export (train's and the CLI's) and best/ hold the average, not the last step's weights
+    assert cli_main(["export", str(tmp_path / "run" / "last.pt"), str(tmp_path / "from_ckpt")]) == 0
+    for folder in ("export", "from_ckpt", "run/best"):
+        state = DLSR.from_pretrained(tmp_path / folder).state_dict()
+        for k, v in averaged.items():
+            assert torch.equal(state[k], v.float()), (folder, k)
+    # the validation score in the log is the averaged network's
+    logged = [r["psnr_y"] for r in _records(tmp_path / "run") if r["event"] == "val"]
+    rescored = ValidationSet.from_folder(str(val), 2).psnr(DLSR.from_pretrained(tmp_path / "export"),
+                                                            torch.device("cpu"))
+    assert logged == [pytest.approx(rescored, abs=1e-6)]
 
 
 def test_resume_keeps_the_run_definition(tmp_path, data_dir):
