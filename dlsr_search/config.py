@@ -18,6 +18,7 @@ C = TypeVar("C")
 OPERATIONAL = frozenset({
     "out", "resume", "steps", "val_every", "val_max_images", "log_every", "ckpt_every", "ckpt_every_minutes",
     "snapshot_every", "threads", "workers", "device", "bf16", "channels_last", "lr_cache", "export", "progress",
+    "ema",  # the weight average is kept beside the trained weights: it never changes what they become
 })
 
 

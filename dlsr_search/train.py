@@ -167,8 +167,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     D.broadcast_parameters(model, info)
     if cfg.ema:  # made after the warm start / resume so that it starts from the weights the run starts from
         ema = WeightEMA(model, cfg.ema)
-        if ckpt is not None:
+        if ckpt is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
+        elif ckpt is not None:  # --ema added on resume: the average starts here (it never changes the training)
+            log.print(f"weight average (EMA, decay {cfg.ema}) starts at step {step}")
+            log.record("ema_start", step, decay=cfg.ema)
     # What validation, best/ and export see: the averaged weights when there are some.
     served = ema.model if ema is not None else model
     resumed_from = step if ckpt is not None else None

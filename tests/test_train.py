@@ -192,6 +192,15 @@ def test_resume_keeps_the_run_definition(tmp_path, data_dir):
     assert result.resumed_from == 2 and result.step == 4
     saved = json.loads(load_checkpoint(tmp_path / "run" / "last.pt")["config"])
     assert saved["batch"] == 2 and saved["channels"] == 8 and saved["steps"] == 4
+    # a weight average may be added on resume (it never changes the trained weights): it starts there
+    train(TrainConfig(out=str(tmp_path / "run"), steps=7, ema=0.5, resume=True, progress=False, threads=1),
+          explicit={"out", "steps", "ema", "resume", "progress", "threads"})
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["ema"]["updates"] == 3 and json.loads(ckpt["config"])["ema"] == 0.5
+    assert [r["step"] for r in _records(tmp_path / "run") if r["event"] == "ema_start"] == [4]
+    plain = train(_cfg(tmp_path, data_dir, "plain", steps=7))
+    reference = load_checkpoint(plain.out / "last.pt")["model"]
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in reference.items())
 
 
 def test_patch_stream_is_a_pure_function_of_the_sample_index(data_dir):
