@@ -65,9 +65,13 @@ def wall_time_s(records: list[dict[str, Any]]) -> float:
     return total
 
 
-def _ema_note(config: dict[str, Any]) -> str:
+def _ema_note(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
     decay = config.get("ema") or 0.0
-    return f"; weights: moving average (EMA) of the trained weights, decay {decay}" if decay else ""
+    if not decay:
+        return ""
+    started = [r["step"] for r in records if r["event"] == "ema_start"]
+    since = f" from step {started[-1]:,} (added on resume)" if started else ""
+    return f"; weights: moving average (EMA) of the trained weights{since}, decay {decay}"
 
 
 def command_line(config: dict[str, Any]) -> str:
@@ -138,9 +142,17 @@ def _data_note(roots: list[str] | None) -> str:
 SHARED_TRAIN_IMAGES = 571
 
 
+def run_config(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The config the weights were trained under: the last (re)start's (a resume may change operational
+    options, e.g. add --ema), with `steps` set to the steps actually taken, so that the card's command
+    reproduces the run as it stopped (the data stream and lr schedule do not depend on `steps`)."""
+    config = json.loads([r for r in records if r["event"] == "start"][-1]["config"])
+    return {**config, "steps": max(r["step"] for r in records)}
+
+
 def _stage_line(i: int, run: Path, records: list[dict[str, Any]]) -> str:
-    config = json.loads(next(r for r in records if r["event"] == "start")["config"])
-    steps = max(r["step"] for r in records)
+    config = run_config(records)
+    steps = config["steps"]
     return (f"  {i}. `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, HR patch "
             f"{config.get('patch')}, lr {config.get('lr')} halved every {config.get('halve_every')}; warm start: "
             f"{config.get('init_from') or 'none'}; wall time {wall_time_s(records) / 3600:.2f} h; command: "
@@ -154,8 +166,7 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     are kept as log-stage<i>.jsonl and their steps and commands listed in the card."""
     stages = [(r, stage_records(r, until)) for r, until in earlier]
     records = read_log(run)
-    start = next(r for r in records if r["event"] == "start")
-    config = json.loads(start["config"])
+    config = run_config(records)
     src = model_dir or run / "best"
     model = DLSR.from_pretrained(src)
     steps = max(r["step"] for r in records)
@@ -216,7 +227,7 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 - data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'))});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
 - steps: {steps:,} trained, weights from step {model_step:,}; batch {config.get('batch')}; HR patch {config.get('patch')}; lr {config.get('lr')} halved every
-  {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {config.get('init_from') or 'none'}{_ema_note(config)}.
+  {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {config.get('init_from') or 'none'}{_ema_note(config, records)}.
 - hardware: {hw}; training wall time {hours:.2f} h.
 - command: `{command_line(config)}`
 - log: `log.jsonl` (JSON lines); learning curve: `curve.png`.{history}
