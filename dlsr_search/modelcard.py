@@ -150,12 +150,21 @@ def run_config(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {**config, "steps": max(r["step"] for r in records)}
 
 
-def _stage_line(i: int, run: Path, records: list[dict[str, Any]]) -> str:
+def _warm_start(config: dict[str, Any], out: Path) -> str:
+    source = config.get("init_from")
+    if not source:
+        return "none"
+    if Path(source).resolve() == out.resolve():  # a bundled model fine-tuned in place
+        return f"{source} (the weights bundled there before this card: the previous stage's)"
+    return source
+
+
+def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path) -> str:
     config = run_config(records)
     steps = config["steps"]
     return (f"  {i}. `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, HR patch "
             f"{config.get('patch')}, lr {config.get('lr')} halved every {config.get('halve_every')}; warm start: "
-            f"{config.get('init_from') or 'none'}; wall time {wall_time_s(records) / 3600:.2f} h; command: "
+            f"{_warm_start(config, out)}; wall time {wall_time_s(records) / 3600:.2f} h; command: "
             f"`{command_line(config)}`")
 
 
@@ -198,8 +207,8 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     hours = wall_time_s(records) / 3600
     history = ""
     if stages:
-        lines = [_stage_line(i, r, recs) for i, (r, recs) in enumerate(stages, start=1)]
-        lines.append(_stage_line(len(stages) + 1, run, records) + " (this run)")
+        lines = [_stage_line(i, r, recs, out) for i, (r, recs) in enumerate(stages, start=1)]
+        lines.append(_stage_line(len(stages) + 1, run, records, out) + " (this run)")
         total_steps = sum(max(x["step"] for x in recs) for _, recs in stages) + steps
         total_h = sum(wall_time_s(recs) for _, recs in stages) / 3600 + hours
         history = ("\n- training stages, oldest first (each warm-started from the one before; logs "
@@ -227,7 +236,7 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 - data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'))});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
 - steps: {steps:,} trained, weights from step {model_step:,}; batch {config.get('batch')}; HR patch {config.get('patch')}; lr {config.get('lr')} halved every
-  {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {config.get('init_from') or 'none'}{_ema_note(config, records)}.
+  {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {_warm_start(config, out)}{_ema_note(config, records)}.
 - hardware: {hw}; training wall time {hours:.2f} h.
 - command: `{command_line(config)}`
 - log: `log.jsonl` (JSON lines); learning curve: `curve.png`.{history}

@@ -69,7 +69,8 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
 def test_card_command_is_the_run_as_it_stopped_with_options_added_on_resume(chain):
     """A run asked for 10 steps, stopped at 3, resumed with --ema to 5: the card's command says 5 steps and
     --ema, and the card says where the average started."""
-    train(_cfg(chain, "C", steps=3))
+    shutil.copytree(chain / "A" / "export", chain / "c-model")  # C fine-tunes the model bundled in c-model
+    train(_cfg(chain, "C", steps=3, init_from=str(chain / "c-model")))
     train(_cfg(chain, "C", steps=5, ema=0.5, resume=True), explicit={"steps", "ema", "resume"})
     make_card(chain / "C", chain / "c-model", title="C x2", benchmarks=chain / "bench",
               model_dir=chain / "C" / "export")
@@ -77,6 +78,8 @@ def test_card_command_is_the_run_as_it_stopped_with_options_added_on_resume(chai
     command = next(line for line in card.splitlines() if line.startswith("- command:"))
     assert "--steps 5 " in command and "--ema 0.5 " in command
     assert "moving average (EMA) of the trained weights from step 3 (added on resume), decay 0.5" in card
+    # the warm start names a folder the card has just overwritten: it says so
+    assert f"warm start: {chain / 'c-model'} (the weights bundled there before this card" in card
 
 
 def test_summary_table_orders_by_scale_and_shows_each_bicubic_row_once(chain):
