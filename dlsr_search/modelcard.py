@@ -150,13 +150,14 @@ def run_config(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {**config, "steps": max(r["step"] for r in records)}
 
 
-def _warm_start(config: dict[str, Any], out: Path) -> str:
+def _warm_start(config: dict[str, Any], records: list[dict[str, Any]], out: Path) -> str:
     source = config.get("init_from")
     if not source:
         return "none"
+    notes = [f"sha256 {r['sha256'][:12]}" for r in records if r["event"] == "warm_start" and r.get("sha256")]
     if Path(source).resolve() == out.resolve():  # a bundled model fine-tuned in place
-        return f"{source} (the weights bundled there before this card: the previous stage's)"
-    return source
+        notes.append("the weights bundled there before this card: the previous stage's")
+    return f"{source} ({'; '.join(notes)})" if notes else source
 
 
 def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path) -> str:
@@ -164,7 +165,7 @@ def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path) -> 
     steps = config["steps"]
     return (f"  {i}. `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, HR patch "
             f"{config.get('patch')}, lr {config.get('lr')} halved every {config.get('halve_every')}; warm start: "
-            f"{_warm_start(config, out)}; wall time {wall_time_s(records) / 3600:.2f} h; command: "
+            f"{_warm_start(config, records, out)}; wall time {wall_time_s(records) / 3600:.2f} h; command: "
             f"`{command_line(config)}`")
 
 
@@ -236,7 +237,7 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 - data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'))});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
 - steps: {steps:,} trained, weights from step {model_step:,}; batch {config.get('batch')}; HR patch {config.get('patch')}; lr {config.get('lr')} halved every
-  {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {_warm_start(config, out)}{_ema_note(config, records)}.
+  {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {_warm_start(config, records, out)}{_ema_note(config, records)}.
 - hardware: {hw}; training wall time {hours:.2f} h.
 - command: `{command_line(config)}`
 - log: `log.jsonl` (JSON lines); learning curve: `curve.png`.{history}

@@ -162,7 +162,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     elif cfg.init_from:
         report = warm_start(model, cfg.init_from)
         log.print(report.summary())
-        log.record("warm_start", step, source=report.source, loaded=len(report.loaded),
+        log.record("warm_start", step, source=report.source, sha256=report.sha256, loaded=len(report.loaded),
                    skipped=[f"{k}: {why}" for k, why in report.skipped])
     D.broadcast_parameters(model, info)
     if cfg.ema:  # made after the warm start / resume so that it starts from the weights the run starts from

@@ -6,6 +6,7 @@ authors did the same. Tensors that do not fit are reported by name, never silent
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from .checkpoint import load_checkpoint
 @dataclass
 class WarmStartReport:
     source: str
+    sha256: str = ""                  # of the file the tensors came from: names the weights, even if the folder changes later
     loaded: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (tensor name, why)
 
@@ -30,18 +32,27 @@ class WarmStartReport:
         return "\n".join(lines)
 
 
-def source_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
-    """Tensors of a model directory / alias / Hub id, or the model state of a training checkpoint (.pt)."""
+def source_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
+    """Tensors of a model directory / alias / Hub id, or the model state of a training checkpoint (.pt),
+    and the file they were read from."""
     path = Path(source)
     if path.is_file() and path.suffix == ".pt":
-        return dict(load_checkpoint(path)["model"]), str(path)
-    directory = resolve(os.fspath(source))
-    return read_state_dict(directory / WEIGHTS_NAME), str(directory)
+        return dict(load_checkpoint(path)["model"]), path
+    file = resolve(os.fspath(source)) / WEIGHTS_NAME
+    return read_state_dict(file), file
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def warm_start(model: nn.Module, source: str | os.PathLike) -> WarmStartReport:
-    state, where = source_state_dict(source)
-    report = WarmStartReport(where)
+    state, file = source_state_dict(source)
+    report = WarmStartReport(str(file.parent if file.name == WEIGHTS_NAME else file), _sha256(file))
     own = model.state_dict()
     merged = dict(own)
     for k, target in own.items():

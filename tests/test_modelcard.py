@@ -2,6 +2,7 @@
 card lists the whole chain of runs that made it (steps, wall time, commands, logs)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -55,6 +56,9 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
     assert f"2. `{chain / 'B'}`, x4: 3 steps" in card and "(this run)" in card
     assert f"--out {chain / 'A'}" in card and f"--init-from {chain / 'A-handoff'}" in card
     assert "all stages: 7 steps" in card and "(6 HR images)" in card
+    # the warm start names its weights by hash, since a folder's weights may be replaced later
+    sha = hashlib.sha256((chain / "A-handoff" / "model.safetensors").read_bytes()).hexdigest()
+    assert f"--init-from {chain / 'A-handoff'}" in card and f"warm start: {chain / 'A-handoff'} (sha256 {sha[:12]})" in card
     # the table's figure is what dlsr-eval gives for the bundled weights
     ours = evaluate(DLSR.from_pretrained(out), [chain / "bench" / "Set5"])[0]
     row = next(line for line in card.splitlines() if line.startswith("| **T x4"))
@@ -79,7 +83,7 @@ def test_card_command_is_the_run_as_it_stopped_with_options_added_on_resume(chai
     assert "--steps 5 " in command and "--ema 0.5 " in command
     assert "moving average (EMA) of the trained weights from step 3 (added on resume), decay 0.5" in card
     # the warm start names a folder the card has just overwritten: it says so
-    assert f"warm start: {chain / 'c-model'} (the weights bundled there before this card" in card
+    assert f"warm start: {chain / 'c-model'} (sha256 " in card and "; the weights bundled there before this card" in card
 
 
 def test_summary_table_orders_by_scale_and_shows_each_bicubic_row_once(chain):

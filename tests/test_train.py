@@ -1,6 +1,7 @@
 """dlsr_search retrain: loss goes down, export round-trips, warm start, exact kill-and-resume, data stream."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -94,6 +95,7 @@ def test_warm_start_x2_to_x4_loads_matching_tensors_and_reports_skipped(tmp_path
     rec = next(r for r in _records(tmp_path / "x4") if r["event"] == "warm_start")
     assert rec["loaded"] == len(report.loaded) and len(rec["skipped"]) == 2
     assert all(s.startswith("upsampler.conv.") for s in rec["skipped"])
+    assert rec["sha256"] == report.sha256 == hashlib.sha256((tmp_path / "x2" / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
