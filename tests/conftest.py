@@ -147,3 +147,42 @@ def write_image_folder(folder: Path) -> Path:
     write_image(folder / "b.jpg", seed=2)
     write_image(folder / "c.png", h=16, w=17, seed=3)
     return folder
+
+
+#: /proc/self/fd lets a test's subprocess see which file a descriptor belongs to.
+HAS_PROC = Path("/proc/self/fd").is_dir()
+
+_STUCK_WRITER = """
+import os, sys, time
+real_fsync = os.fsync
+def slow_fsync(fd):
+    name = os.readlink(f"/proc/self/fd/{fd}")
+    if name.endswith(".partial") and "/.b.jpg." in name:
+        time.sleep(120)  # stuck half-way through writing b's output: data written, not yet renamed
+    real_fsync(fd)
+os.fsync = slow_fsync
+from dlsr_infer.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def start_stuck_cli_run(folder: Path, out_dir: Path, model_dir: Path):
+    """A real `dlsr-upscale` process on `write_image_folder`'s a, b, c, stuck while writing b's output
+    (a is done, c not started): (the process, b's temporary file). For signal and kill tests."""
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_WRITER, str(folder / "a.png"), str(folder / "b.jpg"),
+                             str(folder / "c.png"), "-o", str(out_dir), "--model", str(model_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        partial = list(out_dir.glob(".b.jpg.*.partial")) if out_dir.exists() else []
+        if partial and partial[0].stat().st_size > 0:
+            return proc, partial[0]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the run never got to writing b.jpg: {proc.communicate()}")

@@ -27,7 +27,8 @@ import pytest
 import torch
 
 import dlsr_infer.upscaling as upscaling
-from conftest import lively_model, tiny_genotype, time_limit, write_image as image, write_image_folder
+from conftest import (HAS_PROC, lively_model, start_stuck_cli_run, tiny_genotype, time_limit, write_image as image,
+                      write_image_folder)
 from dlsr_infer.cli import main as cli_main
 from dlsr_infer.imageio import atomic_write, load_image, remove_stale_temps, save_image
 from dlsr_infer.upscaling import upscale_file
@@ -37,7 +38,6 @@ from dlsr_search.synthetic import write_images
 
 REPO = Path(__file__).resolve().parents[1]
 TIME_LIMIT = 120
-HAS_PROC = Path("/proc/self/fd").is_dir()
 SEED = int(os.environ.get("DLSR_FAULT_SEED", time.time_ns() % 2**31))
 
 
@@ -300,43 +300,17 @@ def test_a_live_writers_temporary_file_is_never_taken_for_stale(tmp_path: Path) 
     assert remove_stale_temps(tmp_path, ["y.png"], min_age=0) == [left] and not left.exists()
 
 
-_STUCK_WRITER = """
-import os, sys, time
-real_fsync = os.fsync
-def slow_fsync(fd):
-    name = os.readlink(f"/proc/self/fd/{fd}")
-    if name.endswith(".partial") and "/.b.jpg." in name:
-        time.sleep(120)  # stuck half-way through writing b's output: data written, not yet renamed
-    real_fsync(fd)
-os.fsync = slow_fsync
-from dlsr_infer.cli import main
-raise SystemExit(main(sys.argv[1:]))
-"""
-
-
-def _start_stuck_run(folder: Path, out_dir: Path, model_dir: Path) -> tuple[subprocess.Popen, Path]:
-    proc = subprocess.Popen([sys.executable, "-c", _STUCK_WRITER, str(folder / "a.png"), str(folder / "b.jpg"),
-                             str(folder / "c.png"), "-o", str(out_dir), "--model", str(model_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        partial = list(out_dir.glob(".b.jpg.*.partial")) if out_dir.exists() else []
-        if partial and partial[0].stat().st_size > 0:
-            return proc, partial[0]
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"the run never got to writing b.jpg: {proc.communicate()}")
-
-
 @pytest.mark.skipif(not HAS_PROC, reason="needs /proc to spot the file being written")
 def test_after_sigkill_the_next_run_removes_the_leftover_and_finishes(capsys, folder: Path, model_dir: Path,
                                                                       tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
-    proc, partial = _start_stuck_run(folder, out_dir, model_dir)
+    proc, partial = start_stuck_cli_run(folder, out_dir, model_dir)
     assert remove_stale_temps(out_dir, min_age=0) == []  # the live (stuck) writer still holds it
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # nothing runs after this: no cleanup handler can help
     proc.communicate(timeout=30)
+    # b never got its final name; a is whole; only b's hidden temporary file is left beside it
     assert listing(out_dir) == sorted(["a.png", partial.name])
+    assert load_image(out_dir / "a.png").pixels.shape == (48, 60, 3)
     rc, out, err = run_cli(capsys, folder, "-o", out_dir, "--model", model_dir, "--skip-existing")
     assert rc == 0, err
     assert "removed" not in err  # a leftover younger than STALE_TEMP_MIN_AGE is left alone...
@@ -380,12 +354,14 @@ def test_ctrl_c_while_loading_the_model(capsys, monkeypatch, folder: Path, model
 
 
 @pytest.mark.skipif(not HAS_PROC, reason="needs /proc to spot the file being written")
-def test_sigterm_in_a_real_process_exits_143_and_cleans_up(folder: Path, model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_or_sigterm_in_a_real_process_exits_128_plus_n_and_cleans_up(sig, code, folder: Path, model_dir: Path,
+                                                                          tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
-    proc, partial = _start_stuck_run(folder, out_dir, model_dir)
-    proc.send_signal(signal.SIGTERM)
+    proc, partial = start_stuck_cli_run(folder, out_dir, model_dir)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
+    assert proc.returncode == code, err
     assert "1 of 3 image(s) upscaled" in err and "interrupted while on" in err and "1 not started" in err
     assert listing(out_dir) == ["a.png"]  # b's temporary file is gone
 
