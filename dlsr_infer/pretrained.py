@@ -172,6 +172,15 @@ def download(repo_id: str, *, revision: str | None = None, local_files_only: boo
     return config.parent
 
 
+def hash_file(path: Path, digest: Any = None) -> str:
+    """Hex digest of a file, read in 1 MiB blocks: sha256 unless another (possibly pre-fed) hash is given."""
+    digest = digest if digest is not None else hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _verify_cached_file(path: Path, what: str) -> None:
     """Check a file from the Hub cache against its ETag, which names the blob it links to.
 
@@ -193,10 +202,7 @@ def _verify_cached_file(path: Path, what: str) -> None:
         digest = hashlib.sha1(b"blob %d\0" % blob.stat().st_size)
     else:
         return
-    with open(blob, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != etag:
+    if hash_file(blob, digest) != etag:
         for stale in (path, blob):
             try:
                 stale.unlink()

@@ -179,7 +179,7 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     config = run_config(records)
     src = model_dir or run / "best"
     model = DLSR.from_pretrained(src)
-    steps = max(r["step"] for r in records)
+    steps = config["steps"]
     # the step the bundled weights come from: the last best validation for best/, else the last checkpoint
     events = [r for r in records if (r["event"] == "val" and r.get("best")) or
               (model_dir is not None and r["event"] == "checkpoint")]

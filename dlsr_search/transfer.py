@@ -6,7 +6,6 @@ authors did the same. Tensors that do not fit are reported by name, never silent
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dlsr_infer.pretrained import WEIGHTS_NAME, read_state_dict, resolve
+from dlsr_infer.pretrained import WEIGHTS_NAME, hash_file, read_state_dict, resolve
 
 from .checkpoint import load_checkpoint
 
@@ -42,17 +41,9 @@ def source_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     return read_state_dict(file), file
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def warm_start(model: nn.Module, source: str | os.PathLike) -> WarmStartReport:
     state, file = source_state_dict(source)
-    report = WarmStartReport(str(file.parent if file.name == WEIGHTS_NAME else file), _sha256(file))
+    report = WarmStartReport(str(file.parent if file.name == WEIGHTS_NAME else file), hash_file(file))
     own = model.state_dict()
     merged = dict(own)
     for k, target in own.items():

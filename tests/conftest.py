@@ -4,6 +4,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -169,10 +172,6 @@ raise SystemExit(main(sys.argv[1:]))
 def start_stuck_cli_run(folder: Path, out_dir: Path, model_dir: Path):
     """A real `dlsr-upscale` process on `write_image_folder`'s a, b, c, stuck while writing b's output
     (a is done, c not started): (the process, b's temporary file). For signal and kill tests."""
-    import subprocess
-    import sys
-    import time
-
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", _STUCK_WRITER, str(folder / "a.png"), str(folder / "b.jpg"),
