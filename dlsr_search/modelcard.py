@@ -160,11 +160,17 @@ def _warm_start(config: dict[str, Any], records: list[dict[str, Any]], out: Path
     return f"{source} ({'; '.join(notes)})" if notes else source
 
 
+def _loss(config: dict[str, Any]) -> str:
+    """The pixel loss a run trained with (configs from before --pixel-loss existed trained with L1)."""
+    return str(config.get("pixel_loss") or "l1").upper()
+
+
 def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path) -> str:
     config = run_config(records)
     steps = config["steps"]
     return (f"  {i}. `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, HR patch "
-            f"{config.get('patch')}, lr {config.get('lr')} halved every {config.get('halve_every')}; warm start: "
+            f"{config.get('patch')}, {_loss(config)} loss, lr {config.get('lr')} halved every {config.get('halve_every')}; "
+            f"warm start: "
             f"{_warm_start(config, records, out)}; wall time {wall_time_s(records) / 3600:.2f} h; command: "
             f"`{command_line(config)}`")
 
@@ -236,7 +242,7 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 
 - data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'))});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
-- steps: {steps:,} trained, weights from step {model_step:,}; batch {config.get('batch')}; HR patch {config.get('patch')}; lr {config.get('lr')} halved every
+- steps: {steps:,} trained, weights from step {model_step:,}; batch {config.get('batch')}; HR patch {config.get('patch')}; {_loss(config)} loss; lr {config.get('lr')} halved every
   {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {_warm_start(config, records, out)}{_ema_note(config, records)}.
 - hardware: {hw}; training wall time {hours:.2f} h.
 - command: `{command_line(config)}`

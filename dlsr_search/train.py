@@ -29,7 +29,7 @@ from .data import DataError, PatchDataset, default_data_roots, list_images, patc
 from .ema import WeightEMA
 from .export import save_model
 from .genotypes import resolve_genotype
-from .losses import sr_loss
+from .losses import PIXEL_LOSSES, sr_loss
 from .runlog import RunLog
 from .runtime import StopRequest, load_pairs_ranked, precision_flags, set_threads
 from .transfer import warm_start
@@ -57,6 +57,7 @@ class TrainConfig:
     halve_every: int = 400_000
     weight_decay: float = 1e-8
     hfen: float = 0.0                 # mu of L1 + mu*HFEN; the paper retrains with plain L1
+    pixel_loss: str = "l1"            # "l2": squared error instead of L1 (a final PSNR fine-tune; not the paper's)
     grad_clip: float = 0.0            # max grad norm; 0 = off
     ema: float = 0.0                  # decay of a moving average of the weights (0 = off); val/best/export use it
     seed: int = 0
@@ -100,6 +101,8 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"--batch {cfg.batch} must be a positive multiple of the number of processes ({world})")
     if cfg.steps < 0 or cfg.halve_every < 1 or cfg.lr <= 0:
         raise ConfigError("--steps must be >= 0, --halve-every >= 1 and --lr > 0")
+    if cfg.pixel_loss not in PIXEL_LOSSES:
+        raise ConfigError(f"--pixel-loss must be one of {sorted(PIXEL_LOSSES)}, got {cfg.pixel_loss!r}")
     if not 0.0 <= cfg.ema < 1.0:
         raise ConfigError(f"--ema must be in [0, 1) (0: off), got {cfg.ema}")
     if cfg.val and cfg.val_holdout:
@@ -237,7 +240,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
         y = to_float(hr_u8, device, channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             sr = model(x)
-        loss = sr_loss(sr.float(), y, cfg.hfen)  # loss in fp32 even under autocast
+        loss = sr_loss(sr.float(), y, cfg.hfen, cfg.pixel_loss)  # loss in fp32 even under autocast
         opt.zero_grad(set_to_none=True)
         loss.backward()
         D.average_gradients(params, info)  # every rank steps with the same averaged gradient

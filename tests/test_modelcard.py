@@ -55,6 +55,7 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
     assert f"1. `{chain / 'A'}`, x2: 4 steps" in card  # the hand-off step, not the 6 that A went on to
     assert f"2. `{chain / 'B'}`, x4: 3 steps" in card and "(this run)" in card
     assert f"--out {chain / 'A'}" in card and f"--init-from {chain / 'A-handoff'}" in card
+    assert card.count("HR patch 32, L1 loss, lr 0.001") == 1 and "HR patch 64, L1 loss" in card
     assert "all stages: 7 steps" in card and "(6 HR images)" in card
     # the warm start names its weights by hash, since a folder's weights may be replaced later
     sha = hashlib.sha256((chain / "A-handoff" / "model.safetensors").read_bytes()).hexdigest()
@@ -74,13 +75,14 @@ def test_card_command_is_the_run_as_it_stopped_with_options_added_on_resume(chai
     """A run asked for 10 steps, stopped at 3, resumed with --ema to 5: the card's command says 5 steps and
     --ema, and the card says where the average started."""
     shutil.copytree(chain / "A" / "export", chain / "c-model")  # C fine-tunes the model bundled in c-model
-    train(_cfg(chain, "C", steps=3, init_from=str(chain / "c-model")))
+    train(_cfg(chain, "C", steps=3, init_from=str(chain / "c-model"), pixel_loss="l2"))
     train(_cfg(chain, "C", steps=5, ema=0.5, resume=True), explicit={"steps", "ema", "resume"})
     make_card(chain / "C", chain / "c-model", title="C x2", benchmarks=chain / "bench",
               model_dir=chain / "C" / "export")
     card = (chain / "c-model" / "README.md").read_text()
     command = next(line for line in card.splitlines() if line.startswith("- command:"))
-    assert "--steps 5 " in command and "--ema 0.5 " in command
+    assert "--steps 5 " in command and "--ema 0.5 " in command and "--pixel-loss l2 " in command
+    assert "HR patch 32; L2 loss; lr 0.001" in card
     assert "moving average (EMA) of the trained weights from step 3 (added on resume), decay 0.5" in card
     # the warm start names a folder the card has just overwritten: it says so
     assert f"warm start: {chain / 'c-model'} (sha256 " in card and "; the weights bundled there before this card" in card

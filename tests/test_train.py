@@ -21,6 +21,7 @@ from dlsr_search.cli import main as cli_main
 from dlsr_search.config import ConfigError
 from dlsr_search.data import PatchDataset, load_pairs, list_images, step_indices, split_by_image
 from dlsr_search.ema import WeightEMA
+from dlsr_search.losses import l1, l2, sr_loss
 from dlsr_search.synthetic import write_images
 from dlsr_search.train import TrainConfig, train
 from dlsr_search.transfer import warm_start
@@ -179,6 +180,24 @@ def test_ema_run_validates_keeps_and_exports_the_averaged_weights(tmp_path, data
     rescored = ValidationSet.from_folder(str(val), 2).psnr(DLSR.from_pretrained(tmp_path / "export"),
                                                             torch.device("cpu"))
     assert logged == [pytest.approx(rescored, abs=1e-6)]
+
+
+def test_l2_pixel_loss_is_the_squared_error_and_trains_the_run(tmp_path, data_dir):
+    torch.manual_seed(0)
+    sr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    assert torch.allclose(l2(sr, hr), ((sr - hr) * 255).square().mean())
+    assert torch.equal(sr_loss(sr, hr, pixel="l2"), l2(sr, hr)) and torch.equal(sr_loss(sr, hr), l1(sr, hr))
+    # the same first batch and init: the logged loss is the mean squared error, >= (mean abs error)^2
+    a = train(_cfg(tmp_path, data_dir, "l1", steps=1, log_every=1))
+    b = train(_cfg(tmp_path, data_dir, "l2", steps=1, log_every=1, pixel_loss="l2"))
+    assert b.losses[0][1] > a.losses[0][1] ** 2
+    wa, wb = load_checkpoint(a.out / "last.pt")["model"], load_checkpoint(b.out / "last.pt")["model"]
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads(load_checkpoint(b.out / "last.pt")["config"])["pixel_loss"] == "l2"
+    with pytest.raises(ConfigError, match="pixel-loss"):
+        train(_cfg(tmp_path, data_dir, "l3", pixel_loss="l3"))
+    with pytest.raises(ConfigError, match="pixel_loss"):  # the loss defines the run: no change on resume
+        train(_cfg(tmp_path, data_dir, "l2", steps=2, resume=True), explicit={"pixel_loss", "steps", "resume"})
 
 
 def test_resume_keeps_the_run_definition(tmp_path, data_dir):
