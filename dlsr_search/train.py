@@ -204,6 +204,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
         raise ConfigError(str(e)) from None
     log.print(f"data: {len(dataset.pairs)} training images ({len(skipped)} too small for {lr_patch} px LR patches)"
               + (f", {len(valset)} validation images" if valset else ""))
+    log.record("data", step, images=len(dataset.pairs), skipped=skipped, lr_patch=lr_patch)
     loader = patch_loader(dataset, cfg.batch // info.world, start_step=step, end_step=cfg.steps, rank=info.rank,
                           world=info.world, workers=cfg.workers, pin_memory=device.type == "cuda")
 

@@ -11,6 +11,7 @@ import pytest
 
 from dlsr_infer import DLSR
 from dlsr_infer.evaluate import evaluate
+from dlsr_search.data import list_images, load_pairs
 from dlsr_search.modelcard import make_card, parse_stage
 from dlsr_search.synthetic import write_images
 from dlsr_search.train import TrainConfig, train
@@ -55,7 +56,8 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
     assert f"1. `{chain / 'A'}`, x2: 4 steps" in card  # the hand-off step, not the 6 that A went on to
     assert f"2. `{chain / 'B'}`, x4: 3 steps" in card and "(this run)" in card
     assert f"--out {chain / 'A'}" in card and f"--init-from {chain / 'A-handoff'}" in card
-    assert card.count("HR patch 32, L1 loss, lr 0.001") == 1 and "HR patch 64, L1 loss" in card
+    assert card.count("HR patch 32 (6 images large enough), L1 loss, lr 0.001") == 1
+    assert "HR patch 64 (6 images large enough), L1 loss" in card
     assert "all stages: 7 steps" in card and "(6 HR images)" in card
     # the warm start names its weights by hash, since a folder's weights may be replaced later
     sha = hashlib.sha256((chain / "A-handoff" / "model.safetensors").read_bytes()).hexdigest()
@@ -82,10 +84,28 @@ def test_card_command_is_the_run_as_it_stopped_with_options_added_on_resume(chai
     card = (chain / "c-model" / "README.md").read_text()
     command = next(line for line in card.splitlines() if line.startswith("- command:"))
     assert "--steps 5 " in command and "--ema 0.5 " in command and "--pixel-loss l2 " in command
-    assert "HR patch 32; L2 loss; lr 0.001" in card
+    assert "HR patch 32 (6 images large enough); L2 loss; lr 0.001" in card
     assert "moving average (EMA) of the trained weights from step 3 (added on resume), decay 0.5" in card
     # the warm start names a folder the card has just overwritten: it says so
     assert f"warm start: {chain / 'c-model'} (sha256 " in card and "; the weights bundled there before this card" in card
+
+
+def test_images_used_comes_from_the_log_or_the_image_headers(chain, tmp_path):
+    from dlsr_search.modelcard import images_used, read_log, run_config
+    records = read_log(chain / "A")
+    data = [r for r in records if r["event"] == "data"]
+    assert data and data[-1]["images"] == 6 and data[-1]["lr_patch"] == 16
+    config = run_config(records)
+    assert images_used(config, records) == 6
+    assert images_used(config, [r for r in records if r["event"] != "data"]) == 6  # runs logged before the record
+    # the trainer's rule: an image whose LR side is under the LR patch is skipped
+    write_images(tmp_path / "mixed", n=2, size=64)
+    write_images(tmp_path / "mixed" / "small", n=1, size=40, seed=9)
+    mixed = {"scale": 2, "data": [str(tmp_path / "mixed")]}
+    assert images_used({**mixed, "patch": 40}, []) == 3 and images_used({**mixed, "patch": 48}, []) == 2
+    assert images_used({**mixed, "data": [str(tmp_path / "nowhere")], "patch": 40}, []) is None
+    _, skipped = load_pairs(list_images([tmp_path / "mixed"]), 2, min_lr_size=24)
+    assert len(skipped) == 1
 
 
 def test_summary_table_orders_by_scale_and_shows_each_bicubic_row_once(chain):
