@@ -215,6 +215,7 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     events = [r for r in records if (r["event"] == "val" and r.get("best")) or
               (model_dir is not None and r["event"] == "checkpoint")]
     model_step = events[-1]["step"] if events else steps
+    picked = " (its best validation PSNR-Y)" if model_dir is None and events else ""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(src / name, out / name)
@@ -267,7 +268,7 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 
 - data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'))});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
-- steps: {steps:,} trained, weights from step {model_step:,}; batch {config.get('batch')}; HR patch {config.get('patch')}{_used_note(config, records)}; {_loss(config)} loss; lr {config.get('lr')} halved every
+- steps: {steps:,} trained, weights from step {model_step:,}{picked}; batch {config.get('batch')}; HR patch {config.get('patch')}{_used_note(config, records)}; {_loss(config)} loss; lr {config.get('lr')} halved every
   {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {_warm_start(config, records, out)}{_ema_note(config, records)}.
 - hardware: {hw}; training wall time {hours:.2f} h.
 - command: `{command_line(config)}`

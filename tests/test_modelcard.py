@@ -40,6 +40,10 @@ def chain(tmp_path_factory) -> Path:
     return tmp
 
 
+def _log(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+
+
 def test_parse_stage():
     assert parse_stage("runs/x2@5379") == (Path("runs/x2"), 5379)
     assert parse_stage("runs/x2") == (Path("runs/x2"), None)
@@ -71,6 +75,12 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
 
     make_card(chain / "B", out, title="T x4", benchmarks=chain / "bench", model_dir=chain / "B" / "export")
     assert not list(out.glob("log-stage*.jsonl")) and "training stages" not in (out / "README.md").read_text()
+
+    # without --model the card bundles best/ and says which validation step it is
+    make_card(chain / "A", chain / "from-best", title="A x2", benchmarks=chain / "bench")
+    best = [r["step"] for r in _log(chain / "A") if r["event"] == "val" and r.get("best")][-1]
+    assert f"6 trained, weights from step {best:,} (its best validation PSNR-Y);" in (chain / "from-best" / "README.md").read_text()
+    assert (chain / "from-best" / "model.safetensors").read_bytes() == (chain / "A" / "best" / "model.safetensors").read_bytes()
 
 
 def test_card_command_is_the_run_as_it_stopped_with_options_added_on_resume(chain):
