@@ -19,9 +19,10 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from dlsr_infer.evaluate import default_benchmarks_dir, evaluate, evaluate_bicubic
-from dlsr_infer.model import DLSR, MIN_INPUT_SIZE
+from dlsr_infer.model import DLSR
 
 from .data import DataError, list_images
+from .train import PATCH_BY_SCALE
 
 #: The paper's Table 2 PSNR-Y (dB) for DLSR, for comparison in the card.
 PAPER = {
@@ -142,6 +143,11 @@ def _data_note(roots: list[str] | None) -> str:
 SHARED_TRAIN_IMAGES = 571
 
 
+def hr_patch(config: dict[str, Any]) -> int:
+    """The HR patch side a run trained with (a config's `patch` None means the paper's for its scale)."""
+    return int(config.get("patch") or PATCH_BY_SCALE[int(config.get("scale") or 2)])
+
+
 def images_used(config: dict[str, Any], records: list[dict[str, Any]]) -> int | None:
     """How many training images a run drew patches from: the trainer skips those whose LR side is under
     the LR patch. From the run's `data` record, else (runs logged before it existed) from the image
@@ -149,22 +155,22 @@ def images_used(config: dict[str, Any], records: list[dict[str, Any]]) -> int | 
     logged = [r["images"] for r in records if r["event"] == "data"]
     if logged:
         return logged[-1]
-    scale, patch = int(config.get("scale") or 2), config.get("patch")
+    scale = int(config.get("scale") or 2)
     try:
         files = list_images(config.get("data") or [])
     except DataError:
         return None
-    lr_patch = int(patch) // scale if patch else MIN_INPUT_SIZE
     used = 0
     for f in files:
         with Image.open(f) as im:
-            used += min(im.size) // scale >= max(lr_patch, MIN_INPUT_SIZE)
+            used += min(im.size) // scale >= hr_patch(config) // scale
     return used
 
 
-def _used_note(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
+def _patch_note(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """'HR patch 128 (564 images large enough)'."""
     n = images_used(config, records)
-    return "" if n is None else f" ({n:,} images large enough)"
+    return f"HR patch {hr_patch(config)}" + ("" if n is None else f" ({n:,} images large enough)")
 
 
 def run_config(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -193,11 +199,10 @@ def _loss(config: dict[str, Any]) -> str:
 def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path) -> str:
     config = run_config(records)
     steps = config["steps"]
-    return (f"  {i}. `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, HR patch "
-            f"{config.get('patch')}{_used_note(config, records)}, {_loss(config)} loss, lr {config.get('lr')} halved every {config.get('halve_every')}; "
-            f"warm start: "
-            f"{_warm_start(config, records, out)}; wall time {wall_time_s(records) / 3600:.2f} h; command: "
-            f"`{command_line(config)}`")
+    return (f"  {i}. `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, "
+            f"{_patch_note(config, records)}, {_loss(config)} loss, lr {config.get('lr')} halved every "
+            f"{config.get('halve_every')}; warm start: {_warm_start(config, records, out)}; wall time "
+            f"{wall_time_s(records) / 3600:.2f} h; command: `{command_line(config)}`")
 
 
 def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: Path | None = None,
@@ -268,7 +273,7 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 
 - data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'))});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
-- steps: {steps:,} trained, weights from step {model_step:,}{picked}; batch {config.get('batch')}; HR patch {config.get('patch')}{_used_note(config, records)}; {_loss(config)} loss; lr {config.get('lr')} halved every
+- steps: {steps:,} trained, weights from step {model_step:,}{picked}; batch {config.get('batch')}; {_patch_note(config, records)}; {_loss(config)} loss; lr {config.get('lr')} halved every
   {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {_warm_start(config, records, out)}{_ema_note(config, records)}.
 - hardware: {hw}; training wall time {hours:.2f} h.
 - command: `{command_line(config)}`

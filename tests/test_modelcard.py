@@ -114,6 +114,7 @@ def test_images_used_comes_from_the_log_or_the_image_headers(chain, tmp_path):
     mixed = {"scale": 2, "data": [str(tmp_path / "mixed")]}
     assert images_used({**mixed, "patch": 40}, []) == 3 and images_used({**mixed, "patch": 48}, []) == 2
     assert images_used({**mixed, "data": [str(tmp_path / "nowhere")], "patch": 40}, []) is None
+    assert images_used({**mixed, "patch": None}, []) == 0  # no patch set: the paper's 128 at x2
     _, skipped = load_pairs(list_images([tmp_path / "mixed"]), 2, min_lr_size=24)
     assert len(skipped) == 1
 
