@@ -20,6 +20,7 @@ from dlsr_infer.genotype import GenotypeError
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .losses import PIXEL_LOSSES
 
 
 def _bool_flag(ap: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -82,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                    "for validation (keeps benchmark images out of model selection)")
     t.add_argument("--val-every", type=int, help="validate every N steps (0: never)")
     t.add_argument("--val-max-images", type=int, help="validate on at most N images")
-    t.add_argument("--pixel-loss", choices=["l1", "l2"], help="pixel loss: l1 (default, the paper's) or l2, "
+    t.add_argument("--pixel-loss", choices=sorted(PIXEL_LOSSES), help="pixel loss: l1 (default, the paper's) or l2, "
                    "the squared error PSNR measures (for a last fine-tuning stage)")
     t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default 0: off)")
     t.add_argument("--ema", type=float, metavar="DECAY", help="keep a moving average of the weights with this decay, "

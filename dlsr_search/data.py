@@ -84,6 +84,11 @@ class ImagePair:
     lr: np.ndarray  # uint8 (H/s)x(W/s)x3
 
 
+def large_enough(hr_short_side: int, scale: int, min_lr_size: int) -> bool:
+    """Whether an HR image whose shorter side is ``hr_short_side`` gives LR patches of ``min_lr_size``."""
+    return hr_short_side // scale >= min_lr_size
+
+
 def load_pairs(files: Sequence[Path], scale: int, *, min_lr_size: int = MIN_INPUT_SIZE,
                cache_dir: str | os.PathLike | None = None, threads: int = 2,
                progress: bool = False) -> tuple[list[ImagePair], list[str]]:
@@ -95,7 +100,7 @@ def load_pairs(files: Sequence[Path], scale: int, *, min_lr_size: int = MIN_INPU
 
     def one(f: Path) -> ImagePair | None:
         hr = load_rgb(f)
-        if min(hr.shape[:2]) // scale < min_lr_size:
+        if not large_enough(min(hr.shape[:2]), scale, min_lr_size):
             return None
         hr = modcrop(hr, scale)
         return ImagePair(f.name, hr, make_lr(hr, scale, _cache_path(cache, f, scale)))
@@ -223,6 +228,7 @@ __all__ = [
     "PatchDataset",
     "StepBatchSampler",
     "default_data_roots",
+    "large_enough",
     "list_images",
     "load_pairs",
     "patch_loader",

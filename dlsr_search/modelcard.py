@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw, ImageFont
 from dlsr_infer.evaluate import default_benchmarks_dir, evaluate, evaluate_bicubic
 from dlsr_infer.model import DLSR
 
-from .data import DataError, list_images
-from .train import PATCH_BY_SCALE
+from .data import DataError, large_enough, list_images
+from .train import hr_patch_side
 
 #: The paper's Table 2 PSNR-Y (dB) for DLSR, for comparison in the card.
 PAPER = {
@@ -143,11 +143,6 @@ def _data_note(roots: list[str] | None) -> str:
 SHARED_TRAIN_IMAGES = 571
 
 
-def hr_patch(config: dict[str, Any]) -> int:
-    """The HR patch side a run trained with (a config's `patch` None means the paper's for its scale)."""
-    return int(config.get("patch") or PATCH_BY_SCALE[int(config.get("scale") or 2)])
-
-
 def images_used(config: dict[str, Any], records: list[dict[str, Any]]) -> int | None:
     """How many training images a run drew patches from: the trainer skips those whose LR side is under
     the LR patch. From the run's `data` record, else (runs logged before it existed) from the image
@@ -156,6 +151,7 @@ def images_used(config: dict[str, Any], records: list[dict[str, Any]]) -> int | 
     if logged:
         return logged[-1]
     scale = int(config.get("scale") or 2)
+    lr_patch = hr_patch_side(scale, config.get("patch")) // scale
     try:
         files = list_images(config.get("data") or [])
     except DataError:
@@ -163,14 +159,14 @@ def images_used(config: dict[str, Any], records: list[dict[str, Any]]) -> int | 
     used = 0
     for f in files:
         with Image.open(f) as im:
-            used += min(im.size) // scale >= hr_patch(config) // scale
+            used += large_enough(min(im.size), scale, lr_patch)
     return used
 
 
 def _patch_note(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """'HR patch 128 (564 images large enough)'."""
     n = images_used(config, records)
-    return f"HR patch {hr_patch(config)}" + ("" if n is None else f" ({n:,} images large enough)")
+    return f"HR patch {hr_patch_side(int(config.get('scale') or 2), config.get('patch'))}" + ("" if n is None else f" ({n:,} images large enough)")
 
 
 def run_config(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -39,6 +39,11 @@ from .validation import ValidationSet
 PATCH_BY_SCALE = {2: 128, 3: 192, 4: 256}
 
 
+def hr_patch_side(scale: int, patch: int | None) -> int:
+    """The HR patch side of a run: ``patch``, or the paper's for ``scale`` when it is None."""
+    return patch if patch is not None else PATCH_BY_SCALE[scale]
+
+
 @dataclass
 class TrainConfig:
     out: str
@@ -77,7 +82,7 @@ class TrainConfig:
     progress: bool = True
 
     def hr_patch(self) -> int:
-        return self.patch if self.patch is not None else PATCH_BY_SCALE[self.scale]
+        return hr_patch_side(self.scale, self.patch)
 
 
 @dataclass
@@ -308,4 +313,4 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     return TrainResult(out, step, best_psnr if math.isfinite(best_psnr) else None, losses, exported, resumed_from)
 
 
-__all__ = ["PATCH_BY_SCALE", "TrainConfig", "TrainResult", "train"]
+__all__ = ["PATCH_BY_SCALE", "TrainConfig", "TrainResult", "hr_patch_side", "train"]

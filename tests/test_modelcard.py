@@ -12,7 +12,7 @@ import pytest
 from dlsr_infer import DLSR
 from dlsr_infer.evaluate import evaluate
 from dlsr_search.data import list_images, load_pairs
-from dlsr_search.modelcard import make_card, parse_stage
+from dlsr_search.modelcard import images_used, make_card, parse_stage, read_log, run_config
 from dlsr_search.synthetic import write_images
 from dlsr_search.train import TrainConfig, train
 
@@ -38,10 +38,6 @@ def chain(tmp_path_factory) -> Path:
     train(_cfg(tmp, "A", steps=6, resume=True), explicit={"steps", "resume"})
     train(_cfg(tmp, "B", scale=4, patch=64, steps=3, val_every=3, init_from=str(tmp / "A-handoff")))
     return tmp
-
-
-def _log(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
 
 
 def test_parse_stage():
@@ -78,7 +74,7 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
 
     # without --model the card bundles best/ and says which validation step it is
     make_card(chain / "A", chain / "from-best", title="A x2", benchmarks=chain / "bench")
-    best = [r["step"] for r in _log(chain / "A") if r["event"] == "val" and r.get("best")][-1]
+    best = [r["step"] for r in read_log(chain / "A") if r["event"] == "val" and r.get("best")][-1]
     assert f"6 trained, weights from step {best:,} (its best validation PSNR-Y);" in (chain / "from-best" / "README.md").read_text()
     assert (chain / "from-best" / "model.safetensors").read_bytes() == (chain / "A" / "best" / "model.safetensors").read_bytes()
 
@@ -101,7 +97,6 @@ def test_card_command_is_the_run_as_it_stopped_with_options_added_on_resume(chai
 
 
 def test_images_used_comes_from_the_log_or_the_image_headers(chain, tmp_path):
-    from dlsr_search.modelcard import images_used, read_log, run_config
     records = read_log(chain / "A")
     data = [r for r in records if r["event"] == "data"]
     assert data and data[-1]["images"] == 6 and data[-1]["lr_patch"] == 16
