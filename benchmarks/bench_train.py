@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/bench_train.py                      # batch / 4, 1 and 2 threads
     PYTHONPATH=. python benchmarks/bench_train.py --batch-div 1 --device cuda --bf16 --channels-last
+    PYTHONPATH=. python benchmarks/bench_train.py --scales 2 --threads 1 --batch-div 8 --bf16 --channels-last \
+        --skip-search --compile --warmup 2 --repeats 8    # eager vs torch.compile, side by side
 
 Paper settings (full size): retrain batch 32 with HR patches 128/192/256 for x2/x3/x4 (64 px LR) on
 the 48-channel DLSR; search batch 64 with 64 px HR patches on the 48-channel, 6-cell supernet. At
@@ -53,17 +55,18 @@ def batch_of(n: int, lr: int, scale: int, device: torch.device, channels_last: b
 
 
 def bench_retrain(scale: int, batch: int, device: torch.device, dtype: torch.dtype | None, channels_last: bool,
-                  warmup: int, repeats: int) -> list[float]:
+                  warmup: int, repeats: int, compile: bool = False, patch: int | None = None) -> list[float]:
     torch.manual_seed(0)
     model = DLSR(builtin(f"dlsr_x{scale}")).to(device).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=3e-4, betas=(0.9, 0.999), weight_decay=1e-8)
-    x, y = batch_of(batch, PATCH_BY_SCALE[scale] // scale, scale, device, channels_last)
+    x, y = batch_of(batch, (patch or PATCH_BY_SCALE[scale]) // scale, scale, device, channels_last)
+    forward = torch.compile(model) if compile else model  # the first (warm-up) steps pay the compile
 
     def step() -> None:  # the body of train.py's loop
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            sr = model(x)
+            sr = forward(x)
         loss = sr_loss(sr.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -103,6 +106,8 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--skip-search", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time each retrain case under torch.compile")
+    ap.add_argument("--patch", type=int, help="HR patch of the retrain cases (default: the paper's per scale)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -115,8 +120,11 @@ def main() -> None:
         torch.set_num_threads(threads)
         cases: list[tuple[str, int, Callable[[int], list[float]]]] = []
         for s in args.scales:
-            cases.append((f"retrain x{s} (HR {PATCH_BY_SCALE[s]}, LR 64)", 32,
-                          lambda b, s=s: bench_retrain(s, b, device, dtype, args.channels_last, args.warmup, args.repeats)))
+            hr = args.patch or PATCH_BY_SCALE[s]
+            for comp in ([False, True] if args.compile else [False]):
+                cases.append((f"retrain x{s} (HR {hr}){' compiled' if comp else ''}", 32,
+                              lambda b, s=s, comp=comp: bench_retrain(s, b, device, dtype, args.channels_last,
+                                                                      args.warmup, args.repeats, comp, args.patch)))
         if not args.skip_search:
             cases.append(("search warm-up step (HR 64)", 64,
                           lambda b: bench_search(b, False, device, dtype, args.channels_last, args.warmup, args.repeats)))
