@@ -32,6 +32,15 @@ def precision_flags(bf16: bool | None, channels_last: bool | None,
     return (torch.bfloat16 if bf16 else None), channels_last
 
 
+def autotune_convolutions(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution kernels once per shape and keep the fastest.
+
+    Training patches have one fixed shape, so the one-off timing pays back within a few steps.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def load_pairs_ranked(files: Sequence[Path], scale: int, info: D.DistInfo, **kw: Any) -> tuple[list[ImagePair], list[str]]:
     """`load_pairs` on every rank, rank 0 first: it fills the on-disk LR cache, so ranks never write one file at once."""
     result = None
@@ -66,4 +75,4 @@ class StopRequest:
             signal.signal(sig, old)
 
 
-__all__ = ["StopRequest", "load_pairs_ranked", "precision_flags", "set_threads"]
+__all__ = ["StopRequest", "autotune_convolutions", "load_pairs_ranked", "precision_flags", "set_threads"]

@@ -40,7 +40,7 @@ from .data import DataError, PatchDataset, default_data_roots, list_images, patc
 from .genotypes import derive_genotype
 from .losses import param_loss, sr_loss
 from .runlog import RunLog
-from .runtime import StopRequest, load_pairs_ranked, precision_flags, set_threads
+from .runtime import StopRequest, autotune_convolutions, load_pairs_ranked, precision_flags, set_threads
 from .supernet import SuperNet
 
 
@@ -173,6 +173,7 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
         raise ConfigError(str(e)) from None
     device = info.device
     autocast_dtype, channels_last = precision_flags(cfg.bf16, cfg.channels_last, device)
+    autotune_convolutions(device)
     threads = set_threads(cfg.threads, info)
     log = RunLog(out if info.is_main else None, total_steps=cfg.steps, start_step=ckpt["step"] if ckpt else 0,
                  enabled=info.is_main, progress=cfg.progress, desc=f"search x{cfg.scale}")

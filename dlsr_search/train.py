@@ -31,7 +31,7 @@ from .export import save_model
 from .genotypes import resolve_genotype
 from .losses import PIXEL_LOSSES, sr_loss
 from .runlog import RunLog
-from .runtime import StopRequest, load_pairs_ranked, precision_flags, set_threads
+from .runtime import StopRequest, autotune_convolutions, load_pairs_ranked, precision_flags, set_threads
 from .transfer import warm_start
 from .validation import ValidationSet
 
@@ -142,6 +142,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
         raise ConfigError(str(e)) from None
     device = info.device
     autocast_dtype, channels_last = precision_flags(cfg.bf16, cfg.channels_last, device)
+    autotune_convolutions(device)
     threads = set_threads(cfg.threads, info)
     log = RunLog(out if info.is_main else None, total_steps=cfg.steps, start_step=ckpt["step"] if ckpt else 0,
                  enabled=info.is_main, progress=cfg.progress, desc=f"train x{cfg.scale}")
@@ -187,7 +188,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(to_json(cfg) + "\n")
         log.record("start", step, config=to_json(cfg), world=info.world, device=str(device),
-                   params=sum(p.numel() for p in params))
+                   params=sum(p.numel() for p in params), channels_last=channels_last,
+                   autocast=None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."))
         log.print(f"DLSR x{cfg.scale} {genotype.channels}ch {genotype.num_cells} cells, "
                   f"{sum(p.numel() for p in params):,} params | {device} x{info.world} | "
                   f"batch {cfg.batch} patch {cfg.hr_patch()} | steps {step}->{cfg.steps}")

@@ -481,7 +481,7 @@ def test_training_killed_at_random_moments_resumes_to_the_uninterrupted_result(t
         for tmp in out.glob(".last.pt.*.tmp"):  # a kill mid-save leaves one; pretend it was a while ago
             _age(tmp)
         if not (out / "last.pt").exists():
-            assert last_step() < CKPT_EVERY, (label, why)
+            assert last_step() <= CKPT_EVERY, (label, why)  # killed between step CKPT_EVERY and its save
             return None
         try:
             ckpt = load_checkpoint(out / "last.pt", kind="train")

@@ -200,6 +200,24 @@ def test_l2_pixel_loss_is_the_squared_error_and_trains_the_run(tmp_path, data_di
         train(_cfg(tmp_path, data_dir, "l2", steps=2, resume=True), explicit={"pixel_loss", "steps", "resume"})
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_retrain_on_cuda_under_bf16_and_channels_last_then_resumes_on_the_cpu(tmp_path, data_dir):
+    val = write_images(tmp_path / "val", n=2, size=48, seed=5)
+    cfg = _cfg(tmp_path, data_dir, "gpu", steps=20, log_every=10, ema=0.9, val=str(val), val_every=10, workers=1)
+    result = train(cfg)  # device auto: CUDA, with bf16 autocast and channels_last on by default
+    start = _records(result.out)[0]
+    assert start["device"].startswith("cuda") and result.step == 20
+    assert all(np.isfinite(loss) for _, loss in result.losses) and result.best_psnr is not None
+    assert json.loads(start["config"])["device"] == "auto"
+    # the checkpoint (CUDA tensors, CUDA RNG state) loads onto the CPU and the run goes on there
+    more = train(_cfg(tmp_path, data_dir, "gpu", steps=24, log_every=4, ema=0.9, val=str(val), val_every=10,
+                      workers=1, device="cpu", resume=True))
+    assert more.resumed_from == 20 and more.step == 24
+    ckpt = load_checkpoint(result.out / "last.pt", kind="train")
+    assert all(t.device.type == "cpu" for t in ckpt["model"].values()) and ckpt["ema"]["updates"] == 24
+
+
 def test_resume_keeps_the_run_definition(tmp_path, data_dir):
     cfg = _cfg(tmp_path, data_dir, "run", steps=2)
     train(cfg)
