@@ -1,0 +1,206 @@
+"""DLSR inference on a CUDA GPU: every path timed in one process, interleaved, median of N after warm-up.
+
+    python benchmarks/bench_cuda.py --json benchmarks/results/cuda.json
+    python benchmarks/bench_cuda.py --scales 4 --repeats 5 --no-compile      # quick
+
+What it measures (random weights, seeded: speed and memory do not depend on trained values)
+  * x2 / x3 / x4 at 720p output (one image), each path, GPU time per image (CUDA-synchronised wall
+    time) and, for reduced precision, PSNR of its output against the fp32 path:
+      fp32        eager `DLSR` layers in float32, NCHW (on CUDA the fused CPU form does not apply)
+      fp32-cl     the same with channels_last input and weights
+      bf16-cl     channels_last under `torch.autocast("cuda", torch.bfloat16)`
+      fp16-cl     channels_last under fp16 autocast: what `upscale(device="cuda")` runs by default
+      compile     `torch.compile` of the fp16-cl path (x4 only by default; compile time reported)
+  * peak CUDA memory per LR pixel of one fp16 / fp32 forward at several sizes, next to the estimate
+    `tiling.bytes_per_pixel` makes (it sizes the automatic tiles);
+  * `upscale()` end to end on a 960x540 uint8 numpy image at x4 (4K output): the automatic tile
+    choice, and a forced 256 px tile (tiling overhead).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from dlsr_infer import tiling  # noqa: E402
+from dlsr_infer.upscaling import upscale  # noqa: E402
+from bench_inference import LR_720P, make_model, synthetic_photo  # noqa: E402
+
+CL = torch.channels_last
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(cands: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """name -> seconds per round; each call synchronised; the order rotates every round."""
+    names = list(cands)
+    for name in names:
+        for _ in range(warmup):
+            cands[name]()
+    sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            cands[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def bench_scale(scale: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    model = make_model(f"dlsr_x{scale}").to(device)
+    model_cl = make_model(f"dlsr_x{scale}").to(device).to(memory_format=CL)
+    h, w = LR_720P[scale]
+    x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(scale)).to(device)
+    x_cl = x.contiguous(memory_format=CL)
+    cuda = device.type == "cuda"
+
+    def under(dtype: torch.dtype | None, m: torch.nn.Module, inp: torch.Tensor) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                                        enabled=dtype is not None):
+                return m(inp)
+        return run
+
+    paths: dict[str, Callable[[], torch.Tensor]] = {"fp32": under(None, model, x), "fp32-cl": under(None, model_cl, x_cl)}
+    extra: dict[str, Any] = {}
+    if cuda:
+        paths["bf16-cl"] = under(torch.bfloat16, model_cl, x_cl)
+        paths["fp16-cl"] = under(torch.float16, model_cl, x_cl)
+        if scale in args.compile_scales:
+            t0 = time.perf_counter()
+            compiled = torch.compile(model_cl, dynamic=False)
+            under(torch.float16, compiled, x_cl)()
+            sync(device)
+            extra["compile_seconds"] = round(time.perf_counter() - t0, 1)
+            paths["compile"] = under(torch.float16, compiled, x_cl)
+    with torch.inference_mode():
+        ref = paths["fp32"]().float()
+        outputs = {n: f().float() for n, f in paths.items()}
+    times = interleaved(paths, args.repeats, args.warmup, device)
+    out_px = ref.shape[-1] * ref.shape[-2]
+    rows = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows[name] = {"median_ms": round(med * 1e3, 3), "min_ms": round(min(ts) * 1e3, 3),
+                      "out_mpx_per_s": round(out_px / med / 1e6, 1),
+                      "psnr_vs_fp32": None if name.startswith("fp32") else round(psnr(outputs[name], ref), 1),
+                      "max_abs_vs_fp32": round(float((outputs[name] - ref).abs().max()), 6)}
+    del outputs
+    return {"scale": scale, "lr": [h, w], "paths": rows, **extra}
+
+
+def bench_memory(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Peak allocated bytes per LR pixel of one forward (above the weights and input already on the GPU)."""
+    rows = []
+    for scale in args.scales:
+        model = make_model(f"dlsr_x{scale}").to(device).to(memory_format=CL)
+        for dtype in (torch.float16, torch.float32):
+            for h, w in ((180, 320), (360, 640), (540, 960)):
+                x = torch.rand(1, 3, h, w, device=device).contiguous(memory_format=CL)
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                    y = model(x)
+                torch.cuda.synchronize(device)
+                peak = torch.cuda.max_memory_allocated(device) - base
+                del y
+                rows.append({"scale": scale, "dtype": str(dtype).replace("torch.", ""), "lr": [h, w],
+                             "peak_mib": round(peak / 2**20, 1), "bytes_per_lr_px": round(peak / (h * w)),
+                             "estimate_bytes_per_lr_px": tiling.bytes_per_pixel(model, dtype)})
+        del model
+    return rows
+
+
+def bench_upscale(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """`upscale()` of a 960x540 uint8 photo at x4 (4K out), numpy in and out, automatic tile vs 256 px tiles."""
+    model = make_model("dlsr_x4")
+    photo = synthetic_photo(540, 960, seed=0)
+    res: dict[str, Any] = {}
+    for label, tile in (("auto", None), ("tile256", 256)):
+        run = lambda: upscale(photo, model=model, device=device, tile=tile)  # noqa: E731
+        run()
+        ts = []
+        for _ in range(args.upscale_repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            out = run()
+            ts.append(time.perf_counter() - t0)
+        res[label] = {"median_s": round(statistics.median(ts), 4), "images_per_s": round(1 / statistics.median(ts), 2),
+                      "out_shape": list(out.shape)}
+    if device.type == "cuda":
+        plan = tiling.auto_tile(model, 540, 960, device=device, compute_dtype=torch.float16)
+        res["auto_tile_batch"] = list(plan)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--scales", type=int, nargs="*", default=[2, 3, 4])
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile-scales", type=int, nargs="*", default=[4])
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--upscale-repeats", type=int, default=3)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    if args.no_compile:
+        args.compile_scales = []
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_cuda: no CUDA device (pass --device cpu to try the script on a CPU)")
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
+    result: dict[str, Any] = {
+        "torch": torch.__version__, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "repeats": args.repeats, "warmup": args.warmup,
+    }
+    result["scales"] = []
+    for s in args.scales:
+        r = bench_scale(s, args, device)
+        result["scales"].append(r)
+        print(f"x{s} LR {r['lr'][0]}x{r['lr'][1]}: " + ", ".join(
+            f"{n} {p['median_ms']:.2f} ms" + (f" ({p['psnr_vs_fp32']} dB)" if p['psnr_vs_fp32'] else "")
+            for n, p in r["paths"].items()) + (f"; compile {r['compile_seconds']} s" if "compile_seconds" in r else ""),
+            flush=True)
+    if device.type == "cuda":
+        result["memory"] = bench_memory(args, device)
+        for m in result["memory"]:
+            print(f"memory x{m['scale']} {m['dtype']} LR {m['lr'][0]}x{m['lr'][1]}: {m['peak_mib']} MiB, "
+                  f"{m['bytes_per_lr_px']} B/px (estimate {m['estimate_bytes_per_lr_px']})", flush=True)
+    result["upscale_4k_x4"] = bench_upscale(args, device)
+    print("upscale 960x540 -> 4K (x4):", result["upscale_4k_x4"], flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# One lent GPU session in one command: the CUDA tests, the CUDA benchmarks, then GPU fine-tuning stages
+# of the bundled models, side by side on the one GPU, until a deadline; everything worth keeping lands in $OUT.
+#
+#   OUT=/tmp/out DATA=.gpu/train VAL=.gpu/Set5/HR END=560 bash benchmarks/gpu_session.sh
+#
+# DATA: training images (folders of PNG/JPEG; lossless .webp files are converted to PNG first, since
+# WebP travels smaller). VAL: HR validation images (Set5). EXTRA: trainer options appended to every
+# run (a dry run on a CPU: EXTRA="--channels 8 --batch 2 --log-every 5 --workers 1"). END: seconds
+# after the start at which the runs are sent SIGTERM (each finishes its step and writes its checkpoint). Each run's folder
+# (last.pt, best/, log.jsonl, config.json, console log) is packed into $OUT every PACK_EVERY seconds
+# and at the end, so a session cut short still returns its latest checkpoints. NAMES: the runs to start
+# (default all four); CHECKS=0 skips the tests and benchmarks. To go on with runs from an earlier
+# session, carry their folders, point RUNS at them and pass EXTRA=--resume.
+set -u
+T0=$(date +%s)
+END=${END:-560}
+PACK_EVERY=${PACK_EVERY:-45}
+OUT=${OUT:?set OUT}; DATA=${DATA:?set DATA}; VAL=${VAL:?set VAL}
+PY=${PY:-python3}
+RUNS=${RUNS:-/tmp/dlsr_runs}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$RUNS"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+elapsed() { echo $(( $(date +%s) - T0 )); }
+say() { echo "[$(elapsed) s] $*"; }
+
+say "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+say "training data"
+$PY - "$DATA" /tmp/dlsr_data <<'EOF'
+import shutil, sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from PIL import Image
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+def one(f: Path) -> None:
+    out = dst / f.relative_to(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if f.suffix.lower() == ".webp":  # lossless WebP -> PNG (pixels unchanged)
+        Image.open(f).convert("RGB").save(out.with_suffix(".png"), compress_level=1)
+    else:
+        shutil.copy2(f, out)
+files = [f for f in sorted(src.rglob("*")) if f.is_file()]
+with ProcessPoolExecutor(8) as pool:
+    list(pool.map(one, files))
+print(f"{len(files)} files -> {dst}")
+EOF
+
+NAMES=${NAMES:-x2g x3g x4g x2sg}
+if [ "${CHECKS:-1}" != 0 ]; then
+say "CUDA tests"
+timeout 180 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_upscale.py tests/test_train.py tests/test_tiling.py
+
+say "inference benchmark"
+timeout 200 $PY benchmarks/bench_cuda.py --json "$OUT/bench_cuda.json"
+
+say "training-step benchmark (one process, paper batch)"
+timeout 90 $PY benchmarks/bench_train.py --batch-div 1 --device cuda --bf16 --channels-last --threads 1 \
+    --scales 2 4 --skip-search --warmup 3 --repeats 10 --json "$OUT/bench_train_cuda.json"
+fi
+
+# ---- GPU fine-tuning stages, all four side by side (the network is small: one run leaves the GPU idle
+# between kernel launches, so several runs share it better than one after another)
+COMMON=(--data /tmp/dlsr_data --val "$VAL" --val-every 500 --ckpt-every 500 --ckpt-every-minutes 1
+        --log-every 100 --batch 64 --ema 0.999 --steps 20000 --halve-every 1500 --workers 2 --threads 2 --no-progress
+        ${EXTRA:-})
+declare -A ARGS=(
+  [x2g]="--scale 2 --init-from weights/dlsr-x2 --pixel-loss l2 --lr 1e-4 --patch 128"
+  [x3g]="--scale 3 --init-from weights/dlsr-x3 --pixel-loss l2 --lr 1e-4 --patch 192"
+  [x4g]="--scale 4 --init-from weights/dlsr-x4 --pixel-loss l2 --lr 1e-4 --patch 256"
+  [x2sg]="--scale 2 --genotype dlsr_s_x2 --init-from weights/dlsr-s-x2 --lr 2e-4 --patch 128"
+)
+# packs (at most 16 MiB each): x2 with x2-s, x3, x4
+declare -A PACKS=([g2]="x2g x2sg" [g3]="x3g" [g4]="x4g")
+PIDS=()
+for name in $NAMES; do
+  # shellcheck disable=SC2086
+  $PY -m dlsr_search.cli train ${ARGS[$name]} "${COMMON[@]}" --out "$RUNS/$name" >> "$RUNS/$name.log" 2>&1 &
+  PIDS+=($!)
+  say "started $name (pid $!)"
+done
+
+pack() {
+  for p in "${!PACKS[@]}"; do
+    local members=()
+    for n in ${PACKS[$p]}; do
+      [ -d "$RUNS/$n" ] && members+=("$n")
+      [ -f "$RUNS/$n.log" ] && members+=("$n.log")
+    done
+    [ ${#members[@]} -gt 0 ] && tar -cf "$OUT/$p.part" -C "$RUNS" "${members[@]}" 2>/dev/null && mv "$OUT/$p.part" "$OUT/$p.tar"
+  done
+}
+
+last_pack=$(elapsed)
+while [ "$(elapsed)" -lt "$END" ]; do
+  sleep 15
+  alive=0; for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=$((alive + 1)); done
+  if [ $(( $(elapsed) - last_pack )) -ge "$PACK_EVERY" ]; then
+    pack; last_pack=$(elapsed)
+    say "$alive runs alive; $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)"
+    for name in $NAMES; do echo "  $name: $(grep -E '^step' "$RUNS/$name.log" 2>/dev/null | tail -1)"; done
+  fi
+  [ "$alive" -eq 0 ] && break
+done
+
+say "stopping the runs"
+for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+for _ in $(seq 30); do
+  alive=0; for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+  [ "$alive" -eq 0 ] && break
+  sleep 1
+done
+pack
+for name in $NAMES; do echo "== $name"; tail -4 "$RUNS/$name.log"; done
+ls -la "$OUT"
+say "done"
