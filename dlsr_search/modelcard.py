@@ -41,7 +41,15 @@ def stage_records(run: Path, until: int | None = None) -> list[dict[str, Any]]:
     """A run's log up to step `until`: the part of a run that a later warm start actually came from
     (the run may have been resumed and gone on training after the hand-off)."""
     records = read_log(run)
-    return records if until is None else [r for r in records if r.get("step", 0) <= until]
+    if until is None:
+        return records
+    kept: list[dict[str, Any]] = []
+    for r in records:
+        if r["event"] in ("start", "resume") and any(k.get("step", 0) >= until for k in kept):
+            break  # the run was resumed from the hand-off step: what follows came after it
+        if r.get("step", 0) <= until:
+            kept.append(r)
+    return kept
 
 
 def parse_stage(text: str) -> tuple[Path, int | None]:
@@ -187,9 +195,27 @@ def _warm_start(config: dict[str, Any], records: list[dict[str, Any]], out: Path
     return f"{source} ({'; '.join(notes)})" if notes else source
 
 
+def _autocast(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    """The autocast dtype a run trained under: from its start record, else (older logs) from --bf16,
+    whose default (None) meant on for CUDA and off for the CPU."""
+    starts = [r for r in records if r["event"] == "start"]
+    if starts and "autocast" in starts[-1]:
+        return starts[-1]["autocast"] or "off"
+    bf16 = config.get("bf16")
+    if bf16 is None:
+        bf16 = bool(starts) and str(starts[-1].get("device", "")).startswith("cuda")
+    return "bfloat16" if bf16 else "off"
+
+
 def _loss(config: dict[str, Any]) -> str:
     """The pixel loss a run trained with (configs from before --pixel-loss existed trained with L1)."""
     return str(config.get("pixel_loss") or "l1").upper()
+
+
+def _devices(records: list[dict[str, Any]]) -> str:
+    """The devices a run trained on, from its start records ('cpu', 'cuda:0', ...), in order of first use."""
+    seen = [r["device"] for r in records if r["event"] == "start" and r.get("device")]
+    return ", ".join(dict.fromkeys(seen)) or "not logged"
 
 
 def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path) -> str:
@@ -198,14 +224,16 @@ def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path) -> 
     return (f"  {i}. `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, "
             f"{_patch_note(config, records)}, {_loss(config)} loss, lr {config.get('lr')} halved every "
             f"{config.get('halve_every')}; warm start: {_warm_start(config, records, out)}; wall time "
-            f"{wall_time_s(records) / 3600:.2f} h; command: `{command_line(config)}`")
+            f"{wall_time_s(records) / 3600:.2f} h on {_devices(records)}; command: `{command_line(config)}`")
 
 
 def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: Path | None = None,
-              hardware: str | None = None, earlier: Sequence[tuple[Path, int | None]] = ()) -> Path:
+              hardware: str | None = None, earlier: Sequence[tuple[Path, int | None]] = (),
+              data_note: str | None = None) -> Path:
     """Write the model directory `out` for `run`. `earlier`: the runs this one was warm-started from,
     oldest first, each with the last step the next stage took from it (None: all of it); their logs
-    are kept as log-stage<i>.jsonl and their steps and commands listed in the card."""
+    are kept as log-stage<i>.jsonl and their steps and commands listed in the card. `data_note`: what
+    the run's data folder held, where it is not beside the card (a run trained on another machine)."""
     stages = [(r, stage_records(r, until)) for r, until in earlier]
     records = read_log(run)
     config = run_config(records)
@@ -267,11 +295,11 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 
 ## Training
 
-- data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'))});
+- data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({data_note or _data_note(config.get('data'))});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
 - steps: {steps:,} trained, weights from step {model_step:,}{picked}; batch {config.get('batch')}; {_patch_note(config, records)}; {_loss(config)} loss; lr {config.get('lr')} halved every
-  {config.get('halve_every')} steps; bf16 autocast: {bool(config.get('bf16'))}; warm start: {_warm_start(config, records, out)}{_ema_note(config, records)}.
-- hardware: {hw}; training wall time {hours:.2f} h.
+  {config.get('halve_every')} steps; autocast: {_autocast(config, records)}; warm start: {_warm_start(config, records, out)}{_ema_note(config, records)}.
+- hardware: {hw} ({_devices(records)}); training wall time {hours:.2f} h.
 - command: `{command_line(config)}`
 - log: `log.jsonl` (JSON lines); learning curve: `curve.png`.{history}
 
@@ -326,12 +354,16 @@ def main(argv: list[str] | None = None) -> int:
                         "for the last step, which involves no selection on validation images)")
     p.add_argument("--benchmarks", type=Path, default=None, help="benchmark root (default: shared data)")
     p.add_argument("--hardware", default=None, help="hardware description (default: this machine's CPU)")
+    p.add_argument("--data-note", default=None,
+                   help="what the run's training folder held, for a run trained on another machine "
+                        "(default: counted from the folder here)")
     p.add_argument("--earlier", action="append", default=[], metavar="RUN[@STEP]",
                    help="a run this one was warm-started from, oldest first (repeat); @STEP: the last step "
                         "the next stage took from it, when that run went on training afterwards")
     a = p.parse_args(argv)
     out = make_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
-                    model_dir=a.model, hardware=a.hardware, earlier=[parse_stage(e) for e in a.earlier])
+                    model_dir=a.model, hardware=a.hardware, earlier=[parse_stage(e) for e in a.earlier],
+                    data_note=a.data_note)
     print(f"wrote {out}")
     return 0
 

@@ -12,6 +12,7 @@ import pytest
 from dlsr_infer import DLSR
 from dlsr_infer.evaluate import evaluate
 from dlsr_search.data import list_images, load_pairs
+from dlsr_search import modelcard
 from dlsr_search.modelcard import images_used, make_card, parse_stage, read_log, run_config
 from dlsr_search.synthetic import write_images
 from dlsr_search.train import TrainConfig, train
@@ -35,7 +36,7 @@ def chain(tmp_path_factory) -> Path:
         write_images(tmp / "bench" / name / "HR", n=1, size=64, seed=len(name))
     train(_cfg(tmp, "A", steps=4))
     shutil.copytree(tmp / "A" / "export", tmp / "A-handoff")
-    train(_cfg(tmp, "A", steps=6, resume=True), explicit={"steps", "resume"})
+    train(_cfg(tmp, "A", steps=6, threads=2, resume=True), explicit={"steps", "threads", "resume"})
     train(_cfg(tmp, "B", scale=4, patch=64, steps=3, val_every=3, init_from=str(tmp / "A-handoff")))
     return tmp
 
@@ -52,10 +53,12 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
               earlier=[(chain / "A", 4)])
     card = (out / "README.md").read_text()
     stage1 = [json.loads(x) for x in (out / "log-stage1.jsonl").read_text().splitlines()]
-    assert max(r["step"] for r in stage1) == 4 and any(r["event"] == "start" for r in stage1)
+    assert max(r["step"] for r in stage1) == 4 and [r["event"] for r in stage1].count("start") == 1
+    assert not any(r["event"] == "resume" for r in stage1)  # the segment resumed at step 4 came after the hand-off
     assert f"1. `{chain / 'A'}`, x2: 4 steps" in card  # the hand-off step, not the 6 that A went on to
     assert f"2. `{chain / 'B'}`, x4: 3 steps" in card and "(this run)" in card
     assert f"--out {chain / 'A'}" in card and f"--init-from {chain / 'A-handoff'}" in card
+    assert "--steps 4 --threads 1 --val" in card  # stage 1's command is the one that made step 4
     assert card.count("HR patch 32 (6 images large enough), L1 loss, lr 0.001") == 1
     assert "HR patch 64 (6 images large enough), L1 loss" in card
     assert "all stages: 7 steps" in card and "(6 HR images)" in card
@@ -69,8 +72,21 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
     for name in ("config.json", "model.safetensors", "log.jsonl", "curve.png"):
         assert (out / name).is_file()
 
-    make_card(chain / "B", out, title="T x4", benchmarks=chain / "bench", model_dir=chain / "B" / "export")
-    assert not list(out.glob("log-stage*.jsonl")) and "training stages" not in (out / "README.md").read_text()
+    # each stage says where it trained, from its start records
+    assert card.count("h on cpu; command:") == 2 and "CPU threads (cpu);" in card
+    assert "; autocast: off;" in card  # the CPU default; the trainer logs what it resolved
+    records = read_log(chain / "B")
+    assert [r["autocast"] for r in records if r["event"] == "start"] == [None]
+    old = [{k: v for k, v in r.items() if k != "autocast"} for r in records]  # a log from before the field
+    start = next(r for r in old if r["event"] == "start")
+    assert modelcard._autocast({"bf16": None}, [{**start, "device": "cuda:0"}]) == "bfloat16"
+    assert modelcard._autocast({"bf16": None}, old) == "off" and modelcard._autocast({"bf16": True}, old) == "bfloat16"
+
+    make_card(chain / "B", out, title="T x4", benchmarks=chain / "bench", model_dir=chain / "B" / "export",
+              data_note="40 HR images copied to another machine")
+    card = (out / "README.md").read_text()
+    assert not list(out.glob("log-stage*.jsonl")) and "training stages" not in card
+    assert "(40 HR images copied to another machine);" in card and "(6 HR images)" not in card
 
     # without --model the card bundles best/ and says which validation step it is
     make_card(chain / "A", chain / "from-best", title="A x2", benchmarks=chain / "bench")
