@@ -6,7 +6,7 @@
 #
 # DATA: training images (folders of PNG/JPEG; lossless .webp files are converted to PNG first, since
 # WebP travels smaller). VAL: HR validation images (Set5). EXTRA: trainer options appended to every
-# run (a dry run on a CPU: EXTRA="--channels 8 --batch 2 --log-every 5 --workers 1"). END: seconds
+# run (a dry run on a CPU: EXTRA="--channels 8 --batch 2 --patch 64 --workers 0"; tests/test_gpu_session.py). END: seconds
 # after the start at which the runs are sent SIGTERM (each finishes its step and writes its checkpoint). Each run's folder
 # (last.pt, best/, log.jsonl, config.json, console log) is packed into $OUT every PACK_EVERY seconds
 # and at the end, so a session cut short still returns its latest checkpoints. NAMES: the runs to start
@@ -19,6 +19,7 @@ PACK_EVERY=${PACK_EVERY:-45}
 OUT=${OUT:?set OUT}; DATA=${DATA:?set DATA}; VAL=${VAL:?set VAL}
 PY=${PY:-python3}
 RUNS=${RUNS:-/tmp/dlsr_runs}
+WORK_DATA=${WORK_DATA:-/tmp/dlsr_data}  # the decoded training images (a resumed run needs the same path)
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -30,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
 say "training data"
-$PY - "$DATA" /tmp/dlsr_data <<'EOF'
+$PY - "$DATA" "$WORK_DATA" <<'EOF'
 import shutil, sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -64,7 +65,7 @@ fi
 
 # ---- GPU fine-tuning stages, all four side by side (the network is small: one run leaves the GPU idle
 # between kernel launches, so several runs share it better than one after another)
-COMMON=(--data /tmp/dlsr_data --val "$VAL" --val-every 500 --ckpt-every 500 --ckpt-every-minutes 1
+COMMON=(--data "$WORK_DATA" --val "$VAL" --val-every 500 --ckpt-every 500 --ckpt-every-minutes 1
         --log-every 100 --batch 64 --ema 0.999 --steps 20000 --halve-every 1500 --workers 2 --threads 2 --no-progress
         ${EXTRA:-})
 declare -A ARGS=(

@@ -1,0 +1,46 @@
+"""benchmarks/gpu_session.sh, dry-run on the CPU: runs start, are stopped at the deadline with their
+checkpoints written, are packed into $OUT, and a second session resumes them (slow: ~1 min)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from dlsr_search.checkpoint import load_checkpoint
+from dlsr_search.synthetic import write_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _session(tmp_path: Path, out: Path, extra: str) -> str:
+    env = {**os.environ, "OUT": str(out), "DATA": str(tmp_path / "data"), "VAL": str(tmp_path / "val"),
+           "RUNS": str(tmp_path / "runs"), "WORK_DATA": str(tmp_path / "decoded"), "END": "12", "PACK_EVERY": "5", "PY": sys.executable,
+           "NAMES": "x2sg x4g", "CHECKS": "0", "OMP_NUM_THREADS": "1",
+           "EXTRA": f"--channels 8 --batch 2 --patch 64 --log-every 2 --val-every 4 --ckpt-every 4 --workers 0 --threads 1 {extra}"}
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_gpu_session_packs_its_runs_and_a_later_session_resumes_them(tmp_path):
+    write_images(tmp_path / "data" / "a", n=4, size=80)
+    write_images(tmp_path / "val", n=1, size=48, seed=3)
+    first = _session(tmp_path, tmp_path / "out1", "")
+    assert "stopping the runs" in first
+    with tarfile.open(tmp_path / "out1" / "g2.tar") as tar:
+        names = tar.getnames()
+    assert {"x2sg/last.pt", "x2sg/log.jsonl", "x2sg.log"} <= set(names)
+    assert (tmp_path / "out1" / "g4.tar").is_file() and not (tmp_path / "out1" / "g3.tar").exists()
+    step1 = load_checkpoint(tmp_path / "runs" / "x2sg" / "last.pt", kind="train")["step"]
+    assert step1 > 0
+
+    _session(tmp_path, tmp_path / "out2", "--resume")
+    log = (tmp_path / "runs" / "x2sg.log").read_text()
+    assert f"resumed {tmp_path / 'runs' / 'x2sg'} at step {step1}" in log  # the console log is appended to
+    assert load_checkpoint(tmp_path / "runs" / "x2sg" / "last.pt", kind="train")["step"] > step1
