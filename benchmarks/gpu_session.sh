@@ -4,14 +4,15 @@
 #
 #   OUT=/tmp/out DATA=.gpu/train VAL=.gpu/Set5/HR END=560 bash benchmarks/gpu_session.sh
 #
-# DATA: training images (folders of PNG/JPEG; lossless .webp files are converted to PNG first, since
-# WebP travels smaller). VAL: HR validation images (Set5). EXTRA: trainer options appended to every
-# run (a dry run on a CPU: EXTRA="--channels 8 --batch 2 --patch 64 --workers 0"; tests/test_gpu_session.py). END: seconds
-# after the start at which the runs are sent SIGTERM (each finishes its step and writes its checkpoint). Each run's folder
-# (last.pt, best/, log.jsonl, config.json, console log) is packed into $OUT every PACK_EVERY seconds
-# and at the end, so a session cut short still returns its latest checkpoints. NAMES: the runs to start
-# (default all four); CHECKS=0 skips the tests and benchmarks. To go on with runs from an earlier
-# session, carry their folders, point RUNS at them and pass EXTRA=--resume.
+# DATA: training images (folders of PNG/JPEG; lossless .webp files are decoded to PNG into WORK_DATA
+# first, since WebP travels smaller). VAL: HR validation images (Set5). EXTRA: trainer options
+# appended to every run (a CPU dry run: EXTRA="--channels 8 --batch 2 --patch 64 --workers 0", as in
+# tests/test_gpu_session.py). END: seconds after the start at which the runs are sent SIGTERM (each
+# finishes its step and writes its checkpoint). Each run's folder (last.pt, best/, log.jsonl,
+# config.json, console log) is packed into $OUT every PACK_EVERY seconds and at the end, so a session
+# cut short still returns its latest checkpoints. NAMES: the runs to start (default all four);
+# CHECKS=0 skips the tests and benchmarks. To go on with runs from an earlier session, carry their
+# folders, point RUNS at them and pass EXTRA=--resume.
 set -u
 T0=$(date +%s)
 END=${END:-560}
