@@ -2,7 +2,8 @@
 # One lent GPU session in one command: the CUDA tests, the CUDA benchmarks, then GPU fine-tuning stages
 # of the bundled models, side by side on the one GPU, until a deadline; everything worth keeping lands in $OUT.
 #
-#   OUT=/tmp/out DATA=.gpu/train VAL=.gpu/Set5/HR END=560 bash benchmarks/gpu_session.sh
+#   python benchmarks/gpu_data.py .gpu           # once: the data that travels (see its docstring)
+#   OUT=/tmp/out DATA=.gpu/train VAL=.gpu/Set5/HR END=560 bash benchmarks/gpu_session.sh   # on the device, carry .gpu
 #
 # DATA: training images (folders of PNG/JPEG; lossless .webp files are decoded to PNG into WORK_DATA
 # first, since WebP travels smaller). VAL: HR validation images (Set5). EXTRA: trainer options
