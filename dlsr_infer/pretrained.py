@@ -341,6 +341,19 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
+def canonical_safetensors(blob: bytes) -> bytes:
+    """`blob` (a safetensors file) with its JSON header's keys sorted, so that the same tensors and
+    metadata always give the same bytes (safetensors writes its metadata in hash-map order, which
+    changes from process to process). Tensor data and offsets are unchanged."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header with spaces to 8-byte alignment
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
+
+
 def save_model_dir(model: "DLSR", directory: str | os.PathLike, *, model_card: str | None = None,
                    metadata: Mapping[str, str] | None = None) -> Path:
     from safetensors.torch import save as st_save
@@ -351,7 +364,7 @@ def save_model_dir(model: "DLSR", directory: str | os.PathLike, *, model_card: s
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "dlsr_genotype": json.dumps(genotype.to_dict(), sort_keys=True)}
     meta.update(metadata or {})
-    blob = st_save(tensors, metadata=meta)
+    blob = canonical_safetensors(st_save(tensors, metadata=meta))
     _atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(blob))
     _atomic_write(directory / CONFIG_NAME, lambda f: f.write(genotype.to_json().encode()))
     if model_card is None and not (directory / CARD_NAME).exists():

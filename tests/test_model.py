@@ -57,6 +57,27 @@ def test_random_genotype_with_all_ops_builds_and_round_trips(tmp_path):
         assert torch.equal(m(x), DLSR.from_pretrained(tmp_path)(x))
 
 
+def test_saved_weights_are_the_same_bytes_in_every_process(tmp_path):
+    """safetensors writes metadata in hash-map order, which differs between processes: the file is
+    canonicalised (sorted header) so that re-exporting the same weights never changes the file."""
+    code = ("import sys, torch; from dlsr_infer import DLSR; from dlsr_infer.pretrained import save_model_dir; "
+            "torch.manual_seed(0); m = DLSR.from_genotype_name('dlsr_s_x2'); "
+            "save_model_dir(m, sys.argv[1], metadata={k: str(i) for i, k in enumerate('abcdefghij')})")
+    for name in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True, timeout=120)
+    blobs = {(tmp_path / n / WEIGHTS_NAME).read_bytes() for n in "abc"}
+    assert len(blobs) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "a" / WEIGHTS_NAME), "pt") as f:
+        meta = f.metadata()
+    assert {k: meta[k] for k in "abcdefghij"} == {k: str(i) for i, k in enumerate("abcdefghij")}
+    torch.manual_seed(0)
+    ref = DLSR.from_genotype_name("dlsr_s_x2").state_dict()
+    loaded = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
+    assert loaded.keys() == ref.keys() and all(torch.equal(loaded[k], ref[k]) for k in ref)
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     torch.manual_seed(0)
