@@ -14,7 +14,7 @@ import json
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -137,8 +137,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _data_note(roots: list[str] | None) -> str:
-    """How many HR images the training folders hold now (the card is written beside the run)."""
+def _data_note(roots: list[str] | None, notes: Mapping[str, str] | None = None) -> str:
+    """What the training folders held: the caller's note for a folder on another machine, else how many
+    HR images they hold now (the card is written beside the run)."""
+    if notes and roots and all(r in notes for r in roots):
+        return "; ".join(notes[r] for r in roots)
     try:
         n = len(list_images(roots or []))
     except DataError:
@@ -218,22 +221,26 @@ def _devices(records: list[dict[str, Any]]) -> str:
     return ", ".join(dict.fromkeys(seen)) or "not logged"
 
 
-def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path) -> str:
+def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path,
+                data_notes: Mapping[str, str] | None = None) -> str:
     config = run_config(records)
     steps = config["steps"]
+    roots = config.get("data") or []
+    noted = bool(data_notes) and bool(roots) and all(r in data_notes for r in roots)
+    data = f"data: {_data_note(roots, data_notes)}; " if noted else ""
     return (f"  {i}. `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, "
-            f"{_patch_note(config, records)}, {_loss(config)} loss, lr {config.get('lr')} halved every "
+            f"{_patch_note(config, records)}, {data}{_loss(config)} loss, lr {config.get('lr')} halved every "
             f"{config.get('halve_every')}; warm start: {_warm_start(config, records, out)}; wall time "
             f"{wall_time_s(records) / 3600:.2f} h on {_devices(records)}; command: `{command_line(config)}`")
 
 
 def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: Path | None = None,
               hardware: str | None = None, earlier: Sequence[tuple[Path, int | None]] = (),
-              data_note: str | None = None) -> Path:
+              data_notes: Mapping[str, str] | None = None) -> Path:
     """Write the model directory `out` for `run`. `earlier`: the runs this one was warm-started from,
     oldest first, each with the last step the next stage took from it (None: all of it); their logs
-    are kept as log-stage<i>.jsonl and their steps and commands listed in the card. `data_note`: what
-    the run's data folder held, where it is not beside the card (a run trained on another machine)."""
+    are kept as log-stage<i>.jsonl and their steps and commands listed in the card. `data_notes`: data
+    folder -> what it held, for folders not beside the card (a stage trained on another machine)."""
     stages = [(r, stage_records(r, until)) for r, until in earlier]
     records = read_log(run)
     config = run_config(records)
@@ -269,8 +276,8 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     hours = wall_time_s(records) / 3600
     history = ""
     if stages:
-        lines = [_stage_line(i, r, recs, out) for i, (r, recs) in enumerate(stages, start=1)]
-        lines.append(_stage_line(len(stages) + 1, run, records, out) + " (this run)")
+        lines = [_stage_line(i, r, recs, out, data_notes) for i, (r, recs) in enumerate(stages, start=1)]
+        lines.append(_stage_line(len(stages) + 1, run, records, out, data_notes) + " (this run)")
         total_steps = sum(max(x["step"] for x in recs) for _, recs in stages) + steps
         total_h = sum(wall_time_s(recs) for _, recs in stages) / 3600 + hours
         history = ("\n- training stages, oldest first (each warm-started from the one before; logs "
@@ -295,7 +302,7 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 
 ## Training
 
-- data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({data_note or _data_note(config.get('data'))});
+- data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'), data_notes)});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
 - steps: {steps:,} trained, weights from step {model_step:,}{picked}; batch {config.get('batch')}; {_patch_note(config, records)}; {_loss(config)} loss; lr {config.get('lr')} halved every
   {config.get('halve_every')} steps; autocast: {_autocast(config, records)}; warm start: {_warm_start(config, records, out)}{_ema_note(config, records)}.
@@ -354,16 +361,19 @@ def main(argv: list[str] | None = None) -> int:
                         "for the last step, which involves no selection on validation images)")
     p.add_argument("--benchmarks", type=Path, default=None, help="benchmark root (default: shared data)")
     p.add_argument("--hardware", default=None, help="hardware description (default: this machine's CPU)")
-    p.add_argument("--data-note", default=None,
-                   help="what the run's training folder held, for a run trained on another machine "
-                        "(default: counted from the folder here)")
+    p.add_argument("--data-note", action="append", default=[], metavar="FOLDER=TEXT",
+                   help="what a training folder held, for a stage trained on another machine (repeat; "
+                        "default: the images counted in the folder here)")
     p.add_argument("--earlier", action="append", default=[], metavar="RUN[@STEP]",
                    help="a run this one was warm-started from, oldest first (repeat); @STEP: the last step "
                         "the next stage took from it, when that run went on training afterwards")
     a = p.parse_args(argv)
+    notes = dict(n.split("=", 1) for n in a.data_note if "=" in n)
+    if len(notes) != len(a.data_note):
+        p.error("--data-note takes FOLDER=TEXT")
     out = make_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
                     model_dir=a.model, hardware=a.hardware, earlier=[parse_stage(e) for e in a.earlier],
-                    data_note=a.data_note)
+                    data_notes=notes)
     print(f"wrote {out}")
     return 0
 

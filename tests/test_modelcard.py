@@ -82,11 +82,19 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
     assert modelcard._autocast({"bf16": None}, [{**start, "device": "cuda:0"}]) == "bfloat16"
     assert modelcard._autocast({"bf16": None}, old) == "off" and modelcard._autocast({"bf16": True}, old) == "bfloat16"
 
-    make_card(chain / "B", out, title="T x4", benchmarks=chain / "bench", model_dir=chain / "B" / "export",
-              data_note="40 HR images copied to another machine")
+    make_card(chain / "B", out, title="T x4", benchmarks=chain / "bench", model_dir=chain / "B" / "export")
+    assert not list(out.glob("log-stage*.jsonl")) and "training stages" not in (out / "README.md").read_text()
+
+    # a note for a data folder (one that was on another machine) stands wherever a stage trained on it
+    imgs = str(chain / "imgs")
+    assert modelcard.main(["--data-note", f"{imgs}=40 HR images elsewhere", "--earlier", f"{chain / 'A'}@4",
+                           "--model", str(chain / "B" / "export"), "--benchmarks", str(chain / "bench"),
+                           "--title", "T x4", str(chain / "B"), str(out)]) == 0
     card = (out / "README.md").read_text()
-    assert not list(out.glob("log-stage*.jsonl")) and "training stages" not in card
-    assert "(40 HR images copied to another machine);" in card and "(6 HR images)" not in card
+    assert "(40 HR images elsewhere);" in card and "(6 HR images)" not in card
+    assert card.count("images large enough), data: 40 HR images elsewhere; L1 loss") == 2
+    with pytest.raises(SystemExit):
+        modelcard.main(["--data-note", "no equals sign", "--title", "T", str(chain / "B"), str(out)])
 
     # without --model the card bundles best/ and says which validation step it is
     make_card(chain / "A", chain / "from-best", title="A x2", benchmarks=chain / "bench")
