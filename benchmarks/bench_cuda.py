@@ -11,6 +11,7 @@ What it measures (random weights, seeded: speed and memory do not depend on trai
       bf16-cl     channels_last under `torch.autocast("cuda", torch.bfloat16)`
       fp16-cl     channels_last under fp16 autocast: what `upscale(device="cuda")` runs by default
       compile     `torch.compile` of the fp16-cl path (x4 only by default; compile time reported)
+  * x4 fp32 against fp16 autocast from one 320x180 LR image to a batch of four 960x540 ones;
   * peak CUDA memory per LR pixel of one fp16 / fp32 forward at several sizes, next to the estimate
     `tiling.bytes_per_pixel` makes (it sizes the automatic tiles);
   * `upscale()` end to end on a 960x540 uint8 numpy image at x4 (4K output): the automatic tile
@@ -39,6 +40,8 @@ from dlsr_infer.upscaling import upscale  # noqa: E402
 from bench_inference import LR_720P, make_model, synthetic_photo  # noqa: E402
 
 CL = torch.channels_last
+#: (batch, LR height, LR width) of the x4 precision sweep: 720p, 1440p, 4K and 8K outputs.
+SIZES_X4 = ((1, 180, 320), (1, 360, 640), (1, 540, 960), (4, 540, 960), (1, 1080, 1920))
 
 
 def sync(device: torch.device) -> None:
@@ -111,6 +114,28 @@ def bench_scale(scale: int, args: argparse.Namespace, device: torch.device) -> d
                       "max_abs_vs_fp32": round(float((outputs[name] - ref).abs().max()), 6)}
     del outputs
     return {"scale": scale, "lr": [h, w], "paths": rows, **extra}
+
+
+def bench_sizes(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """x4, fp32 vs fp16 autocast (both channels_last) from one small image to big batches: where the
+    GPU stops being launch-bound and reduced precision starts to pay (what `upscale()`'s CUDA default
+    should follow)."""
+    model = make_model("dlsr_x4").to(device).to(memory_format=CL)
+    rows = []
+    for n, h, w in SIZES_X4:
+        x = torch.rand(n, 3, h, w, device=device).contiguous(memory_format=CL)
+
+        def run(dtype: torch.dtype | None, inp: torch.Tensor = x) -> None:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                                        enabled=dtype is not None):
+                model(inp)
+        times = interleaved({"fp32": lambda: run(None), "fp16": lambda: run(torch.float16)},
+                            max(5, args.repeats // 2), args.warmup, device)
+        fp32, fp16 = (statistics.median(times[k]) for k in ("fp32", "fp16"))
+        rows.append({"batch": n, "lr": [h, w], "fp32_ms": round(fp32 * 1e3, 2), "fp16_ms": round(fp16 * 1e3, 2),
+                     "fp16_speedup": round(fp32 / fp16, 2)})
+        del x
+    return rows
 
 
 def bench_memory(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
@@ -191,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             for n, p in r["paths"].items()) + (f"; compile {r['compile_seconds']} s" if "compile_seconds" in r else ""),
             flush=True)
     if device.type == "cuda":
+        result["sizes_x4"] = bench_sizes(args, device)
+        for r in result["sizes_x4"]:
+            print(f"x4 {r['batch']} x LR {r['lr'][0]}x{r['lr'][1]}: fp32 {r['fp32_ms']} ms, fp16 {r['fp16_ms']} ms "
+                  f"({r['fp16_speedup']}x)", flush=True)
         result["memory"] = bench_memory(args, device)
         for m in result["memory"]:
             print(f"memory x{m['scale']} {m['dtype']} LR {m['lr'][0]}x{m['lr'][1]}: {m['peak_mib']} MiB, "
