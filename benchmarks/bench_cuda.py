@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -37,7 +36,7 @@ sys.path.insert(0, str(HERE))
 
 from dlsr_infer import tiling  # noqa: E402
 from dlsr_infer.upscaling import upscale  # noqa: E402
-from bench_inference import LR_720P, make_model, synthetic_photo  # noqa: E402
+from bench_inference import LR_720P, interleaved, make_model, psnr, synthetic_photo  # noqa: E402
 
 CL = torch.channels_last
 #: (batch, LR height, LR width) of the x4 precision sweep: 720p, 1440p, 4K and 8K outputs.
@@ -49,28 +48,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved(cands: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                device: torch.device) -> dict[str, list[float]]:
-    """name -> seconds per round; each call synchronised; the order rotates every round."""
-    names = list(cands)
-    for name in names:
-        for _ in range(warmup):
-            cands[name]()
-    sync(device)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+def timed(cands: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+          device: torch.device) -> dict[str, list[float]]:
+    """`bench_inference.interleaved` with every call synchronised with the GPU: name -> wall seconds per round."""
+    def synced(f: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            f()
             sync(device)
-            t0 = time.perf_counter()
-            cands[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+        return run
+    rounds = interleaved({n: synced(f) for n, f in cands.items()}, repeats, warmup)
+    return {n: wall for n, (wall, _cpu) in rounds.items()}
 
 
 def bench_scale(scale: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -103,7 +90,7 @@ def bench_scale(scale: int, args: argparse.Namespace, device: torch.device) -> d
     with torch.inference_mode():
         ref = paths["fp32"]().float()
         outputs = {n: f().float() for n, f in paths.items()}
-    times = interleaved(paths, args.repeats, args.warmup, device)
+    times = timed(paths, args.repeats, args.warmup, device)
     out_px = ref.shape[-1] * ref.shape[-2]
     rows = {}
     for name, ts in times.items():
@@ -129,7 +116,7 @@ def bench_sizes(args: argparse.Namespace, device: torch.device) -> list[dict[str
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
                                                         enabled=dtype is not None):
                 model(inp)
-        times = interleaved({"fp32": lambda: run(None), "fp16": lambda: run(torch.float16)},
+        times = timed({"fp32": lambda: run(None), "fp16": lambda: run(torch.float16)},
                             max(5, args.repeats // 2), args.warmup, device)
         fp32, fp16 = (statistics.median(times[k]) for k in ("fp32", "fp16"))
         rows.append({"batch": n, "lr": [h, w], "fp32_ms": round(fp32 * 1e3, 2), "fp16_ms": round(fp16 * 1e3, 2),

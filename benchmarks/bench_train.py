@@ -29,7 +29,7 @@ from dlsr_search.distributed import pick_device
 from dlsr_search.losses import sr_loss
 from dlsr_search.search import search_step
 from dlsr_search.supernet import SuperNet
-from dlsr_search.train import PATCH_BY_SCALE
+from dlsr_search.train import hr_patch_side
 
 
 def timed(step: Callable[[], None], warmup: int, repeats: int, device: torch.device) -> list[float]:
@@ -61,7 +61,7 @@ def bench_retrain(scale: int, batch: int, device: torch.device, dtype: torch.dty
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=3e-4, betas=(0.9, 0.999), weight_decay=1e-8)
-    x, y = batch_of(batch, (patch or PATCH_BY_SCALE[scale]) // scale, scale, device, channels_last)
+    x, y = batch_of(batch, hr_patch_side(scale, patch) // scale, scale, device, channels_last)
     forward = torch.compile(model) if compile else model  # the first (warm-up) steps pay the compile
 
     def step() -> None:  # the body of train.py's loop
@@ -120,11 +120,11 @@ def main() -> None:
         torch.set_num_threads(threads)
         cases: list[tuple[str, int, Callable[[int], list[float]]]] = []
         for s in args.scales:
-            hr = args.patch or PATCH_BY_SCALE[s]
+            hr = hr_patch_side(s, args.patch)
             for comp in ([False, True] if args.compile else [False]):
                 cases.append((f"retrain x{s} (HR {hr}){' compiled' if comp else ''}", 32,
                               lambda b, s=s, comp=comp: bench_retrain(s, b, device, dtype, args.channels_last,
-                                                                      args.warmup, args.repeats, comp, args.patch)))
+                                                                      args.warmup, args.repeats, comp, hr)))
         if not args.skip_search:
             cases.append(("search warm-up step (HR 64)", 64,
                           lambda b: bench_search(b, False, device, dtype, args.channels_last, args.warmup, args.repeats)))

@@ -137,11 +137,20 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _data_note(roots: list[str] | None, notes: Mapping[str, str] | None = None) -> str:
-    """What the training folders held: the caller's note for a folder on another machine, else how many
-    HR images they hold now (the card is written beside the run)."""
+def _noted_data(roots: list[str] | None, notes: Mapping[str, str] | None) -> str | None:
+    """The caller's notes for the training folders (folders that were on another machine), if every
+    folder has one."""
     if notes and roots and all(r in notes for r in roots):
         return "; ".join(notes[r] for r in roots)
+    return None
+
+
+def _data_note(roots: list[str] | None, notes: Mapping[str, str] | None = None) -> str:
+    """What the training folders held: the caller's note, else how many HR images they hold now (the
+    card is written beside the run)."""
+    noted = _noted_data(roots, notes)
+    if noted is not None:
+        return noted
     try:
         n = len(list_images(roots or []))
     except DataError:
@@ -154,6 +163,11 @@ def _data_note(roots: list[str] | None, notes: Mapping[str, str] | None = None) 
 SHARED_TRAIN_IMAGES = 571
 
 
+def _hr_patch(config: dict[str, Any]) -> int:
+    """The HR patch side a run's config trained with (None: the paper's for its scale, as in the trainer)."""
+    return hr_patch_side(int(config.get("scale") or 2), config.get("patch"))
+
+
 def images_used(config: dict[str, Any], records: list[dict[str, Any]]) -> int | None:
     """How many training images a run drew patches from: the trainer skips those whose LR side is under
     the LR patch. From the run's `data` record, else (runs logged before it existed) from the image
@@ -162,7 +176,7 @@ def images_used(config: dict[str, Any], records: list[dict[str, Any]]) -> int | 
     if logged:
         return logged[-1]
     scale = int(config.get("scale") or 2)
-    lr_patch = hr_patch_side(scale, config.get("patch")) // scale
+    lr_patch = _hr_patch(config) // scale
     try:
         files = list_images(config.get("data") or [])
     except DataError:
@@ -177,7 +191,7 @@ def images_used(config: dict[str, Any], records: list[dict[str, Any]]) -> int | 
 def _patch_note(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """'HR patch 128 (564 images large enough)'."""
     n = images_used(config, records)
-    return f"HR patch {hr_patch_side(int(config.get('scale') or 2), config.get('patch'))}" + ("" if n is None else f" ({n:,} images large enough)")
+    return f"HR patch {_hr_patch(config)}" + ("" if n is None else f" ({n:,} images large enough)")
 
 
 def run_config(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -225,9 +239,8 @@ def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path,
                 data_notes: Mapping[str, str] | None = None) -> str:
     config = run_config(records)
     steps = config["steps"]
-    roots = config.get("data") or []
-    noted = bool(data_notes) and bool(roots) and all(r in data_notes for r in roots)
-    data = f"data: {_data_note(roots, data_notes)}; " if noted else ""
+    noted = _noted_data(config.get("data"), data_notes)
+    data = f"data: {noted}; " if noted is not None else ""
     return (f"  {i}. `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, "
             f"{_patch_note(config, records)}, {data}{_loss(config)} loss, lr {config.get('lr')} halved every "
             f"{config.get('halve_every')}; warm start: {_warm_start(config, records, out)}; wall time "
