@@ -54,6 +54,11 @@ def setup(device: str = "auto") -> DistInfo:
             dev = torch.device("cuda", local_rank)
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
+            # torch._dynamo (imported by the first optimizer) keeps references to a process group that
+            # exists when it is imported. They outlive destroy_process_group(), so gloo's threads ran on
+            # into interpreter shutdown and now and then aborted a finished run ("terminate called
+            # without an active exception"). Imported first, it holds nothing.
+            import torch._dynamo  # noqa: F401
             dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     elif dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", 0)
@@ -61,6 +66,7 @@ def setup(device: str = "auto") -> DistInfo:
 
 
 def teardown(info: DistInfo) -> None:
+    """Leave the process group; its communication threads stop here, not at interpreter exit."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -17,11 +17,34 @@ from dlsr_search.train import TrainConfig, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+# Each rank runs the CLI, then fails if gloo's threads outlived the process group: left running into
+# interpreter shutdown they now and then aborted a finished run (SIGABRT, "terminate called without an
+# active exception"), which made torchrun report a failure for a run that had written everything.
+RANK_MAIN = """
+import os, sys
+from dlsr_search.cli import main
+code = main(sys.argv[1:])
+tasks = "/proc/self/task"
+if os.path.isdir(tasks):
+    names = []
+    for t in os.listdir(tasks):
+        try:
+            names.append(open(os.path.join(tasks, t, "comm")).read().strip())
+        except OSError:
+            pass
+    left = [n for n in names if "gloo" in n]
+    if left:
+        sys.exit(f"rank {os.environ['RANK']}: gloo threads still running after the run: {left}")
+sys.exit(code)
+"""
+
+
+def torchrun(args: list[str], tmp_path: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "dlsr_search.cli", *args]
+    script = tmp_path / "rank_main.py"
+    script.write_text(RANK_MAIN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -30,7 +53,7 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     common = dict(data=[str(data)], channels=8, batch=4, patch=32, steps=4, log_every=2, val_every=0, threads=1)
     done = torchrun(["train", "--out", str(tmp_path / "ddp"), "--data", str(data), "--channels", "8", "--batch", "4",
                      "--patch", "32", "--steps", "4", "--log-every", "2", "--val-every", "0", "--threads", "1",
-                     "--no-progress", "--export", str(tmp_path / "export")])
+                     "--no-progress", "--export", str(tmp_path / "export")], tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "cpu x2" in done.stdout + done.stderr
     ddp = load_checkpoint(tmp_path / "ddp" / "last.pt", kind="train")
@@ -50,7 +73,7 @@ def test_torchrun_two_processes_search(tmp_path):
     out = tmp_path / "search"
     done = torchrun(["search", "--out", str(out), "--data", str(data), "--channels", "8", "--cells", "3",
                      "--batch", "4", "--patch", "32", "--steps", "6", "--warmup", "2", "--val-holdout", "2",
-                     "--log-every", "2", "--snapshot-every", "3", "--threads", "1", "--no-progress"])
+                     "--log-every", "2", "--snapshot-every", "3", "--threads", "1", "--no-progress"], tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     ckpt = load_checkpoint(out / "last.pt", kind="search")
     assert ckpt["step"] == 6 and ckpt["world"] == 2
