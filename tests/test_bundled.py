@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from dlsr_infer.pretrained import ALIASES, CONFIG_NAME, WEIGHTS_NAME, bundled_model_dir
+from dlsr_infer.pretrained import ALIASES, CONFIG_NAME, WEIGHTS_NAME, bundled_model_dir, canonical_safetensors
 
 ALIAS_NAMES = sorted(ALIASES)
 
@@ -25,6 +25,8 @@ def test_alias_is_bundled_with_card_log_and_curve(alias):
     raw = (d / WEIGHTS_NAME).read_bytes()
     n = int.from_bytes(raw[:8], "little")
     assert raw[8:9] == b"{" and json.loads(raw[8:8 + n])
+    # written the way save_model writes it (header keys sorted): the same tensors give the same bytes
+    assert raw == canonical_safetensors(raw), f"{d / WEIGHTS_NAME} is not in canonical form"
 
 
 def _card_psnr(card: str, dataset: str) -> float:
