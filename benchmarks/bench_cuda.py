@@ -117,7 +117,7 @@ def bench_sizes(args: argparse.Namespace, device: torch.device) -> list[dict[str
                                                         enabled=dtype is not None):
                 model(inp)
         times = timed({"fp32": lambda: run(None), "fp16": lambda: run(torch.float16)},
-                            max(5, args.repeats // 2), args.warmup, device)
+                      max(5, args.repeats // 2), args.warmup, device)
         fp32, fp16 = (statistics.median(times[k]) for k in ("fp32", "fp16"))
         rows.append({"batch": n, "lr": [h, w], "fp32_ms": round(fp32 * 1e3, 2), "fp16_ms": round(fp16 * 1e3, 2),
                      "fp16_speedup": round(fp32 / fp16, 2)})

@@ -347,9 +347,7 @@ def canonical_safetensors(blob: bytes) -> bytes:
     changes from process to process). Tensor data and offsets are unchanged."""
     n = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8:8 + n])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()  # sorts __metadata__ too
     text += b" " * (-len(text) % 8)  # safetensors pads the header with spaces to 8-byte alignment
     return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
