@@ -1,48 +1,176 @@
-"""Build the folder of training data that travels to a lent GPU machine for `gpu_session.sh`.
+"""Carry all of the training data to a lent GPU machine, in as many device calls as the upload limit needs.
 
-    python benchmarks/gpu_data.py .gpu        # what the first H100 session carried: 57 MB
-    echo /.gpu/ >> .git/info/exclude          # keep it out of git; name it in the device call's carry
+    python benchmarks/gpu_data.py pack .gpu          # here: .gpu/part1, .gpu/part2 (about 45 MiB each)
+    # on the device, call 1 (carry .gpu/part1), then call 2 at once (carry .gpu/part2), while it is warm:
+    python benchmarks/gpu_data.py unpack .gpu/part1 .gpu_data
+    python benchmarks/gpu_data.py unpack .gpu/part2 .gpu_data --require-complete && \
+        OUT=$OUT DATA=.gpu_data/train VAL=.gpu_data/Set5/HR END=540 bash benchmarks/gpu_session.sh
 
-The device tool uploads the working tree plus carried folders, 64 MiB in all, and ../shared does not
-travel. So: BSDS500 train+test as they are (JPEG), every N-th Sun-Hays image as lossless WebP
-(`gpu_session.sh` decodes it back to the same pixels), T91 only with --t91, and Set5 HR for validation.
-The total is printed; check it against 64 MiB minus the tracked tree.
+Why: a device call uploads the working tree plus the carried folders, 64 MiB in all, and ../shared does
+not travel. The 571 training images are about 100 MiB as stored (JPEG and PNG), so one call can not carry
+them: the first GPU sessions trained on 440 of them. Here JPEG files travel as they are, PNG/BMP/TIFF as
+lossless WebP where that is smaller, and the files are split into parts of at most --budget-mib. `unpack`
+writes PNG back into one folder (`.gpu_data/` is git-ignored, so the device keeps it between calls on
+the same warm machine) and checks each image's RGB pixels against the sha256 taken here, so the trainer
+sees exactly the pixels it would see from ../shared. `--require-complete` fails while a part is missing
+(the machine was given back between the calls: unpack part 1 again).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
 import os
 import shutil
+import sys
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+MANIFEST = "manifest.json"
+DONE = ".parts"  # in the unpacked folder: one copy of each unpacked part's manifest
+LOSSLESS = (".png", ".bmp", ".tif", ".tiff")
+SUFFIXES = LOSSLESS + (".jpg", ".jpeg")
+
+
+def rgb_sha256(image: Image.Image) -> str:
+    """sha256 of the uint8 RGB pixels the trainer reads (dlsr_infer.evaluate.load_rgb converts the same
+    way), with the size in the hash so that a transposed image does not collide."""
+    a = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return hashlib.sha256(f"{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+def _encode(job: tuple[str, str, int]) -> dict:
+    """One source file -> the bytes that travel, and the manifest entry that restores and checks it."""
+    src, rel, method = job
+    raw = Path(src).read_bytes()
+    with Image.open(io.BytesIO(raw)) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            raise ValueError(f"{src}: {im.mode} (16-bit/float) images are not supported")
+        digest, stored, data = rgb_sha256(im), rel, raw
+        if Path(rel).suffix.lower() in LOSSLESS:
+            buf = io.BytesIO()
+            im.convert("RGB").save(buf, "WEBP", lossless=True, quality=100, method=method)
+            if buf.tell() < len(raw):
+                stored, data = str(Path(rel).with_suffix(".webp")), buf.getvalue()
+    return {"path": rel if stored == rel else str(Path(rel).with_suffix(".png")), "stored": stored,
+            "rgb_sha256": digest, "bytes": len(data), "data": data}
+
+
+def pack(shared: Path, out: Path, budget_mib: float, method: int, jobs: int) -> list[Path]:
+    train, set5 = shared / "data" / "train", shared / "data" / "benchmarks" / "Set5" / "HR"
+    if not train.is_dir() or not set5.is_dir():
+        raise SystemExit(f"gpu_data: no {train} or {set5} (set --shared or DLSR_SHARED)")
+    if out.exists():
+        raise SystemExit(f"gpu_data: {out} exists; remove it first")
+    sources = [(p, "train/" + p.relative_to(train).as_posix()) for p in sorted(train.rglob("*"))
+               if p.is_file() and p.suffix.lower() in SUFFIXES]
+    sources += [(p, "Set5/HR/" + p.name) for p in sorted(set5.iterdir()) if p.suffix.lower() in SUFFIXES]
+    with ProcessPoolExecutor(jobs) as pool:
+        entries = list(pool.map(_encode, [(str(p), rel, method) for p, rel in sources]))
+    clash = [p for p, n in Counter(e["path"] for e in entries).items() if n > 1]
+    if clash:
+        raise SystemExit(f"gpu_data: two source images would both unpack to {clash[0]}")
+    budget = int(budget_mib * 2**20)
+    too_big = [e["stored"] for e in entries if e["bytes"] > budget]
+    if too_big:
+        raise SystemExit(f"gpu_data: {too_big[0]} alone is over the {budget_mib} MiB budget of a part")
+    # first fit, largest first: few parts, each under the budget
+    parts: list[list[dict]] = []
+    for e in sorted(entries, key=lambda e: -e["bytes"]):
+        for part in parts:
+            if sum(x["bytes"] for x in part) + e["bytes"] <= budget:
+                part.append(e)
+                break
+        else:
+            parts.append([e])
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dirs = []
+    for k, part in enumerate(parts, 1):
+        d = tmp / f"part{k}"
+        for e in part:
+            (d / e["stored"]).parent.mkdir(parents=True, exist_ok=True)
+            (d / e["stored"]).write_bytes(e["data"])
+        files = [{key: e[key] for key in ("path", "stored", "rgb_sha256")} for e in sorted(part, key=lambda e: e["path"])]
+        (d / MANIFEST).write_text(json.dumps({"part": k, "parts": len(parts), "files_total": len(entries),
+                                              "files": files}, indent=1) + "\n")
+        dirs.append(out / f"part{k}")
+    tmp.rename(out)  # all parts or none
+    n_train = sum(rel.startswith("train/") for _, rel in sources)
+    print(f"{out}: {n_train} training images + {len(sources) - n_train} Set5 images in {len(parts)} parts")
+    for d in dirs:
+        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+        print(f"  {d}: {sum(1 for _ in d.rglob('*') if _.is_file()) - 1} files, {size / 2**20:.1f} MiB")
+    return dirs
+
+
+def _restore(job: tuple[str, str, str, str]) -> str | None:
+    """Write one file of a part into the unpacked folder; None when its pixels match, else the problem."""
+    src, dst, path, want = job
+    with Image.open(src) as im:
+        got = rgb_sha256(im)
+        if got != want:
+            return f"{path}: pixels differ from the packed image (sha256 {got[:12]} != {want[:12]})"
+        out = Path(dst) / path
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        if Path(src).suffix.lower() == ".webp":
+            im.convert("RGB").save(tmp, "PNG", compress_level=1)
+        else:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, out)  # never a half-written image under its real name
+    return None
+
+
+def unpack(part: Path, dest: Path, jobs: int, require_complete: bool) -> int:
+    manifest = json.loads((part / MANIFEST).read_text())
+    missing = [f["stored"] for f in manifest["files"] if not (part / f["stored"]).is_file()]
+    if missing:
+        raise SystemExit(f"gpu_data: {part} lacks {len(missing)} of its files, e.g. {missing[0]}")
+    jobs_ = [(str(part / f["stored"]), str(dest), f["path"], f["rgb_sha256"]) for f in manifest["files"]]
+    with ProcessPoolExecutor(jobs) as pool:
+        problems = [p for p in pool.map(_restore, jobs_) if p]
+    if problems:
+        raise SystemExit(f"gpu_data: {len(problems)} images of {part} are corrupt, e.g. {problems[0]}")
+    (dest / DONE).mkdir(parents=True, exist_ok=True)
+    (dest / DONE / f"part{manifest['part']}.json").write_text(json.dumps(manifest))
+    done = sorted(int(p.stem[4:]) for p in (dest / DONE).glob("part*.json"))
+    have = sum(len(json.loads(p.read_text())["files"]) for p in (dest / DONE).glob("part*.json"))
+    lacking = sorted(set(range(1, manifest["parts"] + 1)) - set(done))
+    print(f"{dest}: part {manifest['part']} of {manifest['parts']} unpacked ({len(jobs_)} images); "
+          f"{have} of {manifest['files_total']} images present" + (f"; parts {lacking} still missing" if lacking else ""))
+    if lacking and require_complete:
+        print(f"gpu_data: {dest} is incomplete: unpack parts {lacking} first", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path, help="folder to write (train/ and Set5/HR/ inside)")
-    ap.add_argument("--shared", type=Path, default=Path(os.environ.get("DLSR_SHARED", REPO.parent / "shared")))
-    ap.add_argument("--sunhays-every", type=int, default=2, help="take every N-th Sun-Hays image (default 2)")
-    ap.add_argument("--t91", action="store_true", help="also T91 (9.4 MB)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pack", help="split ../shared's training images and Set5 into parts that each fit a call")
+    p.add_argument("out", type=Path)
+    p.add_argument("--shared", type=Path, default=Path(os.environ.get("DLSR_SHARED", REPO.parent / "shared")))
+    p.add_argument("--budget-mib", type=float, default=50.0,
+                   help="most bytes per part (default 50: 64 MiB per call less the ~6 MiB tracked tree and slack)")
+    p.add_argument("--webp-method", type=int, default=4, choices=range(7), help="WebP effort 0-6 (default 4)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    u = sub.add_parser("unpack", help="restore one part into a folder of PNG/JPEG, checking every image's pixels")
+    u.add_argument("part", type=Path)
+    u.add_argument("dest", type=Path)
+    u.add_argument("--require-complete", action="store_true", help="exit 1 unless every part is now unpacked")
+    u.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
-    train, bench = args.shared / "data" / "train", args.shared / "data" / "benchmarks"
-    if not train.is_dir():
-        raise SystemExit(f"gpu_data: no training data at {train} (set --shared or DLSR_SHARED)")
-    if args.out.exists():
-        raise SystemExit(f"gpu_data: {args.out} exists; remove it first")
-    for name in ["BSDS500_train200", "BSDS500_test200"] + (["T91"] if args.t91 else []):
-        shutil.copytree(train / name, args.out / "train" / name)
-    sunhays = args.out / "train" / "SunHays80"
-    sunhays.mkdir(parents=True)
-    for f in sorted((train / "SunHays80").glob("*.png"))[::args.sunhays_every]:
-        with Image.open(f) as im:
-            im.convert("RGB").save(sunhays / f"{f.stem}.webp", "WEBP", lossless=True, quality=100, method=4)
-    shutil.copytree(bench / "Set5" / "HR", args.out / "Set5" / "HR")
-    files = [p for p in args.out.rglob("*") if p.is_file()]
-    print(f"{args.out}: {len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB")
-    return 0
+    if args.cmd == "pack":
+        pack(args.shared, args.out, args.budget_mib, args.webp_method, args.jobs)
+        return 0
+    return unpack(args.part, args.dest, args.jobs, args.require_complete)
 
 
 if __name__ == "__main__":

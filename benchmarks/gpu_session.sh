@@ -2,8 +2,12 @@
 # One lent GPU session in one command: the CUDA tests, the CUDA benchmarks, then GPU fine-tuning stages
 # of the bundled models, side by side on the one GPU, until a deadline; everything worth keeping lands in $OUT.
 #
-#   python benchmarks/gpu_data.py .gpu           # once: the data that travels (see its docstring)
-#   OUT=/tmp/out DATA=.gpu/train VAL=.gpu/Set5/HR END=560 bash benchmarks/gpu_session.sh   # on the device, carry .gpu
+#   python benchmarks/gpu_data.py pack .gpu      # once, here: all 571 images in parts that each fit a call
+#   # device call 1, carry .gpu/part1:
+#   python benchmarks/gpu_data.py unpack .gpu/part1 .gpu_data
+#   # device call 2 right after (the machine keeps .gpu_data while warm), carry .gpu/part2:
+#   python benchmarks/gpu_data.py unpack .gpu/part2 .gpu_data --require-complete &&
+#     OUT=$OUT DATA=.gpu_data/train VAL=.gpu_data/Set5/HR END=540 bash benchmarks/gpu_session.sh
 #
 # DATA: training images (folders of PNG/JPEG; lossless .webp files are decoded to PNG into WORK_DATA
 # first, since WebP travels smaller). VAL: HR validation images (Set5). EXTRA: trainer options

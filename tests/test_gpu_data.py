@@ -1,0 +1,93 @@
+"""benchmarks/gpu_data.py: the training data split into parts that each fit one device call, and unpacked
+on the device into exactly the pixels the trainer reads from ../shared."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dlsr_infer.evaluate import load_rgb
+from dlsr_search.synthetic import write_images
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_data.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+
+
+def _shared(root: Path) -> Path:
+    """A small ../shared: PNG (RGB, gray, palette) and JPEG training images, and Set5 HR."""
+    train = root / "data" / "train"
+    write_images(train / "T91", n=3, size=72)
+    write_images(train / "SunHays80", n=4, size=160, seed=1)
+    Image.fromarray(np.asarray(Image.open(train / "T91" / "img0.png"))[..., 0]).save(train / "T91" / "gray.png")
+    Image.open(train / "T91" / "img1.png").convert("P").save(train / "T91" / "pal.png")
+    jpg = train / "BSDS500_train200"
+    jpg.mkdir(parents=True)
+    for i in range(3):
+        Image.open(train / "SunHays80" / f"img{i}.png").save(jpg / f"{i}.jpg", quality=90)
+    write_images(root / "data" / "benchmarks" / "Set5" / "HR", n=2, size=48, seed=5)
+    return root
+
+
+def _images(folder: Path) -> dict[str, np.ndarray]:
+    return {p.relative_to(folder).with_suffix("").as_posix(): load_rgb(p)
+            for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg")}
+
+
+def test_pack_splits_under_the_budget_and_unpack_restores_every_pixel(tmp_path):
+    shared = _shared(tmp_path / "shared")
+    packed = _run("pack", str(tmp_path / "gpu"), "--shared", str(shared), "--budget-mib", "0.08", "--jobs", "2")
+    assert packed.returncode == 0, packed.stderr
+    parts = sorted((tmp_path / "gpu").iterdir())
+    assert len(parts) >= 2 and [p.name for p in parts] == [f"part{k}" for k in range(1, len(parts) + 1)]
+    for part in parts:
+        assert sum(p.stat().st_size for p in part.rglob("*") if p.is_file() and p.name != "manifest.json") <= 0.08 * 2**20
+    stored = [p for part in parts for p in part.rglob("*") if p.is_file() and p.name != "manifest.json"]
+    assert {p.suffix for p in stored} == {".webp", ".jpg"}  # PNG travels as lossless WebP, JPEG as it is
+
+    dest = tmp_path / "dest"
+    first = _run("unpack", str(parts[0]), str(dest), "--require-complete", "--jobs", "2")
+    assert first.returncode == 1 and "incomplete" in first.stderr  # a part is missing: the session must not start
+    for part in parts[1:]:
+        assert _run("unpack", str(part), str(dest), "--jobs", "2").returncode == 0
+    last = _run("unpack", str(parts[-1]), str(dest), "--require-complete")  # unpacking twice is harmless
+    assert last.returncode == 0 and "14 of 14 images present" in last.stdout
+
+    want = {**{f"train/{k}": v for k, v in _images(shared / "data" / "train").items()},
+            **{f"Set5/HR/{k}": v for k, v in _images(shared / "data" / "benchmarks" / "Set5" / "HR").items()}}
+    got = _images(dest)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert not list(dest.rglob("*.tmp"))
+
+
+def test_unpack_refuses_a_corrupted_image_and_pack_refuses_to_overwrite(tmp_path):
+    shared = _shared(tmp_path / "shared")
+    assert _run("pack", str(tmp_path / "gpu"), "--shared", str(shared), "--jobs", "2").returncode == 0
+    part = tmp_path / "gpu" / "part1"
+    manifest = json.loads((part / "manifest.json").read_text())
+    assert manifest["parts"] == 1 and manifest["files_total"] == 14
+    entry = next(f for f in manifest["files"] if f["stored"].endswith(".webp"))
+    with Image.open(part / entry["stored"]) as im:
+        a = np.asarray(im.convert("RGB")).copy()
+    a[0, 0] ^= 1  # one pixel off: still a valid image, so only the checksum can tell
+    Image.fromarray(a).save(part / entry["stored"], "WEBP", lossless=True)
+    bad = _run("unpack", str(part), str(tmp_path / "dest"))
+    assert bad.returncode != 0 and entry["path"] in bad.stderr and "pixels differ" in bad.stderr
+    assert not (tmp_path / "dest" / entry["path"]).exists()
+
+    again = _run("pack", str(tmp_path / "gpu"), "--shared", str(shared))
+    assert again.returncode != 0 and "exists" in again.stderr
+    assert (part / "manifest.json").is_file()
+
+    tiny = _run("pack", str(tmp_path / "gpu2"), "--shared", str(shared), "--budget-mib", "0.001")
+    assert tiny.returncode != 0 and "over the 0.001 MiB budget" in tiny.stderr
+    assert not (tmp_path / "gpu2").exists() and not (tmp_path / "gpu2.partial").exists()
