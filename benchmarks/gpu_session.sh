@@ -9,8 +9,8 @@
 #   python benchmarks/gpu_data.py unpack .gpu/part2 .gpu_data --require-complete &&
 #     OUT=$OUT DATA=.gpu_data/train VAL=.gpu_data/Set5/HR END=540 bash benchmarks/gpu_session.sh
 #
-# DATA: training images (folders of PNG/JPEG; lossless .webp files are decoded to PNG into WORK_DATA
-# first, since WebP travels smaller). VAL: HR validation images (Set5). EXTRA: trainer options
+# DATA: training images (folders of PNG/JPEG, as `gpu_data.py unpack` writes them), copied to WORK_DATA
+# first so that a resumed run finds its data at the path its checkpoint names. VAL: HR validation images (Set5). EXTRA: trainer options
 # appended to every run (a CPU dry run: EXTRA="--channels 8 --batch 2 --patch 64 --workers 0", as in
 # tests/test_gpu_session.py). END: seconds after the start at which the runs are sent SIGTERM (each
 # finishes its step and writes its checkpoint). Each run's folder (last.pt, best/, log.jsonl,
@@ -39,21 +39,10 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 say "training data"
 $PY - "$DATA" "$WORK_DATA" <<'EOF'
 import shutil, sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from PIL import Image
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-def one(f: Path) -> None:
-    out = dst / f.relative_to(src)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if f.suffix.lower() == ".webp":  # lossless WebP -> PNG (pixels unchanged)
-        Image.open(f).convert("RGB").save(out.with_suffix(".png"), compress_level=1)
-    else:
-        shutil.copy2(f, out)
-files = [f for f in sorted(src.rglob("*")) if f.is_file()]
-with ProcessPoolExecutor(8) as pool:
-    list(pool.map(one, files))
-print(f"{len(files)} files -> {dst}")
+shutil.copytree(src, dst, dirs_exist_ok=True)
+print(f"{sum(f.is_file() for f in dst.rglob('*'))} files in {dst}")
 EOF
 
 NAMES=${NAMES:-x2g x3g x4g x2sg}
