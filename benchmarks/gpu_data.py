@@ -89,6 +89,9 @@ def pack(shared: Path, out: Path, budget_mib: float, method: int, jobs: int) -> 
                 break
         else:
             parts.append([e])
+    # names this pack, so that parts of two different packs are never counted as one complete set
+    listing = json.dumps(sorted((e["path"], e["rgb_sha256"]) for e in entries))
+    pack_id = hashlib.sha256(listing.encode()).hexdigest()[:16]
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     dirs = []
@@ -97,9 +100,10 @@ def pack(shared: Path, out: Path, budget_mib: float, method: int, jobs: int) -> 
         for e in part:
             (d / e["stored"]).parent.mkdir(parents=True, exist_ok=True)
             (d / e["stored"]).write_bytes(e["data"])
-        files = [{key: e[key] for key in ("path", "stored", "rgb_sha256")} for e in sorted(part, key=lambda e: e["path"])]
-        (d / MANIFEST).write_text(json.dumps({"part": k, "parts": len(parts), "files_total": len(entries),
-                                              "files": files}, indent=1) + "\n")
+        files = [{key: e[key] for key in ("path", "stored", "rgb_sha256")}
+                 for e in sorted(part, key=lambda e: e["path"])]
+        (d / MANIFEST).write_text(json.dumps({"pack": pack_id, "part": k, "parts": len(parts),
+                                              "files_total": len(entries), "files": files}, indent=1) + "\n")
         dirs.append(out / f"part{k}")
     tmp.rename(out)  # all parts or none
     n_train = sum(rel.startswith("train/") for _, rel in sources)
@@ -129,6 +133,8 @@ def _restore(job: tuple[str, str, str, str]) -> str | None:
 
 
 def unpack(part: Path, dest: Path, jobs: int, require_complete: bool) -> int:
+    if not (part / MANIFEST).is_file():
+        raise SystemExit(f"gpu_data: {part} has no {MANIFEST}: not a part written by `gpu_data.py pack`")
     manifest = json.loads((part / MANIFEST).read_text())
     missing = [f["stored"] for f in manifest["files"] if not (part / f["stored"]).is_file()]
     if missing:
@@ -139,12 +145,16 @@ def unpack(part: Path, dest: Path, jobs: int, require_complete: bool) -> int:
     if problems:
         raise SystemExit(f"gpu_data: {len(problems)} images of {part} are corrupt, e.g. {problems[0]}")
     (dest / DONE).mkdir(parents=True, exist_ok=True)
+    for record in (dest / DONE).glob("part*.json"):
+        if json.loads(record.read_text()).get("pack") != manifest["pack"]:
+            record.unlink()  # a part of another pack: it does not count towards this one
     (dest / DONE / f"part{manifest['part']}.json").write_text(json.dumps(manifest))
     done = sorted(int(p.stem[4:]) for p in (dest / DONE).glob("part*.json"))
     have = sum(len(json.loads(p.read_text())["files"]) for p in (dest / DONE).glob("part*.json"))
     lacking = sorted(set(range(1, manifest["parts"] + 1)) - set(done))
     print(f"{dest}: part {manifest['part']} of {manifest['parts']} unpacked ({len(jobs_)} images); "
-          f"{have} of {manifest['files_total']} images present" + (f"; parts {lacking} still missing" if lacking else ""))
+          f"{have} of {manifest['files_total']} images present"
+          + (f"; parts {lacking} still missing" if lacking else ""))
     if lacking and require_complete:
         print(f"gpu_data: {dest} is incomplete: unpack parts {lacking} first", file=sys.stderr)
         return 1

@@ -48,7 +48,8 @@ def test_pack_splits_under_the_budget_and_unpack_restores_every_pixel(tmp_path):
     parts = sorted((tmp_path / "gpu").iterdir())
     assert len(parts) >= 2 and [p.name for p in parts] == [f"part{k}" for k in range(1, len(parts) + 1)]
     for part in parts:
-        assert sum(p.stat().st_size for p in part.rglob("*") if p.is_file() and p.name != "manifest.json") <= 0.08 * 2**20
+        payload = [p for p in part.rglob("*") if p.is_file() and p.name != "manifest.json"]
+        assert sum(p.stat().st_size for p in payload) <= 0.08 * 2**20
     stored = [p for part in parts for p in part.rglob("*") if p.is_file() and p.name != "manifest.json"]
     assert {p.suffix for p in stored} == {".webp", ".jpg"}  # PNG travels as lossless WebP, JPEG as it is
 
@@ -68,6 +69,12 @@ def test_pack_splits_under_the_budget_and_unpack_restores_every_pixel(tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert not list(dest.rglob("*.tmp"))
 
+    # a different pack (one more image) unpacked into the same folder starts its own count
+    write_images(shared / "data" / "train" / "extra", n=1, size=64, seed=9)
+    assert _run("pack", str(tmp_path / "gpu2"), "--shared", str(shared), "--budget-mib", "0.08").returncode == 0
+    other = _run("unpack", str(tmp_path / "gpu2" / "part1"), str(dest), "--require-complete")
+    assert other.returncode == 1 and "of 15 images present" in other.stdout
+
 
 def test_unpack_refuses_a_corrupted_image_and_pack_refuses_to_overwrite(tmp_path):
     shared = _shared(tmp_path / "shared")
@@ -83,6 +90,9 @@ def test_unpack_refuses_a_corrupted_image_and_pack_refuses_to_overwrite(tmp_path
     bad = _run("unpack", str(part), str(tmp_path / "dest"))
     assert bad.returncode != 0 and entry["path"] in bad.stderr and "pixels differ" in bad.stderr
     assert not (tmp_path / "dest" / entry["path"]).exists()
+
+    nothing = _run("unpack", str(tmp_path / "shared"), str(tmp_path / "dest"))
+    assert nothing.returncode != 0 and "no manifest.json" in nothing.stderr
 
     again = _run("pack", str(tmp_path / "gpu"), "--shared", str(shared))
     assert again.returncode != 0 and "exists" in again.stderr
