@@ -57,8 +57,8 @@ def _encode(job: tuple[str, str, int]) -> dict:
             buf = io.BytesIO()
             im.convert("RGB").save(buf, "WEBP", lossless=True, quality=100, method=method)
             if buf.tell() < len(raw):
-                stored, data = str(Path(rel).with_suffix(".webp")), buf.getvalue()
-    return {"path": rel if stored == rel else str(Path(rel).with_suffix(".png")), "stored": stored,
+                stored, data = Path(rel).with_suffix(".webp").as_posix(), buf.getvalue()
+    return {"path": rel if stored == rel else Path(rel).with_suffix(".png").as_posix(), "stored": stored,
             "rgb_sha256": digest, "bytes": len(data), "data": data}
 
 
