@@ -32,34 +32,35 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script on the device, where the package may not be installed
+    sys.path.insert(0, str(REPO))
+from dlsr_infer.evaluate import load_rgb  # noqa: E402  (the trainer's own loader: what it sees is hashed)
+
 MANIFEST = "manifest.json"
 DONE = ".parts"  # in the unpacked folder: one copy of each unpacked part's manifest
 LOSSLESS = (".png", ".bmp", ".tif", ".tiff")
 SUFFIXES = LOSSLESS + (".jpg", ".jpeg")
 
 
-def rgb_sha256(image: Image.Image) -> str:
-    """sha256 of the uint8 RGB pixels the trainer reads (dlsr_infer.evaluate.load_rgb converts the same
-    way), with the size in the hash so that a transposed image does not collide."""
-    a = np.asarray(image.convert("RGB"), dtype=np.uint8)
+def rgb_sha256(a: np.ndarray) -> str:
+    """sha256 of uint8 RGB pixels, with the shape in the hash so that a transposed image does not collide."""
     return hashlib.sha256(f"{a.shape}".encode() + a.tobytes()).hexdigest()
 
 
 def _encode(job: tuple[str, str, int]) -> dict:
     """One source file -> the bytes that travel, and the manifest entry that restores and checks it."""
     src, rel, method = job
-    raw = Path(src).read_bytes()
-    with Image.open(io.BytesIO(raw)) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            raise ValueError(f"{src}: {im.mode} (16-bit/float) images are not supported")
-        digest, stored, data = rgb_sha256(im), rel, raw
-        if Path(rel).suffix.lower() in LOSSLESS:
-            buf = io.BytesIO()
-            im.convert("RGB").save(buf, "WEBP", lossless=True, quality=100, method=method)
-            if buf.tell() < len(raw):
-                stored, data = Path(rel).with_suffix(".webp").as_posix(), buf.getvalue()
+    a = load_rgb(src)
+    stored, data = rel, None
+    if Path(rel).suffix.lower() in LOSSLESS:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "WEBP", lossless=True, quality=100, method=method)
+        if buf.tell() < Path(src).stat().st_size:
+            stored, data = Path(rel).with_suffix(".webp").as_posix(), buf.getvalue()
+    if data is None:
+        data = Path(src).read_bytes()
     return {"path": rel if stored == rel else Path(rel).with_suffix(".png").as_posix(), "stored": stored,
-            "rgb_sha256": digest, "bytes": len(data), "data": data}
+            "rgb_sha256": rgb_sha256(a), "bytes": len(data), "data": data}
 
 
 def pack(shared: Path, out: Path, budget_mib: float, method: int, jobs: int) -> list[Path]:
@@ -117,18 +118,18 @@ def pack(shared: Path, out: Path, budget_mib: float, method: int, jobs: int) -> 
 def _restore(job: tuple[str, str, str, str]) -> str | None:
     """Write one file of a part into the unpacked folder; None when its pixels match, else the problem."""
     src, dst, path, want = job
-    with Image.open(src) as im:
-        got = rgb_sha256(im)
-        if got != want:
-            return f"{path}: pixels differ from the packed image (sha256 {got[:12]} != {want[:12]})"
-        out = Path(dst) / path
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        if Path(src).suffix.lower() == ".webp":
-            im.convert("RGB").save(tmp, "PNG", compress_level=1)
-        else:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, out)  # never a half-written image under its real name
+    a = load_rgb(src)
+    got = rgb_sha256(a)
+    if got != want:
+        return f"{path}: pixels differ from the packed image (sha256 {got[:12]} != {want[:12]})"
+    out = Path(dst) / path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if Path(src).suffix.lower() == ".webp":
+        Image.fromarray(a).save(tmp, "PNG", compress_level=1)
+    else:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, out)  # never a half-written image under its real name
     return None
 
 
