@@ -1,6 +1,6 @@
 """Carry all of the training data to a lent GPU machine, in as many device calls as the upload limit needs.
 
-    python benchmarks/gpu_data.py pack .gpu          # here: .gpu/part1, .gpu/part2 (about 45 MiB each)
+    python benchmarks/gpu_data.py pack .gpu          # here: .gpu/part1, .gpu/part2, ... each fits a call
     # on the device, call 1 (carry .gpu/part1), then call 2 at once (carry .gpu/part2), while it is warm:
     python benchmarks/gpu_data.py unpack .gpu/part1 .gpu_data
     python benchmarks/gpu_data.py unpack .gpu/part2 .gpu_data --require-complete && \
@@ -9,7 +9,8 @@
 Why: a device call uploads the working tree plus the carried folders, 64 MiB in all, and ../shared does
 not travel. The 571 training images are about 100 MiB as stored (JPEG and PNG), so one call can not carry
 them: the first GPU sessions trained on 440 of them. Here JPEG files travel as they are, PNG/BMP/TIFF as
-lossless WebP where that is smaller, and the files are split into parts of at most --budget-mib. `unpack`
+lossless WebP where that is smaller, and the files are split into parts of at most --budget-mib (by
+default what one call leaves beside the working tree as it is when packing: pack after committing). `unpack`
 writes PNG back into one folder (`.gpu_data/` is git-ignored, so the device keeps it between calls on
 the same warm machine) and checks each image's RGB pixels against the sha256 taken here, so the trainer
 sees exactly the pixels it would see from ../shared. `--require-complete` fails while a part is missing
@@ -23,6 +24,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +38,8 @@ if str(REPO) not in sys.path:  # run as a script on the device, where the packag
     sys.path.insert(0, str(REPO))
 from dlsr_infer.evaluate import load_rgb  # noqa: E402  (the trainer's own loader: what it sees is hashed)
 
+CALL_MIB = 64  # what one device call uploads: the working tree that travels plus the carried paths
+SLACK_MIB = 2  # for files that change between packing and the call (logs, a new checkpoint)
 MANIFEST = "manifest.json"
 DONE = ".parts"  # in the unpacked folder: one copy of each unpacked part's manifest
 LOSSLESS = (".png", ".bmp", ".tif", ".tiff")
@@ -61,6 +65,23 @@ def _encode(job: tuple[str, str, int]) -> dict:
         data = Path(src).read_bytes()
     return {"path": rel if stored == rel else Path(rel).with_suffix(".png").as_posix(), "stored": stored,
             "rgb_sha256": rgb_sha256(a), "bytes": len(data), "data": data}
+
+
+def travelling_bytes(repo: Path = REPO) -> int:
+    """Bytes of the working tree a device call sends besides `carry`: tracked and untracked-not-ignored files."""
+    out = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         capture_output=True, check=True).stdout
+    files = (repo / os.fsdecode(f) for f in out.split(b"\0") if f)
+    return sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
+
+
+def auto_budget_mib(repo: Path = REPO) -> float:
+    """The largest part that still fits one call beside this repository's working tree as it is now."""
+    budget = CALL_MIB - SLACK_MIB - travelling_bytes(repo) / 2**20
+    if budget < 1:
+        raise SystemExit(f"gpu_data: the working tree alone is {CALL_MIB - SLACK_MIB - budget:.1f} MiB; "
+                         f"a device call carries {CALL_MIB} MiB in all, which leaves no room for data")
+    return round(budget, 1)
 
 
 def pack(shared: Path, out: Path, budget_mib: float, method: int, jobs: int) -> list[Path]:
@@ -168,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pack", help="split ../shared's training images and Set5 into parts that each fit a call")
     p.add_argument("out", type=Path)
     p.add_argument("--shared", type=Path, default=Path(os.environ.get("DLSR_SHARED", REPO.parent / "shared")))
-    p.add_argument("--budget-mib", type=float, default=50.0,
-                   help="most bytes per part (default 50: 64 MiB per call less the ~6 MiB tracked tree and slack)")
+    p.add_argument("--budget-mib", type=float, default=None,
+                   help=f"most MiB per part (default: {CALL_MIB} MiB per call less the working tree that travels "
+                        f"with it, measured now, and {SLACK_MIB} MiB of slack)")
     p.add_argument("--webp-method", type=int, default=4, choices=range(7), help="WebP effort 0-6 (default 4)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     u = sub.add_parser("unpack", help="restore one part into a folder of PNG/JPEG, checking every image's pixels")
@@ -179,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
     if args.cmd == "pack":
-        pack(args.shared, args.out, args.budget_mib, args.webp_method, args.jobs)
+        budget = args.budget_mib if args.budget_mib is not None else auto_budget_mib()
+        print(f"gpu_data: parts of at most {budget} MiB", file=sys.stderr)
+        pack(args.shared, args.out, budget, args.webp_method, args.jobs)
         return 0
     return unpack(args.part, args.dest, args.jobs, args.require_complete)
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dlsr_infer.evaluate import load_rgb
@@ -101,3 +102,27 @@ def test_unpack_refuses_a_corrupted_image_and_pack_refuses_to_overwrite(tmp_path
     tiny = _run("pack", str(tmp_path / "gpu2"), "--shared", str(shared), "--budget-mib", "0.001")
     assert tiny.returncode != 0 and "over the 0.001 MiB budget" in tiny.stderr
     assert not (tmp_path / "gpu2").exists() and not (tmp_path / "gpu2.partial").exists()
+
+
+def test_default_budget_is_what_a_call_leaves_beside_the_travelling_tree(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_data
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("/big/\n")
+    (repo / "tracked.bin").write_bytes(b"\0" * 3 * 2**20)
+    subprocess.run(["git", "-C", str(repo), "add", "tracked.bin", ".gitignore"], check=True)
+    (repo / "untracked.bin").write_bytes(b"\0" * 2**20)  # not ignored: it travels too
+    (repo / "big").mkdir()
+    (repo / "big" / "ignored.bin").write_bytes(b"\0" * 5 * 2**20)  # ignored: stays behind
+    assert gpu_data.travelling_bytes(repo) == 4 * 2**20 + len("/big/\n")
+    assert gpu_data.auto_budget_mib(repo) == gpu_data.CALL_MIB - gpu_data.SLACK_MIB - 4.0
+
+    with open(repo / "untracked.bin", "r+b") as f:  # a tree that leaves no room for data is refused
+        f.truncate(60 * 2**20)
+    with pytest.raises(SystemExit, match="leaves no room"):
+        gpu_data.auto_budget_mib(repo)
