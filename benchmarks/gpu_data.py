@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -81,7 +82,7 @@ def auto_budget_mib(repo: Path = REPO) -> float:
     if budget < 1:
         raise SystemExit(f"gpu_data: the working tree alone is {CALL_MIB - SLACK_MIB - budget:.1f} MiB; "
                          f"a device call carries {CALL_MIB} MiB in all, which leaves no room for data")
-    return round(budget, 1)
+    return math.floor(budget * 10) / 10  # rounded down: never over what the call can take
 
 
 def pack(shared: Path, out: Path, budget_mib: float, method: int, jobs: int) -> list[Path]:
