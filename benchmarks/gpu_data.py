@@ -168,12 +168,16 @@ def unpack(part: Path, dest: Path, jobs: int, require_complete: bool) -> int:
     if problems:
         raise SystemExit(f"gpu_data: {len(problems)} images of {part} are corrupt, e.g. {problems[0]}")
     (dest / DONE).mkdir(parents=True, exist_ok=True)
+    done = {}  # part number -> manifest, of this pack's parts unpacked here, each record read once
     for record in (dest / DONE).glob("part*.json"):
-        if json.loads(record.read_text()).get("pack") != manifest["pack"]:
+        m = json.loads(record.read_text())
+        if m.get("pack") != manifest["pack"]:
             record.unlink()  # a part of another pack: it does not count towards this one
+        else:
+            done[int(record.stem[4:])] = m
     (dest / DONE / f"part{manifest['part']}.json").write_text(json.dumps(manifest))
-    done = sorted(int(p.stem[4:]) for p in (dest / DONE).glob("part*.json"))
-    have = sum(len(json.loads(p.read_text())["files"]) for p in (dest / DONE).glob("part*.json"))
+    done[manifest["part"]] = manifest
+    have = sum(len(m["files"]) for m in done.values())
     lacking = sorted(set(range(1, manifest["parts"] + 1)) - set(done))
     print(f"{dest}: part {manifest['part']} of {manifest['parts']} unpacked ({len(jobs_)} images); "
           f"{have} of {manifest['files_total']} images present"

@@ -12,12 +12,12 @@
 # DATA: training images (folders of PNG/JPEG, as `gpu_data.py unpack` writes them), copied to WORK_DATA
 # first so that a resumed run finds its data at the path its checkpoint names. VAL: HR validation
 # images (Set5). EXTRA: trainer options appended to every run (a CPU dry run:
-# EXTRA="--channels 8 --batch 2 --patch 64 --workers 0", as in tests/test_gpu_session.py). END: seconds after the start at which the runs are sent SIGTERM (each
-# finishes its step and writes its checkpoint). Each run's folder (last.pt, best/, log.jsonl,
-# config.json, console log) is packed into $OUT every PACK_EVERY seconds and at the end, so a session
-# cut short still returns its latest checkpoints. NAMES: the runs to start (default all four);
-# CHECKS=0 skips the tests and benchmarks. To go on with runs from an earlier session, carry their
-# folders, point RUNS at them and pass EXTRA=--resume.
+# EXTRA="--channels 8 --batch 2 --patch 64 --workers 0", as in tests/test_gpu_session.py). END: seconds
+# after the start at which the runs are sent SIGTERM (each finishes its step and writes its checkpoint).
+# Each run's folder (last.pt, best/, log.jsonl, config.json, console log) is packed into $OUT every
+# PACK_EVERY seconds and at the end, so a session cut short still returns its latest checkpoints. NAMES:
+# the runs to start (default all four); CHECKS=0 skips the tests and benchmarks. To go on with runs from
+# an earlier session, carry their folders, point RUNS at them and pass EXTRA=--resume.
 set -u
 T0=$(date +%s)
 END=${END:-560}
