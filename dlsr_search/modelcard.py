@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -40,7 +41,11 @@ def read_log(run: Path) -> list[dict[str, Any]]:
 def stage_records(run: Path, until: int | None = None) -> list[dict[str, Any]]:
     """A run's log up to step `until`: the part of a run that a later warm start actually came from
     (the run may have been resumed and gone on training after the hand-off)."""
-    records = read_log(run)
+    return records_until(read_log(run), until)
+
+
+def records_until(records: list[dict[str, Any]], until: int | None) -> list[dict[str, Any]]:
+    """A log's records up to step `until` (None: all), leaving out segments resumed after it."""
     if until is None:
         return records
     kept: list[dict[str, Any]] = []
@@ -58,6 +63,32 @@ def parse_stage(text: str) -> tuple[Path, int | None]:
     if not sep or not step.isdigit():
         return Path(text), None
     return Path(run), int(step)
+
+
+def card_stages(card: Path) -> tuple[list[tuple[Path, list[dict[str, Any]]]], dict[str, str]]:
+    """The training stages of a bundled model directory, oldest first (its log-stage<i>.jsonl, then its
+    log.jsonl), named as its card lists them, and the card's notes on data folders that were on another
+    machine. A run warm-started from that model continues its chain, which so survives in the repository
+    when the run folders do not."""
+    if not (card / "log.jsonl").is_file():
+        raise FileNotFoundError(f"{card}: no log.jsonl, so no training stages to continue (is it a model directory "
+                                "written by this tool?)")
+    logs = sorted(card.glob("log-stage*.jsonl"), key=lambda f: int(f.stem.removeprefix("log-stage")))
+    text = (card / "README.md").read_text() if (card / "README.md").is_file() else ""
+    listed = re.findall(r"^  \d+\. `([^`]+)`, x\d+: .*?, (?:data: (.+?); )?L\d loss", text, re.M)
+    # a card that bundled a run's best validation step says so: the chain goes on from that step
+    picked = re.search(r"weights from step ([\d,]+) \(its best", text)
+    stages, notes = [], {}
+    for i, log in enumerate([*logs, card / "log.jsonl"]):
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        if log.name == "log.jsonl" and picked:
+            records = records_until(records, int(picked.group(1).replace(",", "")))
+        config = run_config(records)
+        name, note = listed[i] if len(listed) == len(logs) + 1 else (config["out"], "")
+        if note and len(config.get("data") or []) == 1:
+            notes[config["data"][0]] = note
+        stages.append((Path(name), records))
+    return stages, notes
 
 
 def wall_time_s(records: list[dict[str, Any]]) -> float:
@@ -249,12 +280,16 @@ def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path,
 
 def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: Path | None = None,
               hardware: str | None = None, earlier: Sequence[tuple[Path, int | None]] = (),
-              data_notes: Mapping[str, str] | None = None) -> Path:
+              continues: Path | None = None, data_notes: Mapping[str, str] | None = None) -> Path:
     """Write the model directory `out` for `run`. `earlier`: the runs this one was warm-started from,
     oldest first, each with the last step the next stage took from it (None: all of it); their logs
     are kept as log-stage<i>.jsonl and their steps and commands listed in the card. `data_notes`: data
-    folder -> what it held, for folders not beside the card (a stage trained on another machine)."""
-    stages = [(r, stage_records(r, until)) for r, until in earlier]
+    folder -> what it held, for folders not beside the card (a stage trained on another machine).
+    `continues`: a model directory whose card's stages come before `earlier` (read before `out` is written,
+    so it may be `out` itself)."""
+    stages, noted = card_stages(continues) if continues is not None else ([], {})
+    stages += [(r, stage_records(r, until)) for r, until in earlier]
+    data_notes = {**noted, **(data_notes or {})}
     records = read_log(run)
     config = run_config(records)
     src = model_dir or run / "best"
@@ -380,13 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--earlier", action="append", default=[], metavar="RUN[@STEP]",
                    help="a run this one was warm-started from, oldest first (repeat); @STEP: the last step "
                         "the next stage took from it, when that run went on training afterwards")
+    p.add_argument("--continues", type=Path, default=None, metavar="MODEL_DIR",
+                   help="a model directory written by this tool that the run (or the first --earlier) was "
+                        "warm-started from: its card's stages and logs come first, without their run folders")
     a = p.parse_args(argv)
     notes = dict(n.split("=", 1) for n in a.data_note if "=" in n)
     if len(notes) != len(a.data_note):
         p.error("--data-note takes FOLDER=TEXT")
     out = make_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
                     model_dir=a.model, hardware=a.hardware, earlier=[parse_stage(e) for e in a.earlier],
-                    data_notes=notes)
+                    continues=a.continues, data_notes=notes)
     print(f"wrote {out}")
     return 0
 

@@ -82,3 +82,24 @@ def test_default_precision_keeps_the_card_figure_on_set5(alias, benchmarks_dir):
     expected = _card_psnr((d / "README.md").read_text(), "Set5")
     got = evaluate(m, [benchmarks_dir / "Set5"], dtype="auto")[0]["psnr"]
     assert abs(got - expected) <= 0.02, (alias, got, expected)
+
+
+@pytest.mark.parametrize("alias", ALIAS_NAMES)
+def test_card_chain_can_be_continued_from_the_repository(alias):
+    """`modelcard --continues` reads a card's chain back from its logs: the stage lines it would write are
+    the card's own (up to the step a best-validation card bundled), with no run folder at hand."""
+    from dlsr_search.modelcard import _stage_line, card_stages
+
+    d = bundled_model_dir(alias)
+    listed = re.findall(r"^  \d+\. .*$", (d / "README.md").read_text(), re.M)
+    stages, notes = card_stages(d)
+    assert len(stages) == max(len(listed), 1)
+    again = [_stage_line(i, run, records, d, notes) for i, (run, records) in enumerate(stages, start=1)]
+    best = re.search(r"weights from step ([\d,]+) \(its best", (d / "README.md").read_text())
+    for i, (line, regenerated) in enumerate(zip(listed, again)):
+        if i == len(listed) - 1:
+            line = line.removesuffix(" (this run)")
+            if best:  # the chain goes on from the bundled step, not from the end of that run
+                assert f": {best[1]} steps," in regenerated
+                continue
+        assert regenerated == line

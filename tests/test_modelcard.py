@@ -150,3 +150,39 @@ def test_summary_table_orders_by_scale_and_shows_each_bicubic_row_once(chain):
     names = [r.split("|")[1].strip() for r in rows]
     assert names == ["a-x2 model (ours, bundled)", "bicubic x2", "a2-x2 model (ours, bundled)",
                      "B x4 (ours, bundled)", "bicubic x4"]
+
+
+def test_a_card_continues_the_chain_of_the_model_it_was_warm_started_from(chain):
+    """A fresh checkout has no run folders: the bundled model's own logs carry its chain to the next card,
+    which may replace that model in place."""
+    bundled = chain / "bx4"
+    make_card(chain / "B", bundled, title="T x4", benchmarks=chain / "bench", model_dir=chain / "B" / "export",
+              earlier=[(chain / "A", 4)])
+    before = {f.name: f.read_bytes() for f in bundled.glob("log*.jsonl")}
+    assert modelcard.main(["--continues", str(bundled), "--model", str(chain / "A" / "export"), "--benchmarks",
+                           str(chain / "bench"), "--title", "T next", str(chain / "A"), str(bundled)]) == 0
+    card = (bundled / "README.md").read_text()
+    assert f"1. `{chain / 'A'}`, x2: 4 steps" in card and f"2. `{chain / 'B'}`, x4: 3 steps" in card
+    assert f"3. `{chain / 'A'}`, x2: 6 steps" in card and card.count("(this run)") == 1
+    assert "all stages: 13 steps" in card
+    assert (bundled / "log-stage1.jsonl").read_bytes() == before["log-stage1.jsonl"]
+    assert (bundled / "log-stage2.jsonl").read_bytes() == before["log.jsonl"]
+    assert (bundled / "log.jsonl").read_bytes() == (chain / "A" / "log.jsonl").read_bytes()
+    assert not (bundled / "log-stage3.jsonl").exists()
+    with pytest.raises(FileNotFoundError, match="no log.jsonl"):
+        make_card(chain / "A", chain / "elsewhere", title="T", benchmarks=chain / "bench", continues=chain / "imgs")
+    assert not (chain / "elsewhere").exists()  # refused before anything was written
+
+    # a card that bundled a best validation step hands on that step, not the steps trained after it
+    make_card(chain / "A", chain / "a-best", title="A x2", benchmarks=chain / "bench")
+    best = [r["step"] for r in read_log(chain / "A") if r["event"] == "val" and r.get("best")][-1]
+    readme = chain / "a-best" / "README.md"
+    assert f"weights from step {best:,} (its best" in readme.read_text()
+    if best == 6:  # A's last step: the card as a best step earlier in the run (resumed at 4) would say it
+        readme.write_text(readme.read_text().replace("weights from step 6 (its best", "weights from step 4 (its best"))
+        best = 4
+    make_card(chain / "B", chain / "b-next", title="B x4", benchmarks=chain / "bench",
+              model_dir=chain / "B" / "export", continues=chain / "a-best")
+    stage1 = [json.loads(x) for x in (chain / "b-next" / "log-stage1.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in stage1) == best and not any(r["event"] == "resume" for r in stage1)
+    assert f"1. `{chain / 'A'}`, x2: {best:,} steps" in (chain / "b-next" / "README.md").read_text()
