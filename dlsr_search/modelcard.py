@@ -291,6 +291,10 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     stages += [(r, stage_records(r, until)) for r, until in earlier]
     data_notes = {**noted, **(data_notes or {})}
     records = read_log(run)
+    for i, (name, recs) in enumerate(stages, start=1):  # e.g. a card rewritten in place by the same command twice
+        if recs[:1] == records[:1]:
+            raise ValueError(f"{run} is already stage {i} ({name}) of the chain; restore {continues or out} "
+                             "from git before writing its card again")
     config = run_config(records)
     src = model_dir or run / "best"
     model = DLSR.from_pretrained(src)
@@ -422,9 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     notes = dict(n.split("=", 1) for n in a.data_note if "=" in n)
     if len(notes) != len(a.data_note):
         p.error("--data-note takes FOLDER=TEXT")
-    out = make_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
-                    model_dir=a.model, hardware=a.hardware, earlier=[parse_stage(e) for e in a.earlier],
-                    continues=a.continues, data_notes=notes)
+    try:
+        out = make_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
+                        model_dir=a.model, hardware=a.hardware, earlier=[parse_stage(e) for e in a.earlier],
+                        continues=a.continues, data_notes=notes)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 

@@ -152,23 +152,30 @@ def test_summary_table_orders_by_scale_and_shows_each_bicubic_row_once(chain):
                      "B x4 (ours, bundled)", "bicubic x4"]
 
 
-def test_a_card_continues_the_chain_of_the_model_it_was_warm_started_from(chain):
+def test_a_card_continues_the_chain_of_the_model_it_was_warm_started_from(chain, capsys):
     """A fresh checkout has no run folders: the bundled model's own logs carry its chain to the next card,
     which may replace that model in place."""
     bundled = chain / "bx4"
     make_card(chain / "B", bundled, title="T x4", benchmarks=chain / "bench", model_dir=chain / "B" / "export",
               earlier=[(chain / "A", 4)])
     before = {f.name: f.read_bytes() for f in bundled.glob("log*.jsonl")}
-    assert modelcard.main(["--continues", str(bundled), "--model", str(chain / "A" / "export"), "--benchmarks",
-                           str(chain / "bench"), "--title", "T next", str(chain / "A"), str(bundled)]) == 0
+    train(_cfg(chain, "D", scale=4, patch=64, steps=2, init_from=str(bundled)))
+    assert modelcard.main(["--continues", str(bundled), "--model", str(chain / "D" / "export"), "--benchmarks",
+                           str(chain / "bench"), "--title", "T next", str(chain / "D"), str(bundled)]) == 0
     card = (bundled / "README.md").read_text()
     assert f"1. `{chain / 'A'}`, x2: 4 steps" in card and f"2. `{chain / 'B'}`, x4: 3 steps" in card
-    assert f"3. `{chain / 'A'}`, x2: 6 steps" in card and card.count("(this run)") == 1
-    assert "all stages: 13 steps" in card
+    assert f"3. `{chain / 'D'}`, x4: 2 steps" in card and card.count("(this run)") == 1
+    assert "all stages: 9 steps" in card
     assert (bundled / "log-stage1.jsonl").read_bytes() == before["log-stage1.jsonl"]
     assert (bundled / "log-stage2.jsonl").read_bytes() == before["log.jsonl"]
-    assert (bundled / "log.jsonl").read_bytes() == (chain / "A" / "log.jsonl").read_bytes()
+    assert (bundled / "log.jsonl").read_bytes() == (chain / "D" / "log.jsonl").read_bytes()
     assert not (bundled / "log-stage3.jsonl").exists()
+    written = {f.name: f.read_bytes() for f in bundled.iterdir()}
+    # the same command twice would list D twice: refused, the card left as it was
+    assert modelcard.main(["--continues", str(bundled), "--model", str(chain / "D" / "export"), "--benchmarks",
+                           str(chain / "bench"), "--title", "T next", str(chain / "D"), str(bundled)]) == 2
+    assert "is already stage 3" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in bundled.iterdir()} == written
     with pytest.raises(FileNotFoundError, match="no log.jsonl"):
         make_card(chain / "A", chain / "elsewhere", title="T", benchmarks=chain / "bench", continues=chain / "imgs")
     assert not (chain / "elsewhere").exists()  # refused before anything was written
