@@ -34,8 +34,12 @@ PAPER = {
 SETS = ("Set5", "Set14", "B100")
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def read_log(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    return read_jsonl(run / "log.jsonl")
 
 
 def stage_records(run: Path, until: int | None = None) -> list[dict[str, Any]]:
@@ -80,7 +84,7 @@ def card_stages(card: Path) -> tuple[list[tuple[Path, list[dict[str, Any]]]], di
     picked = re.search(r"weights from step ([\d,]+) \(its best", text)
     stages, notes = [], {}
     for i, log in enumerate([*logs, card / "log.jsonl"]):
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        records = read_jsonl(log)
         if log.name == "log.jsonl" and picked:
             records = records_until(records, int(picked.group(1).replace(",", "")))
         config = run_config(records)

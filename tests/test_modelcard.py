@@ -185,7 +185,7 @@ def test_a_card_continues_the_chain_of_the_model_it_was_warm_started_from(chain,
     best = [r["step"] for r in read_log(chain / "A") if r["event"] == "val" and r.get("best")][-1]
     readme = chain / "a-best" / "README.md"
     assert f"weights from step {best:,} (its best" in readme.read_text()
-    if best == 6:  # A's last step: the card as a best step earlier in the run (resumed at 4) would say it
+    if best == 6:  # A's last step: make the card say what it says of a best step earlier in the run (A@4)
         readme.write_text(readme.read_text().replace("weights from step 6 (its best", "weights from step 4 (its best"))
         best = 4
     make_card(chain / "B", chain / "b-next", title="B x4", benchmarks=chain / "bench",
