@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -69,30 +68,45 @@ def parse_stage(text: str) -> tuple[Path, int | None]:
     return Path(run), int(step)
 
 
+#: Beside each card: its stages, oldest first, as `make_card` listed them (the chain read back by `--continues`).
+STAGES_NAME = "stages.json"
+
+
 def card_stages(card: Path) -> tuple[list[tuple[Path, list[dict[str, Any]]]], dict[str, str]]:
     """The training stages of a bundled model directory, oldest first (its log-stage<i>.jsonl, then its
-    log.jsonl), named as its card lists them, and the card's notes on data folders that were on another
-    machine. A run warm-started from that model continues its chain, which so survives in the repository
-    when the run folders do not."""
-    if not (card / "log.jsonl").is_file():
-        raise FileNotFoundError(f"{card}: no log.jsonl, so no training stages to continue (is it a model directory "
-                                "written by this tool?)")
-    logs = sorted(card.glob("log-stage*.jsonl"), key=lambda f: int(f.stem.removeprefix("log-stage")))
-    text = (card / "README.md").read_text() if (card / "README.md").is_file() else ""
-    listed = re.findall(r"^  \d+\. `([^`]+)`, x\d+: .*?, (?:data: (.+?); )?L\d loss", text, re.M)
-    # a card that bundled a run's best validation step says so: the chain goes on from that step
-    picked = re.search(r"weights from step ([\d,]+) \(its best", text)
+    log.jsonl up to the step it bundled), named as its card lists them, and the card's notes on data
+    folders that were on another machine. A run warm-started from that model continues its chain, which so
+    survives in the repository when the run folders do not."""
+    index = card / STAGES_NAME
+    if not index.is_file():
+        raise FileNotFoundError(f"{card}: no {STAGES_NAME}, so no training stages to continue (is it a model "
+                                "directory written by this tool?)")
     stages, notes = [], {}
-    for i, log in enumerate([*logs, card / "log.jsonl"]):
-        records = read_jsonl(log)
-        if log.name == "log.jsonl" and picked:
-            records = records_until(records, int(picked.group(1).replace(",", "")))
-        config = run_config(records)
-        name, note = listed[i] if len(listed) == len(logs) + 1 else (config["out"], "")
-        if note and len(config.get("data") or []) == 1:
-            notes[config["data"][0]] = note
-        stages.append((Path(name), records))
+    for entry in json.loads(index.read_text())["stages"]:
+        log = card / entry["log"]
+        if not log.is_file():
+            raise FileNotFoundError(f"{card}: {STAGES_NAME} lists {entry['log']}, which is missing")
+        records = records_until(read_jsonl(log), entry.get("until"))
+        data = run_config(records).get("data") or []
+        if entry.get("data_note") and len(data) == 1:
+            notes[data[0]] = entry["data_note"]
+        stages.append((Path(entry["run"]), records))
     return stages, notes
+
+
+def _write_stages(out: Path, stages: Sequence[tuple[Path, list[dict[str, Any]]]], run: Path,
+                  records: list[dict[str, Any]], until: int | None, data_notes: Mapping[str, str]) -> None:
+    """`stages.json`: what `card_stages` reads back; `until` is the step this run's bundled weights are from
+    when later steps are in its log.jsonl (a best-validation pick)."""
+    logs = [f"log-stage{i}.jsonl" for i in range(1, len(stages) + 1)] + ["log.jsonl"]
+    entries = []
+    for (name, recs), log in zip([*stages, (run, records)], logs):
+        entry: dict[str, Any] = {"run": str(name), "log": log}
+        if log == "log.jsonl":
+            entry["until"] = until
+        entry["data_note"] = _noted_data(run_config(recs).get("data"), data_notes)
+        entries.append(entry)
+    (out / STAGES_NAME).write_text(json.dumps({"format_version": 1, "stages": entries}, indent=1) + "\n")
 
 
 def wall_time_s(records: list[dict[str, Any]]) -> float:
@@ -316,6 +330,7 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
         stale.unlink()
     for i, (_, recs) in enumerate(stages, start=1):
         (out / f"log-stage{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    _write_stages(out, stages, run, records, model_step if picked else None, data_notes)
     val = [(r["step"], r["psnr_y"]) for r in records if r["event"] == "val" and r.get("psnr_y") is not None]
     plot_curve(val, out / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
 

@@ -19,7 +19,7 @@ ALIAS_NAMES = sorted(ALIASES)
 def test_alias_is_bundled_with_card_log_and_curve(alias):
     d = bundled_model_dir(alias)
     assert d is not None, f"no bundled weights for {alias!r} in weights/"
-    for name in (CONFIG_NAME, WEIGHTS_NAME, "README.md", "log.jsonl", "curve.png"):
+    for name in (CONFIG_NAME, WEIGHTS_NAME, "README.md", "log.jsonl", "curve.png", "stages.json"):
         assert (d / name).is_file(), f"{d / name} missing"
     # the weights file is safetensors (8-byte little-endian header length, then a JSON header), not a pickle
     raw = (d / WEIGHTS_NAME).read_bytes()
@@ -86,8 +86,9 @@ def test_default_precision_keeps_the_card_figure_on_set5(alias, benchmarks_dir):
 
 @pytest.mark.parametrize("alias", ALIAS_NAMES)
 def test_card_chain_can_be_continued_from_the_repository(alias):
-    """`modelcard --continues` reads a card's chain back from its logs: the stage lines it would write are
-    the card's own (up to the step a best-validation card bundled), with no run folder at hand."""
+    """`modelcard --continues` reads a card's chain back from its stages.json and logs: the stage lines it
+    would write are the card's own (up to the step a best-validation card bundled), with no run folder at
+    hand."""
     from dlsr_search.modelcard import _stage_line, card_stages
 
     d = bundled_model_dir(alias)

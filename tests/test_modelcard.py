@@ -93,6 +93,8 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
     card = (out / "README.md").read_text()
     assert "(40 HR images elsewhere);" in card and "(6 HR images)" not in card
     assert card.count("images large enough), data: 40 HR images elsewhere; L1 loss") == 2
+    stages, notes = modelcard.card_stages(out)  # and goes on to the card of a run warm-started from this one
+    assert [name for name, _ in stages] == [chain / "A", chain / "B"] and notes == {imgs: "40 HR images elsewhere"}
     with pytest.raises(SystemExit):
         modelcard.main(["--data-note", "no equals sign", "--title", "T", str(chain / "B"), str(out)])
 
@@ -176,7 +178,7 @@ def test_a_card_continues_the_chain_of_the_model_it_was_warm_started_from(chain,
                            str(chain / "bench"), "--title", "T next", str(chain / "D"), str(bundled)]) == 2
     assert "is already stage 3" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in bundled.iterdir()} == written
-    with pytest.raises(FileNotFoundError, match="no log.jsonl"):
+    with pytest.raises(FileNotFoundError, match="no stages.json"):
         make_card(chain / "A", chain / "elsewhere", title="T", benchmarks=chain / "bench", continues=chain / "imgs")
     assert not (chain / "elsewhere").exists()  # refused before anything was written
 
@@ -185,9 +187,12 @@ def test_a_card_continues_the_chain_of_the_model_it_was_warm_started_from(chain,
     best = [r["step"] for r in read_log(chain / "A") if r["event"] == "val" and r.get("best")][-1]
     readme = chain / "a-best" / "README.md"
     assert f"weights from step {best:,} (its best" in readme.read_text()
+    stages = json.loads((chain / "a-best" / "stages.json").read_text())["stages"]
+    assert stages == [{"run": str(chain / "A"), "log": "log.jsonl", "until": best, "data_note": None}]
     if best == 6:  # A's last step: make the card say what it says of a best step earlier in the run (A@4)
-        readme.write_text(readme.read_text().replace("weights from step 6 (its best", "weights from step 4 (its best"))
-        best = 4
+        stages[0]["until"] = best = 4
+        (chain / "a-best" / "stages.json").write_text(json.dumps({"format_version": 1, "stages": stages}))
+    readme.write_text("# reworded by hand\n")  # the chain is read from stages.json, not from the card's prose
     make_card(chain / "B", chain / "b-next", title="B x4", benchmarks=chain / "bench",
               model_dir=chain / "B" / "export", continues=chain / "a-best")
     stage1 = [json.loads(x) for x in (chain / "b-next" / "log-stage1.jsonl").read_text().splitlines()]
