@@ -1,6 +1,7 @@
 """`pip install .` gives a working library from any directory, package data included."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -9,8 +10,12 @@ from conftest import REPO_ROOT
 
 def test_install_from_another_directory(tmp_path):
     target = tmp_path / "site"
+    # built from a copy without build/ or *.egg-info: files a stale build left there would hide missing package data
+    source = tmp_path / "source"
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "runs", "checkpoints", "__pycache__", ".*cache", ".hypothesis", ".gpu*"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-compile", "--target", str(target), str(REPO_ROOT)], check=True, cwd=tmp_path)
+                    "--no-compile", "--target", str(target), str(source)], check=True, cwd=tmp_path)
     bundled = sorted(p.parent.name for p in (REPO_ROOT / "weights").glob("*/model.safetensors"))
     code = (
         "import dlsr_infer, sys, pathlib\n"
@@ -27,3 +32,8 @@ def test_install_from_another_directory(tmp_path):
     assert out.stdout.strip() == str(bundled)
     assert (target / "dlsr_infer" / "genotypes" / "dlsr_x4.json").is_file()
     assert not (target / "weights").exists()  # bundled weights live inside the package
+    # each model directory installs whole: weights, config, card, curve, logs and stages.json
+    files = sorted(str(f.relative_to(REPO_ROOT / "weights")) for f in (REPO_ROOT / "weights").glob("*/*"))
+    installed = sorted(str(f.relative_to(target / "dlsr_infer" / "_weights"))
+                       for f in (target / "dlsr_infer" / "_weights").glob("*/*") if f.name != "__pycache__")
+    assert installed == files
