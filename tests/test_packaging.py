@@ -33,7 +33,7 @@ def test_install_from_another_directory(tmp_path):
     assert (target / "dlsr_infer" / "genotypes" / "dlsr_x4.json").is_file()
     assert not (target / "weights").exists()  # bundled weights live inside the package
     # each model directory installs whole: weights, config, card, curve, logs and stages.json
-    files = sorted(str(f.relative_to(REPO_ROOT / "weights")) for f in (REPO_ROOT / "weights").glob("*/*"))
-    installed = sorted(str(f.relative_to(target / "dlsr_infer" / "_weights"))
-                       for f in (target / "dlsr_infer" / "_weights").glob("*/*") if f.name != "__pycache__")
-    assert installed == files
+    def model_files(root):  # the files of each model directory (one holding config.json), not __pycache__/
+        return sorted(str(f.relative_to(root)) for d in root.glob("*/config.json") for f in d.parent.iterdir())
+
+    assert model_files(target / "dlsr_infer" / "_weights") == model_files(REPO_ROOT / "weights")
