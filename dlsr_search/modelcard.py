@@ -96,14 +96,18 @@ def card_stages(card: Path) -> tuple[list[tuple[Path, list[dict[str, Any]]]], di
 
 def _write_stages(out: Path, stages: Sequence[tuple[Path, list[dict[str, Any]]]], run: Path,
                   records: list[dict[str, Any]], until: int | None, data_notes: Mapping[str, str]) -> None:
-    """`stages.json`: what `card_stages` reads back; `until` is the step this run's bundled weights are from
+    """The earlier stages' logs (log-stage<i>.jsonl; the run's own is log.jsonl, copied already) and
+    `stages.json`, which `card_stages` reads back; `until` is the step this run's bundled weights are from
     when later steps are in its log.jsonl (a best-validation pick)."""
-    logs = [f"log-stage{i}.jsonl" for i in range(1, len(stages) + 1)] + ["log.jsonl"]
+    for stale in out.glob("log-stage*.jsonl"):
+        stale.unlink()
     entries = []
-    for (name, recs), log in zip([*stages, (run, records)], logs):
-        entry: dict[str, Any] = {"run": str(name), "log": log}
-        if log == "log.jsonl":
-            entry["until"] = until
+    for i, (name, recs) in enumerate([*stages, (run, records)], start=1):
+        entry: dict[str, Any] = {"run": str(name), "log": f"log-stage{i}.jsonl"}
+        if i > len(stages):
+            entry.update(log="log.jsonl", until=until)
+        else:
+            (out / entry["log"]).write_text("".join(json.dumps(r) + "\n" for r in recs))
         entry["data_note"] = _noted_data(run_config(recs).get("data"), data_notes)
         entries.append(entry)
     (out / STAGES_NAME).write_text(json.dumps({"format_version": 1, "stages": entries}, indent=1) + "\n")
@@ -326,10 +330,6 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(src / name, out / name)
     shutil.copyfile(run / "log.jsonl", out / "log.jsonl")
-    for stale in out.glob("log-stage*.jsonl"):
-        stale.unlink()
-    for i, (_, recs) in enumerate(stages, start=1):
-        (out / f"log-stage{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     _write_stages(out, stages, run, records, model_step if picked else None, data_notes)
     val = [(r["step"], r["psnr_y"]) for r in records if r["event"] == "val" and r.get("psnr_y") is not None]
     plot_curve(val, out / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
