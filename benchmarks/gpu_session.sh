@@ -63,13 +63,14 @@ fi
 COMMON=(--data "$WORK_DATA" --val "$VAL" --val-every 500 --ckpt-every 500 --ckpt-every-minutes 1
         --log-every 100 --batch 64 --ema 0.999 --steps 20000 --halve-every 1500 --workers 2 --threads 2 --no-progress
         ${EXTRA:-})
-# lr: the 2026-11-26 H100 session ran all four at 1e-4 (x2-s 2e-4); x2 came back worse (Set5 37.44 from
-# 37.48) and x3 dipped before it recovered, so the models already tuned on L2 now start at 3e-5.
+# lr: the 2026-11-26 H100 session ran all four at 1e-4 (x2-s 2e-4, L1); x2 came back worse (Set5 37.44 from
+# 37.48) and x3 dipped before it recovered, so x2 and x3 (already tuned on L2) now start at 3e-5. x2-s has
+# since been tuned on the CPU with L2 restarts at 1e-4, which gained at every stage: it continues that way.
 declare -A ARGS=(
   [x2g]="--scale 2 --init-from weights/dlsr-x2 --pixel-loss l2 --lr 3e-5 --patch 128"
   [x3g]="--scale 3 --init-from weights/dlsr-x3 --pixel-loss l2 --lr 3e-5 --patch 192"
   [x4g]="--scale 4 --init-from weights/dlsr-x4 --pixel-loss l2 --lr 1e-4 --patch 256"
-  [x2sg]="--scale 2 --genotype dlsr_s_x2 --init-from weights/dlsr-s-x2 --lr 2e-4 --patch 128"
+  [x2sg]="--scale 2 --genotype dlsr_s_x2 --init-from weights/dlsr-s-x2 --pixel-loss l2 --lr 1e-4 --patch 128"
 )
 # packs (at most 16 MiB each): x2 with x2-s, x3, x4
 declare -A PACKS=([g2]="x2g x2sg" [g3]="x3g" [g4]="x4g")
