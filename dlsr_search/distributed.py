@@ -10,6 +10,7 @@ all-reduce costs nothing next to the convolutions. Only rank 0 validates, logs a
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Iterable
@@ -58,7 +59,7 @@ def setup(device: str = "auto") -> DistInfo:
             # exists when it is imported. They outlive destroy_process_group(), so gloo's threads ran on
             # into interpreter shutdown and now and then aborted a finished run ("terminate called
             # without an active exception"). Imported first, it holds nothing.
-            import torch._dynamo  # noqa: F401
+            importlib.import_module("torch._dynamo")  # not `import torch._dynamo`: that binds a local `torch`
             dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     elif dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", 0)
