@@ -72,43 +72,42 @@ def parse_stage(text: str) -> tuple[Path, int | None]:
 STAGES_NAME = "stages.json"
 
 
-def card_stages(card: Path) -> tuple[list[tuple[Path, list[dict[str, Any]]]], dict[str, str]]:
+def card_stages(card: Path) -> tuple[list[tuple[Path, list[dict[str, Any]]]], list[str | None]]:
     """The training stages of a bundled model directory, oldest first (its log-stage<i>.jsonl, then its
-    log.jsonl up to the step it bundled), named as its card lists them, and the card's notes on data
-    folders that were on another machine. A run warm-started from that model continues its chain, which so
-    survives in the repository when the run folders do not."""
+    log.jsonl up to the step it bundled), named as its card lists them, and each stage's note on its data
+    (None where the data was the folder named). A run warm-started from that model continues its chain,
+    which so survives in the repository when the run folders do not. Notes belong to stages, not to
+    folders: two GPU sessions both trained from /tmp/dlsr_data, holding different images."""
     index = card / STAGES_NAME
     if not index.is_file():
         raise FileNotFoundError(f"{card}: no {STAGES_NAME}, so no training stages to continue (is it a model "
                                 "directory written by this tool?)")
-    stages, notes = [], {}
+    stages, notes = [], []
     for entry in json.loads(index.read_text())["stages"]:
         log = card / entry["log"]
         if not log.is_file():
             raise FileNotFoundError(f"{card}: {STAGES_NAME} lists {entry['log']}, which is missing")
-        records = records_until(read_jsonl(log), entry.get("until"))
-        data = run_config(records).get("data") or []
-        if entry.get("data_note") and len(data) == 1:
-            notes[data[0]] = entry["data_note"]
-        stages.append((Path(entry["run"]), records))
+        stages.append((Path(entry["run"]), records_until(read_jsonl(log), entry.get("until"))))
+        notes.append(entry.get("data_note"))
     return stages, notes
 
 
 def _write_stages(out: Path, stages: Sequence[tuple[Path, list[dict[str, Any]]]], run: Path,
-                  records: list[dict[str, Any]], until: int | None, data_notes: Mapping[str, str]) -> None:
+                  records: list[dict[str, Any]], until: int | None, notes: Sequence[str | None]) -> None:
     """The earlier stages' logs (log-stage<i>.jsonl; the run's own is log.jsonl, copied already) and
     `stages.json`, which `card_stages` reads back; `until` is the step this run's bundled weights are from
-    when later steps are in its log.jsonl (a best-validation pick)."""
+    when later steps are in its log.jsonl (a best-validation pick); `notes`: each stage's data note, the
+    run's last."""
     for stale in out.glob("log-stage*.jsonl"):
         stale.unlink()
     entries = []
-    for i, (name, recs) in enumerate([*stages, (run, records)], start=1):
+    for i, ((name, recs), note) in enumerate(zip([*stages, (run, records)], notes, strict=True), start=1):
         entry: dict[str, Any] = {"run": str(name), "log": f"log-stage{i}.jsonl"}
         if i > len(stages):
             entry.update(log="log.jsonl", until=until)
         else:
             (out / entry["log"]).write_text("".join(json.dumps(r) + "\n" for r in recs))
-        entry["data_note"] = _noted_data(run_config(recs).get("data"), data_notes)
+        entry["data_note"] = note
         entries.append(entry)
     (out / STAGES_NAME).write_text(json.dumps({"format_version": 1, "stages": entries}, indent=1) + "\n")
 
@@ -268,9 +267,9 @@ def _warm_start(config: dict[str, Any], records: list[dict[str, Any]], out: Path
 def _autocast(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
     """The autocast dtype a run trained under: from its start record, else (older logs) from --bf16,
     whose default (None) meant on for CUDA and off for the CPU."""
-    starts = [r for r in records if r["event"] == "start"]
+    starts = _trained_starts(records)
     if starts and "autocast" in starts[-1]:
-        return starts[-1]["autocast"] or "off"
+        return ", ".join(dict.fromkeys(r.get("autocast") or "off" for r in starts))
     bf16 = config.get("bf16")
     if bf16 is None:
         bf16 = bool(starts) and str(starts[-1].get("device", "")).startswith("cuda")
@@ -282,18 +281,25 @@ def _loss(config: dict[str, Any]) -> str:
     return str(config.get("pixel_loss") or "l1").upper()
 
 
+def _trained_starts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The start records of the segments that trained a step: not a resume that only closed a run at its
+    current step (`--resume --steps N`, perhaps on another machine than the one that trained it)."""
+    starts = [i for i, r in enumerate(records) if r["event"] == "start"]
+    trained = [records[i] for i, j in zip(starts, [*starts[1:], len(records)])
+               if max(r.get("step", 0) for r in records[i:j]) > records[i]["step"]]
+    return trained or [records[i] for i in starts]
+
+
 def _devices(records: list[dict[str, Any]]) -> str:
     """The devices a run trained on, from its start records ('cpu', 'cuda:0', ...), in order of first use."""
-    seen = [r["device"] for r in records if r["event"] == "start" and r.get("device")]
+    seen = [r["device"] for r in _trained_starts(records) if r.get("device")]
     return ", ".join(dict.fromkeys(seen)) or "not logged"
 
 
-def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path,
-                data_notes: Mapping[str, str] | None = None) -> str:
+def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path, note: str | None = None) -> str:
     config = run_config(records)
     steps = config["steps"]
-    noted = _noted_data(config.get("data"), data_notes)
-    data = f"data: {noted}; " if noted is not None else ""
+    data = f"data: {note}; " if note is not None else ""
     return (f"  {i}. `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, "
             f"{_patch_note(config, records)}, {data}{_loss(config)} loss, lr {config.get('lr')} halved every "
             f"{config.get('halve_every')}; warm start: {_warm_start(config, records, out)}; wall time "
@@ -306,13 +312,14 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     """Write the model directory `out` for `run`. `earlier`: the runs this one was warm-started from,
     oldest first, each with the last step the next stage took from it (None: all of it); their logs
     are kept as log-stage<i>.jsonl and their steps and commands listed in the card. `data_notes`: data
-    folder -> what it held, for folders not beside the card (a stage trained on another machine).
+    folder -> what it held, for folders not beside the card (a stage trained on another machine); it
+    applies to this run and to `earlier`, never to the stages of `continues`, whose notes are kept.
     `continues`: a model directory whose card's stages come before `earlier` (read before `out` is written,
     so it may be `out` itself)."""
-    stages, noted = card_stages(continues) if continues is not None else ([], {})
+    stages, notes = card_stages(continues) if continues is not None else ([], [])
     stages += [(r, stage_records(r, until)) for r, until in earlier]
-    data_notes = {**noted, **(data_notes or {})}
     records = read_log(run)
+    notes += [_noted_data(run_config(recs).get("data"), data_notes) for _, recs in [*stages[len(notes):], (run, records)]]
     for i, (name, recs) in enumerate(stages, start=1):  # e.g. a card rewritten in place by the same command twice
         if recs[:1] == records[:1]:
             raise ValueError(f"{run} is already stage {i} ({name}) of the chain; restore {continues or out} "
@@ -330,7 +337,7 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(src / name, out / name)
     shutil.copyfile(run / "log.jsonl", out / "log.jsonl")
-    _write_stages(out, stages, run, records, model_step if picked else None, data_notes)
+    _write_stages(out, stages, run, records, model_step if picked else None, notes)
     val = [(r["step"], r["psnr_y"]) for r in records if r["event"] == "val" and r.get("psnr_y") is not None]
     plot_curve(val, out / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
 
@@ -347,8 +354,8 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     hours = wall_time_s(records) / 3600
     history = ""
     if stages:
-        lines = [_stage_line(i, r, recs, out, data_notes) for i, (r, recs) in enumerate(stages, start=1)]
-        lines.append(_stage_line(len(stages) + 1, run, records, out, data_notes) + " (this run)")
+        lines = [_stage_line(i, r, recs, out, note) for i, ((r, recs), note) in enumerate(zip(stages, notes), start=1)]
+        lines.append(_stage_line(len(stages) + 1, run, records, out, notes[-1]) + " (this run)")
         total_steps = sum(max(x["step"] for x in recs) for _, recs in stages) + steps
         total_h = sum(wall_time_s(recs) for _, recs in stages) / 3600 + hours
         history = ("\n- training stages, oldest first (each warm-started from the one before; logs "

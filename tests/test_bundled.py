@@ -95,7 +95,7 @@ def test_card_chain_can_be_continued_from_the_repository(alias):
     listed = re.findall(r"^  \d+\. .*$", (d / "README.md").read_text(), re.M)
     stages, notes = card_stages(d)
     assert len(stages) == max(len(listed), 1)
-    again = [_stage_line(i, run, records, d, notes) for i, (run, records) in enumerate(stages, start=1)]
+    again = [_stage_line(i, run, records, d, note) for i, ((run, records), note) in enumerate(zip(stages, notes), start=1)]
     best = re.search(r"weights from step ([\d,]+) \(its best", (d / "README.md").read_text())
     for i, (line, regenerated) in enumerate(zip(listed, again)):
         if i == len(listed) - 1:

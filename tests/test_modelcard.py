@@ -94,7 +94,7 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
     assert "(40 HR images elsewhere);" in card and "(6 HR images)" not in card
     assert card.count("images large enough), data: 40 HR images elsewhere; L1 loss") == 2
     stages, notes = modelcard.card_stages(out)  # and goes on to the card of a run warm-started from this one
-    assert [name for name, _ in stages] == [chain / "A", chain / "B"] and notes == {imgs: "40 HR images elsewhere"}
+    assert [name for name, _ in stages] == [chain / "A", chain / "B"] and notes == ["40 HR images elsewhere"] * 2
     with pytest.raises(SystemExit):
         modelcard.main(["--data-note", "no equals sign", "--title", "T", str(chain / "B"), str(out)])
 
@@ -198,3 +198,33 @@ def test_a_card_continues_the_chain_of_the_model_it_was_warm_started_from(chain,
     stage1 = [json.loads(x) for x in (chain / "b-next" / "log-stage1.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in stage1) == best and not any(r["event"] == "resume" for r in stage1)
     assert f"1. `{chain / 'A'}`, x2: {best:,} steps" in (chain / "b-next" / "README.md").read_text()
+
+
+def test_a_data_note_stays_with_its_stage_when_a_later_stage_reuses_the_folder(chain):
+    """Two GPU sessions both trained from /tmp/dlsr_data, holding different images: the note given for the
+    newer stage must not rewrite what the card says of the older one."""
+    first = chain / "noted"
+    imgs = str(chain / "imgs")
+    make_card(chain / "B", first, title="T x4", benchmarks=chain / "bench", model_dir=chain / "B" / "export",
+              earlier=[(chain / "A", 4)], data_notes={imgs: "first session's images"})
+    train(_cfg(chain, "E", scale=4, patch=64, steps=2, init_from=str(first)))
+    make_card(chain / "E", first, title="T x4", benchmarks=chain / "bench", model_dir=chain / "E" / "export",
+              continues=first, data_notes={imgs: "second session's images"})
+    card = (first / "README.md").read_text()
+    assert card.count("data: first session's images;") == 2 and card.count("data: second session's images;") == 1
+    assert "(second session's images);" in card  # the run's own data line
+    notes = [s["data_note"] for s in json.loads((first / "stages.json").read_text())["stages"]]
+    assert notes == ["first session's images"] * 2 + ["second session's images"]
+
+
+def test_a_resume_that_only_closes_a_run_is_not_where_it_trained():
+    """A GPU run stopped by SIGTERM and closed here with `--resume --steps N` (no step trained on the CPU):
+    the card says it trained on cuda:0 under bf16, not 'cuda:0, cpu' and 'off'."""
+    records = [{"event": "start", "step": 0, "time": 0.0, "device": "cuda:0", "autocast": "bfloat16"},
+               {"event": "train", "step": 100, "time": 10.0},
+               {"event": "end", "step": 100, "time": 11.0},
+               {"event": "start", "step": 100, "time": 50.0, "device": "cpu", "autocast": None},
+               {"event": "end", "step": 100, "time": 51.0}]
+    assert modelcard._devices(records) == "cuda:0" and modelcard._autocast({}, records) == "bfloat16"
+    records[-1] = {"event": "train", "step": 120, "time": 60.0}  # a resume that trained: both count
+    assert modelcard._devices(records) == "cuda:0, cpu" and modelcard._autocast({}, records) == "bfloat16, off"
