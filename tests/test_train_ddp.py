@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dlsr_infer.genotype import loads
+from dlsr_search import distributed
 from dlsr_search.checkpoint import load_checkpoint
 from dlsr_search.synthetic import write_images
 from dlsr_search.train import TrainConfig, train
@@ -83,3 +84,14 @@ def test_torchrun_two_processes_search(tmp_path):
     assert [p for p in phases if p] == ["warm-up", "search", "search"]
     # only rank 0 wrote: one start record
     assert sum('"event": "start"' in line for line in (out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_one_process_on_cuda_gets_device_index_0(monkeypatch):
+    """The single-process CUDA branch of setup() names cuda:0 (the trainer moves its model there). It runs
+    on no CPU-only machine unless pick_device is stubbed: a function-local `import torch._dynamo` in setup()
+    once made `torch` a local name there, and the first CUDA training run died with UnboundLocalError."""
+    monkeypatch.setattr(distributed, "pick_device", lambda name: torch.device("cuda"))
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = distributed.setup("auto")
+    assert info.device == torch.device("cuda", 0) and not info.enabled
