@@ -104,3 +104,13 @@ def test_card_chain_can_be_continued_from_the_repository(alias):
                 assert f": {best[1]} steps," in regenerated
                 continue
         assert regenerated == line
+
+
+def test_readme_results_table_is_the_one_the_cards_give():
+    """README's results table is what `python -m dlsr_search.modelcard summary weights` prints from the
+    bundled cards: a model rebundled without redoing README fails here, not in a reader's hands."""
+    from dlsr_search.modelcard import summary_table
+
+    table = summary_table(REPO_ROOT / "weights")
+    assert table.startswith("| model | params |") and table.count("(ours, bundled)") == len(ALIAS_NAMES)
+    assert table in (REPO_ROOT / "README.md").read_text()
