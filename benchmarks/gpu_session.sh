@@ -60,7 +60,7 @@ timeout 90 $PY benchmarks/bench_train.py --batch-div 1 --device cuda --bf16 --ch
     --scales 2 4 --skip-search --warmup 3 --repeats 10 --json "$OUT/bench_train_cuda.json"
 fi
 
-# ---- GPU fine-tuning stages, all four side by side (the network is small: one run leaves the GPU idle
+# ---- GPU fine-tuning stages, the NAMES runs side by side (the network is small: one run leaves the GPU idle
 # between kernel launches, so several runs share it better than one after another)
 COMMON=(--data "$WORK_DATA" --val "$VAL" --val-every 500 --ckpt-every 500 --ckpt-every-minutes 1
         --log-every 100 --batch 64 --ema 0.999 --steps 20000 --halve-every 1500 --workers 4 --threads 2 --no-progress

@@ -197,10 +197,9 @@ def _noted_data(roots: list[str] | None, notes: Mapping[str, str] | None) -> str
     return None
 
 
-def _data_note(roots: list[str] | None, notes: Mapping[str, str] | None = None) -> str:
-    """What the training folders held: the caller's note, else how many HR images they hold now (the
-    card is written beside the run)."""
-    noted = _noted_data(roots, notes)
+def _data_note(roots: list[str] | None, noted: str | None = None) -> str:
+    """What the training folders held: the stage's note (`_noted_data`), else how many HR images they
+    hold now (the card is written beside the run)."""
     if noted is not None:
         return noted
     try:
@@ -380,7 +379,7 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 
 ## Training
 
-- data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'), data_notes)});
+- data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'), notes[-1])});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
 - steps: {steps:,} trained, weights from step {model_step:,}{picked}; batch {config.get('batch')}; {_patch_note(config, records)}; {_loss(config)} loss; lr {config.get('lr')} halved every
   {config.get('halve_every')} steps; autocast: {_autocast(config, records)}; warm start: {_warm_start(config, records, out)}{_ema_note(config, records)}.
