@@ -5,12 +5,16 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypeVar
 
 import torch
 
 from . import distributed as D
-from .data import ImagePair, load_pairs
+from .config import ConfigError
+from .data import DataError, ImagePair, list_images, load_pairs
+from .runlog import RunLog
+
+R = TypeVar("R")
 
 
 def set_threads(threads: int | None, info: D.DistInfo) -> int | None:
@@ -76,3 +80,37 @@ class StopRequest:
 
 
 __all__ = ["StopRequest", "autotune_convolutions", "load_pairs_ranked", "precision_flags", "set_threads"]
+
+
+def run_in_process(body: Callable[[Any, D.DistInfo, StopRequest, Iterable[str] | None], R], cfg: Any,
+                   explicit: Iterable[str] | None) -> R:
+    """Run ``body`` inside the process group (torchrun or none) with SIGTERM/SIGINT turned into a clean stop."""
+    info = D.setup(cfg.device)
+    try:
+        with StopRequest() as stop:
+            return body(cfg, info, stop, explicit)
+    finally:
+        D.teardown(info)
+
+
+class RunStart(NamedTuple):
+    """What a run takes from its machine before it builds a model: the images, precision, threads and its log."""
+    files: list[Path]
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+    threads: int | None
+    log: RunLog
+
+
+def start_run(cfg: Any, info: D.DistInfo, out: Path, ckpt: dict | None, *, desc: str) -> RunStart:
+    """Find the data (before anything is written into ``out``), then set precision, threads and open the log."""
+    try:
+        files = list_images(cfg.data)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    autocast_dtype, channels_last = precision_flags(cfg.bf16, cfg.channels_last, info.device)
+    autotune_convolutions(info.device)
+    threads = set_threads(cfg.threads, info)
+    log = RunLog(out if info.is_main else None, total_steps=cfg.steps, start_step=ckpt["step"] if ckpt else 0,
+                 enabled=info.is_main, progress=cfg.progress, desc=desc)
+    return RunStart(files, autocast_dtype, channels_last, threads, log)

@@ -36,11 +36,10 @@ from . import distributed as D
 from .checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, resume_or_start, rng_state, seed_everything,
                          set_rng_state)
 from .config import ConfigError, from_json, to_json
-from .data import DataError, PatchDataset, default_data_roots, list_images, patch_loader, split_by_image, step_indices, to_float
+from .data import DataError, PatchDataset, default_data_roots, patch_loader, split_by_image, step_indices, to_float
 from .genotypes import derive_genotype
 from .losses import param_loss, sr_loss
-from .runlog import RunLog
-from .runtime import StopRequest, autotune_convolutions, load_pairs_ranked, precision_flags, set_threads
+from .runtime import StopRequest, load_pairs_ranked, run_in_process, start_run
 from .supernet import SuperNet
 
 
@@ -152,12 +151,7 @@ def search_step(model: SuperNet, w_opt: torch.optim.Optimizer, a_opt: torch.opti
 
 
 def search(cfg: SearchConfig, *, explicit: Iterable[str] | None = None) -> SearchResult:
-    info = D.setup(cfg.device)
-    try:
-        with StopRequest() as stop:
-            return _search(cfg, info, stop, explicit)
-    finally:
-        D.teardown(info)
+    return run_in_process(_search, cfg, explicit)
 
 
 def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: Iterable[str] | None) -> SearchResult:
@@ -167,16 +161,8 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
     # ---- resume or start: the checkpoint's config wins over the command line -------------------------------
     cfg, ckpt = resume_or_start(cfg, kind="search", explicit=explicit, announce=info.is_main)
     check_config(cfg, info.world)
-    try:  # find the data before writing anything into --out
-        files = list_images(cfg.data)
-    except DataError as e:
-        raise ConfigError(str(e)) from None
+    files, autocast_dtype, channels_last, threads, log = start_run(cfg, info, out, ckpt, desc=f"search x{cfg.scale}")
     device = info.device
-    autocast_dtype, channels_last = precision_flags(cfg.bf16, cfg.channels_last, device)
-    autotune_convolutions(device)
-    threads = set_threads(cfg.threads, info)
-    log = RunLog(out if info.is_main else None, total_steps=cfg.steps, start_step=ckpt["step"] if ckpt else 0,
-                 enabled=info.is_main, progress=cfg.progress, desc=f"search x{cfg.scale}")
 
     # ---- supernet, two optimizers: theta and A never share a step ---------------------------------------------
     seed_everything(cfg.seed)

@@ -25,13 +25,12 @@ from dlsr_infer.model import DLSR, MIN_INPUT_SIZE
 from . import distributed as D
 from .checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, resume_or_start, rng_state, seed_everything, set_rng_state
 from .config import ConfigError, to_json
-from .data import DataError, PatchDataset, default_data_roots, list_images, patch_loader, split_by_image, to_float
+from .data import DataError, PatchDataset, default_data_roots, patch_loader, split_by_image, to_float
 from .ema import WeightEMA
 from .export import save_model
 from .genotypes import resolve_genotype
 from .losses import PIXEL_LOSSES, sr_loss
-from .runlog import RunLog
-from .runtime import StopRequest, autotune_convolutions, load_pairs_ranked, precision_flags, set_threads
+from .runtime import StopRequest, load_pairs_ranked, run_in_process, start_run
 from .transfer import warm_start
 from .validation import ValidationSet
 
@@ -116,12 +115,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
 
 def train(cfg: TrainConfig, *, explicit: Iterable[str] | None = None) -> TrainResult:
     """Run (or resume) a retrain. ``explicit``: the options the user set (for resume checks)."""
-    info = D.setup(cfg.device)
-    try:
-        with StopRequest() as stop:
-            return _train(cfg, info, stop, explicit)
-    finally:
-        D.teardown(info)
+    return run_in_process(_train, cfg, explicit)
 
 
 def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iterable[str] | None) -> TrainResult:
@@ -136,16 +130,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     else:
         genotype, notes = load_genotype_json(cfg.genotype_json), []
     check_config(cfg, info.world)
-    try:  # find the data before writing anything into --out
-        files = list_images(cfg.data)
-    except DataError as e:
-        raise ConfigError(str(e)) from None
+    files, autocast_dtype, channels_last, threads, log = start_run(cfg, info, out, ckpt, desc=f"train x{cfg.scale}")
     device = info.device
-    autocast_dtype, channels_last = precision_flags(cfg.bf16, cfg.channels_last, device)
-    autotune_convolutions(device)
-    threads = set_threads(cfg.threads, info)
-    log = RunLog(out if info.is_main else None, total_steps=cfg.steps, start_step=ckpt["step"] if ckpt else 0,
-                 enabled=info.is_main, progress=cfg.progress, desc=f"train x{cfg.scale}")
     for note in notes:
         log.print(f"note: {note}")
 
