@@ -327,11 +327,13 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     src = model_dir or run / "best"
     model = DLSR.from_pretrained(src)
     steps = config["steps"]
-    # the step the bundled weights come from: the last best validation for best/, else the last checkpoint
+    # the step the bundled weights come from: the last best validation for best/ (by default or named with
+    # --model), else the last checkpoint
+    is_best = src.resolve() == (run / "best").resolve()
     events = [r for r in records if (r["event"] == "val" and r.get("best")) or
-              (model_dir is not None and r["event"] == "checkpoint")]
+              (not is_best and r["event"] == "checkpoint")]
     model_step = events[-1]["step"] if events else steps
-    picked = " (its best validation PSNR-Y)" if model_dir is None and events else ""
+    picked = " (its best validation PSNR-Y)" if is_best and events else ""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(src / name, out / name)

@@ -103,6 +103,9 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
     best = [r["step"] for r in read_log(chain / "A") if r["event"] == "val" and r.get("best")][-1]
     assert f"6 trained, weights from step {best:,} (its best validation PSNR-Y);" in (chain / "from-best" / "README.md").read_text()
     assert (chain / "from-best" / "model.safetensors").read_bytes() == (chain / "A" / "best" / "model.safetensors").read_bytes()
+    # and so with best/ named by --model (the card once said the last step for it)
+    make_card(chain / "A", chain / "named-best", title="A x2", benchmarks=chain / "bench", model_dir=chain / "A" / "best")
+    assert f"weights from step {best:,} (its best validation PSNR-Y);" in (chain / "named-best" / "README.md").read_text()
 
 
 def test_card_command_is_the_run_as_it_stopped_with_options_added_on_resume(chain):
