@@ -79,9 +79,6 @@ class StopRequest:
             signal.signal(sig, old)
 
 
-__all__ = ["StopRequest", "autotune_convolutions", "load_pairs_ranked", "precision_flags", "set_threads"]
-
-
 def run_in_process(body: Callable[[Any, D.DistInfo, StopRequest, Iterable[str] | None], R], cfg: Any,
                    explicit: Iterable[str] | None) -> R:
     """Run ``body`` inside the process group (torchrun or none) with SIGTERM/SIGINT turned into a clean stop."""
@@ -114,3 +111,7 @@ def start_run(cfg: Any, info: D.DistInfo, out: Path, ckpt: dict | None, *, desc:
     log = RunLog(out if info.is_main else None, total_steps=cfg.steps, start_step=ckpt["step"] if ckpt else 0,
                  enabled=info.is_main, progress=cfg.progress, desc=desc)
     return RunStart(files, autocast_dtype, channels_last, threads, log)
+
+
+__all__ = ["RunStart", "StopRequest", "autotune_convolutions", "load_pairs_ranked", "precision_flags", "run_in_process",
+           "set_threads", "start_run"]
