@@ -197,7 +197,7 @@ def _noted_data(roots: list[str] | None, notes: Mapping[str, str] | None) -> str
     return None
 
 
-def _data_note(roots: list[str] | None, noted: str | None = None) -> str:
+def _data_note(roots: list[str] | None, noted: str | None) -> str:
     """What the training folders held: the stage's note (`_noted_data`), else how many HR images they
     hold now (the card is written beside the run)."""
     if noted is not None:
