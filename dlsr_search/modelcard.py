@@ -296,6 +296,8 @@ def _devices(records: list[dict[str, Any]]) -> str:
 
 
 def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path, note: str | None = None) -> str:
+    """One stage of the chain as far as the weights it handed on: `records` cut at a best validation pick
+    give the steps, wall time and command (`--steps` that step) up to it."""
     config = run_config(records)
     steps = config["steps"]
     data = f"data: {note}; " if note is not None else ""
@@ -356,12 +358,14 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     history = ""
     if stages:
         lines = [_stage_line(i, r, recs, out, note) for i, ((r, recs), note) in enumerate(zip(stages, notes), start=1)]
-        lines.append(_stage_line(len(stages) + 1, run, records, out, notes[-1]) + " (this run)")
-        total_steps = sum(max(x["step"] for x in recs) for _, recs in stages) + steps
-        total_h = sum(wall_time_s(recs) for _, recs in stages) / 3600 + hours
+        # the chain as far as the bundled weights: a best validation pick leaves out the steps after it
+        chain = [*stages, (run, records_until(records, model_step if picked else None))]
+        lines.append(_stage_line(len(chain), *chain[-1], out, notes[-1]) + " (this run)")
+        total_steps = sum(max(x.get("step", 0) for x in recs) for _, recs in chain)
+        total_h = sum(wall_time_s(recs) for _, recs in chain) / 3600
         history = ("\n- training stages, oldest first (each warm-started from the one before; logs "
                    "`log-stage<i>.jsonl`):\n" + "\n".join(lines)
-                   + f"\n- all stages: {total_steps:,} steps, {total_h:.2f} h wall time.")
+                   + f"\n- all stages, up to the bundled weights: {total_steps:,} steps, {total_h:.2f} h wall time.")
     hw = hardware or f"{_cpu_name()}, {config.get('threads') or 'all'} CPU threads"
     genotype = model.genotype
     cells = "\n".join(f"| {j} | {', '.join(c.ops)} | {', '.join(map(str, c.inputs))} |"

@@ -61,7 +61,7 @@ def test_card_lists_the_warm_start_chain_and_reproducible_figures(chain):
     assert "--steps 4 --threads 1 --val" in card  # stage 1's command is the one that made step 4
     assert card.count("HR patch 32 (6 images large enough), L1 loss, lr 0.001") == 1
     assert "HR patch 64 (6 images large enough), L1 loss" in card
-    assert "all stages: 7 steps" in card and "(6 HR images)" in card
+    assert "all stages, up to the bundled weights: 7 steps" in card and "(6 HR images)" in card
     # the warm start names its weights by hash, since a folder's weights may be replaced later
     sha = hashlib.sha256((chain / "A-handoff" / "model.safetensors").read_bytes()).hexdigest()
     assert f"--init-from {chain / 'A-handoff'}" in card and f"warm start: {chain / 'A-handoff'} (sha256 {sha[:12]})" in card
@@ -170,7 +170,7 @@ def test_a_card_continues_the_chain_of_the_model_it_was_warm_started_from(chain,
     card = (bundled / "README.md").read_text()
     assert f"1. `{chain / 'A'}`, x2: 4 steps" in card and f"2. `{chain / 'B'}`, x4: 3 steps" in card
     assert f"3. `{chain / 'D'}`, x4: 2 steps" in card and card.count("(this run)") == 1
-    assert "all stages: 9 steps" in card
+    assert "all stages, up to the bundled weights: 9 steps" in card
     assert (bundled / "log-stage1.jsonl").read_bytes() == before["log-stage1.jsonl"]
     assert (bundled / "log-stage2.jsonl").read_bytes() == before["log.jsonl"]
     assert (bundled / "log.jsonl").read_bytes() == (chain / "D" / "log.jsonl").read_bytes()
@@ -201,6 +201,26 @@ def test_a_card_continues_the_chain_of_the_model_it_was_warm_started_from(chain,
     stage1 = [json.loads(x) for x in (chain / "b-next" / "log-stage1.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in stage1) == best and not any(r["event"] == "resume" for r in stage1)
     assert f"1. `{chain / 'A'}`, x2: {best:,} steps" in (chain / "b-next" / "README.md").read_text()
+
+
+def test_a_best_validation_pick_counts_the_steps_up_to_it_not_the_steps_trained_after(chain):
+    """A run set to 6 steps whose best validation is step 2: its stage line (steps, command) and the
+    chain's total say 2, while the training line still says what was trained (6)."""
+    train(_cfg(chain, "F", steps=6, init_from=str(chain / "A-handoff")))
+    log = chain / "F" / "log.jsonl"
+    records = [json.loads(x) for x in log.read_text().splitlines()]
+    for r in records:  # make step 2 the best validation whatever the synthetic images gave
+        if r["event"] == "val":
+            r["best"] = r["step"] == 2
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = chain / "f-card"
+    make_card(chain / "F", out, title="F x2", benchmarks=chain / "bench", earlier=[(chain / "A", 4)])
+    card = (out / "README.md").read_text()
+    assert "steps: 6 trained, weights from step 2 (its best validation PSNR-Y);" in card
+    line = next(x for x in card.splitlines() if x.startswith(f"  2. `{chain / 'F'}`"))
+    assert ", x2: 2 steps," in line and "--steps 2 " in line and line.endswith("(this run)")
+    assert "all stages, up to the bundled weights: 6 steps" in card  # A's 4 and F's 2
+    assert json.loads((out / "stages.json").read_text())["stages"][-1]["until"] == 2
 
 
 def test_a_data_note_stays_with_its_stage_when_a_later_stage_reuses_the_folder(chain):
