@@ -295,7 +295,7 @@ def _devices(records: list[dict[str, Any]]) -> str:
     return ", ".join(dict.fromkeys(seen)) or "not logged"
 
 
-def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path, note: str | None = None) -> str:
+def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path, note: str | None) -> str:
     """One stage of the chain as far as the weights it handed on: `records` cut at a best validation pick
     give the steps, wall time and command (`--steps` that step) up to it."""
     config = run_config(records)
@@ -335,12 +335,14 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     events = [r for r in records if (r["event"] == "val" and r.get("best")) or
               (not is_best and r["event"] == "checkpoint")]
     model_step = events[-1]["step"] if events else steps
-    picked = " (its best validation PSNR-Y)" if is_best and events else ""
+    # a best validation pick hands on its step: the chain (stages.json, the stage line, the totals) stops there
+    until = model_step if is_best and events else None
+    picked = " (its best validation PSNR-Y)" if until is not None else ""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(src / name, out / name)
     shutil.copyfile(run / "log.jsonl", out / "log.jsonl")
-    _write_stages(out, stages, run, records, model_step if picked else None, notes)
+    _write_stages(out, stages, run, records, until, notes)
     val = [(r["step"], r["psnr_y"]) for r in records if r["event"] == "val" and r.get("psnr_y") is not None]
     plot_curve(val, out / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
 
@@ -358,8 +360,7 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     history = ""
     if stages:
         lines = [_stage_line(i, r, recs, out, note) for i, ((r, recs), note) in enumerate(zip(stages, notes), start=1)]
-        # the chain as far as the bundled weights: a best validation pick leaves out the steps after it
-        chain = [*stages, (run, records_until(records, model_step if picked else None))]
+        chain = [*stages, (run, records_until(records, until))]
         lines.append(_stage_line(len(chain), *chain[-1], out, notes[-1]) + " (this run)")
         total_steps = sum(max(x.get("step", 0) for x in recs) for _, recs in chain)
         total_h = sum(wall_time_s(recs) for _, recs in chain) / 3600
