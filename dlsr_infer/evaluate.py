@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from .imageio import atomic_write
 from .imresize import imresize, modcrop
 from .metrics import psnr_y, ssim_y
 
@@ -103,10 +104,9 @@ def make_lr(hr: np.ndarray, scale: int, cache_path: Path | None = None) -> np.nd
     if lr.shape != expected:  # cannot happen for a mod-cropped HR; guards against misuse
         raise ValueError(f"LR shape {lr.shape} != expected {expected}; was the HR image mod-cropped?")
     if cache_path is not None:
+        # a uniquely named temp file: runs started together share one cache and may write the same image
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".tmp.png")
-        Image.fromarray(lr).save(tmp)
-        os.replace(tmp, cache_path)
+        atomic_write(cache_path, lambda f: Image.fromarray(lr).save(f, format="PNG"), overwrite=True)
     return lr
 
 

@@ -93,6 +93,28 @@ def test_plain_folder_gray_image_and_cache(benchmarks_dir: Path, tmp_path: Path)
     assert ev.load_rgb(cache / "mine" / "X3" / "bridgex3.png").shape == (170, 170, 3)
 
 
+def test_two_writers_of_one_cache_entry_both_succeed(tmp_path: Path, monkeypatch) -> None:
+    """Two training runs started together share an LR cache: another writer finishing the same entry while
+    ours is half written (here: between our encode and our rename) must not fail ours, nor leave temp files."""
+    hr = np.random.default_rng(0).integers(0, 256, (24, 36, 3), dtype=np.uint8)
+    cache = tmp_path / "X2" / "img.png"
+    real_save = Image.Image.save
+    other_writer = {"runs": 0}
+
+    def save_then_other_writer_finishes(im, fp, *args, **kwargs):
+        real_save(im, fp, *args, **kwargs)
+        if other_writer["runs"] == 0:
+            other_writer["runs"] += 1
+            assert not cache.exists()  # the other writer also saw a miss
+            ev.make_lr(hr, 2, cache)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_other_writer_finishes)
+    lr = ev.make_lr(hr, 2, cache)
+    assert other_writer["runs"] == 1
+    assert np.array_equal(ev.load_rgb(cache), lr) and lr.shape == (12, 18, 3)
+    assert [p.name for p in cache.parent.iterdir()] == ["img.png"]
+
+
 def test_dataset_naming_and_default_root(benchmarks_dir: Path, monkeypatch) -> None:
     assert ev.dataset_name(benchmarks_dir / "Set5" / "HR") == "Set5"
     assert ev.dataset_name(benchmarks_dir / "Set5") == "Set5"
