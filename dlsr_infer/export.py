@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import os
 import sys
 import warnings
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from .fast import build
+from .imageio import atomic_write
 from .model import DLSR, MIN_INPUT_SIZE
 
 __all__ = ["DEFAULT_OPSET", "OnnxUpscaler", "export_onnx", "main", "onnxruntime_available"]
@@ -44,7 +46,8 @@ def export_onnx(model: DLSR, path: str | os.PathLike, *, opset: int = DEFAULT_OP
                 dynamic: bool = True, example_size: tuple[int, int] = (64, 64)) -> Path:
     """Write `model`'s fused float32 form as an ONNX file (dynamic N/H/W unless `dynamic=False`).
 
-    The file is written next to `path` and renamed into place, so a failed export leaves no partial file.
+    The export is built in memory and written through a uniquely named temp file renamed into place, so a
+    failed export leaves no partial file and two exports to one path never share a temp file.
     """
     if not isinstance(model, DLSR):
         raise TypeError(f"export_onnx needs a DLSR, got {type(model).__name__}")
@@ -57,20 +60,17 @@ def export_onnx(model: DLSR, path: str | os.PathLike, *, opset: int = DEFAULT_OP
     src = model if (p.device.type == "cpu" and p.dtype == torch.float32) else copy.deepcopy(model).float().cpu()
     fused = build(src, precision="fp32", backend="aten")  # never changes `model` itself
     x = torch.rand(1, model.genotype.in_channels, h, w)
-    tmp = path.with_name(path.name + ".tmp")
     dynamic_axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
                     OUTPUT_NAME: {0: "batch", 2: "out_height", 3: "out_width"}} if dynamic else None
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # the TorchScript-based exporter is deprecated in favour of the dynamo one, which needs the
-            # extra `onnxscript` package; it handles this graph (dynamic H/W included) exactly
-            warnings.simplefilter("ignore")
-            torch.onnx.export(fused, (x,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True,
-                              dynamo=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()  # exported in memory, then written whole or not at all (a few MB at most)
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript-based exporter is deprecated in favour of the dynamo one, which needs the
+        # extra `onnxscript` package; it handles this graph (dynamic H/W included) exactly
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fused, (x,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True,
+                          dynamo=False)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()), overwrite=True)
     return path
 
 

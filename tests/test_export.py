@@ -19,9 +19,13 @@ def test_export_writes_file_and_leaves_model_alone(tmp_path):
     pytest.importorskip("onnx")
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    (tmp_path / "sub").mkdir()
+    bystander = tmp_path / "sub" / "m.onnx.tmp"  # a file the export must not take for its own temp file
+    bystander.write_bytes(b"someone else's")
     path = export_onnx(model, tmp_path / "sub" / "m.onnx")
     assert path.is_file() and path.stat().st_size > 10_000
-    assert not list(path.parent.glob("*.tmp"))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.onnx", "m.onnx.tmp"]
+    assert bystander.read_bytes() == b"someone else's"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
     import onnx
