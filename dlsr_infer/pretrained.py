@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from .genotype import Genotype, GenotypeError, load as load_genotype
+from .imageio import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import DLSR
@@ -327,20 +327,6 @@ def load_model_dir(cls: type["DLSR"], directory: Path, *, map_location: Any = "c
     return model.to(map_location).eval()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder, fsync, then rename: no half-written files."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def canonical_safetensors(blob: bytes) -> bytes:
     """`blob` (a safetensors file) with its JSON header's keys sorted, so that the same tensors and
     metadata always give the same bytes (safetensors writes its metadata in hash-map order, which
@@ -363,12 +349,12 @@ def save_model_dir(model: "DLSR", directory: str | os.PathLike, *, model_card: s
     meta = {"format": "pt", "dlsr_genotype": json.dumps(genotype.to_dict(), sort_keys=True)}
     meta.update(metadata or {})
     blob = canonical_safetensors(st_save(tensors, metadata=meta))
-    _atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(blob))
-    _atomic_write(directory / CONFIG_NAME, lambda f: f.write(genotype.to_json().encode()))
+    atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(blob), overwrite=True)
+    atomic_write(directory / CONFIG_NAME, lambda f: f.write(genotype.to_json().encode()), overwrite=True)
     if model_card is None and not (directory / CARD_NAME).exists():
         model_card = default_model_card(genotype)  # a Hub repo needs a card; never clobber an edited one
     if model_card is not None:
-        _atomic_write(directory / CARD_NAME, lambda f: f.write(model_card.encode()))
+        atomic_write(directory / CARD_NAME, lambda f: f.write(model_card.encode()), overwrite=True)
     return directory
 
 

@@ -336,6 +336,10 @@ def test_save_pretrained_writes_exactly_the_repo_files(tmp_path):
     model = _make_model(3)
     out = model.save_pretrained(tmp_path / "repo")
     assert _files_under(out) == sorted(MODEL_FILES)  # no temp files, nothing else
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in MODEL_FILES:  # shareable like any other file, not mkstemp's owner-only 0600
+        assert ((out / name).stat().st_mode & 0o777) == 0o666 & ~umask, name
 
     card = (out / CARD_NAME).read_text()
     assert card.startswith("---\nlibrary_name: dlsr\n") and "\n---\n" in card[4:]
