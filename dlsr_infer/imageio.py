@@ -524,18 +524,20 @@ def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = 
     return removed
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, overwrite: bool = False) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, overwrite: bool = False,
+                 suffix: str = TEMP_SUFFIX) -> Path:
     """Write a file so that it appears whole or not at all.
 
     `write(f)` fills a temporary file in the same folder (hidden: `.<name>.<random>.partial`), which is
     fsynced and then renamed over `path` (`overwrite=True`) or hard-linked to it, which fails if `path`
     appeared meanwhile (`OutputExistsError`). On any error or interrupt the temporary file is removed;
-    one left by a killed process is removed by `remove_stale_temps` (which `dlsr-upscale` runs).
+    one left by a killed process is removed by `remove_stale_temps` (which `dlsr-upscale` runs). `suffix`
+    names a kind of temporary file (checkpoints use their own), so that each cleaner removes only its own.
     """
     path = Path(path)
     if not overwrite and path.exists():
         raise OutputExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     tmp = Path(tmp_name)
     lock_fd = None
     try:

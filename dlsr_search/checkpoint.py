@@ -13,7 +13,6 @@ import io
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
@@ -31,16 +30,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, or belongs to a different kind of run."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to a temp file `.<name>.<random>.tmp` beside `path`, fsync, rename. A temp file left
-    by a writer that was killed (SIGKILL) before its rename is removed by the next successful save."""
-    from dlsr_infer.imageio import _lock_temp, remove_stale_temps
+    """`torch.save` to a temp file `.<name>.<random>.tmp` beside `path`, fsync, rename, fsync the folder. A
+    temp file left by a writer that was killed (SIGKILL) before its rename is removed by the next save."""
+    from dlsr_infer.imageio import atomic_write, remove_stale_temps
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,31 +41,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     # (ENOSPC) into an opaque RuntimeError ("unexpected pos"), a plain write keeps the OSError.
     buf = io.BytesIO()
     torch.save(obj, buf)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    lock_fd = None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            lock_fd = _lock_temp(f.fileno())  # so that no other writer's cleanup removes it while it is written
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        if lock_fd is not None:
-            os.close(lock_fd)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()), overwrite=True, suffix=TEMP_SUFFIX)
     remove_stale_temps(path.parent, [path.name], suffix=TEMP_SUFFIX)
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
 
 
 def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
