@@ -114,3 +114,60 @@ def test_readme_results_table_is_the_one_the_cards_give():
     table = summary_table(REPO_ROOT / "weights")
     assert table.startswith("| model | params |") and table.count("(ours, bundled)") == len(ALIAS_NAMES)
     assert table in (REPO_ROOT / "README.md").read_text()
+
+
+# --- the training data holds no benchmark image ------------------------------------------------------
+def _gray(path) -> "np.ndarray":
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"), dtype=np.float32)
+
+
+def _closest_benchmark_match(train_files, bench_files, *, slack: int = 4, stride: int = 4):
+    """Smallest mean absolute grey difference between a benchmark image and an aligned crop (either
+    orientation) of a training image at most `slack` pixels larger on each side: a benchmark image
+    copied into the training data, mod-cropped or re-encoded as JPEG, scores a few grey levels at most.
+    (Every `stride`-th pixel is compared: enough for whole images, 16x cheaper.)"""
+    bench = [(p, _gray(p)) for p in bench_files]
+    best = (float("inf"), None, None)
+    for tp in train_files:
+        t = _gray(tp)
+        for tt in (t, t.T):
+            for bp, b in bench:
+                dh, dw = tt.shape[0] - b.shape[0], tt.shape[1] - b.shape[1]
+                if not (0 <= dh <= slack and 0 <= dw <= slack):
+                    continue
+                ref = b[::stride, ::stride]
+                for i in range(dh + 1):
+                    for j in range(dw + 1):
+                        d = float(abs(tt[i:i + b.shape[0]:stride, j:j + b.shape[1]:stride] - ref).mean())
+                        if d < best[0]:
+                            best = (d, tp, bp)
+    return best
+
+
+def test_the_training_data_holds_no_benchmark_image(shared_dir, benchmarks_dir, tmp_path):
+    """The cards say no Set14/B100 image was used: check that ../shared/data/train holds none of Set5,
+    Set14 or B100 (B100 is the BSDS300 test set, which BSDS500's "val" split holds and its "train" and
+    "test" splits, which we train on, do not)."""
+    from PIL import Image
+
+    bench = sorted(benchmarks_dir.glob("*/HR/*.png"))
+    assert {p.parent.parent.name for p in bench} >= {"Set5", "Set14", "B100"} and len(bench) >= 119
+    train = sorted(p for p in (shared_dir / "data" / "train").rglob("*") if p.suffix.lower() in (".png", ".jpg"))
+    assert len(train) >= 571
+
+    # the check finds a planted copy: a B100 image, one pixel larger (as BSDS stores it), transposed, JPEG
+    b100 = next(p for p in bench if p.parent.parent.name == "B100")
+    with Image.open(b100) as im:
+        rgb = im.convert("RGB")
+    planted = Image.new("RGB", (rgb.width + 1, rgb.height + 1))
+    planted.paste(rgb, (1, 0))
+    planted.transpose(Image.Transpose.TRANSPOSE).save(tmp_path / "copy.jpg", quality=90)
+    d, tp, bp = _closest_benchmark_match([tmp_path / "copy.jpg"], bench)
+    assert d < 3 and bp == b100, (d, bp)
+
+    d, tp, bp = _closest_benchmark_match(train, bench)
+    assert d > 8, f"{tp} looks like benchmark image {bp} (mean grey difference {d:.2f})"
