@@ -9,6 +9,11 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypeVar
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: runs are not locked
+    fcntl = None  # type: ignore[assignment]
+
 from . import distributed as D
 from .config import ConfigError
 from .data import DataError, ImagePair, list_images, load_pairs
@@ -79,12 +84,61 @@ class StopRequest:
             signal.signal(sig, old)
 
 
+class RunFolderLock:
+    """An exclusive lock on a run's ``--out`` folder for as long as the run lives, so that a second run
+    started on the same folder (a repeated ``--resume``, two new runs given one ``--out``) is refused
+    instead of interleaving its checkpoints and log with the first's.
+
+    The lock is a ``flock`` on the folder itself (created if missing; removed again on the way out if
+    the run left it empty), so a killed run never leaves a stale lock behind. Filesystems without
+    ``flock`` run unlocked.
+    """
+
+    def __init__(self, out: str | os.PathLike, *, enabled: bool = True) -> None:
+        self.out = Path(out)
+        self.enabled = enabled
+        self._fd: int | None = None
+        self._created = False
+
+    def __enter__(self) -> "RunFolderLock":
+        if not self.enabled or fcntl is None:
+            return self
+        self._created = not self.out.exists()
+        self.out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            self._remove_if_empty()
+            raise ConfigError(f"{self.out} is in use by another run (a dlsr-search process holds its lock); wait "
+                              "for it to finish or stop it, or choose another --out") from None
+        except OSError:  # pragma: no cover - no flock on this filesystem
+            pass
+        self._fd = fd
+        return self
+
+    def _remove_if_empty(self) -> None:
+        if self._created:
+            try:
+                self.out.rmdir()  # only succeeds when empty: a run that failed before writing leaves nothing
+            except OSError:
+                pass
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            self._remove_if_empty()
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
 def run_in_process(body: Callable[[Any, D.DistInfo, StopRequest, Iterable[str] | None], R], cfg: Any,
                    explicit: Iterable[str] | None) -> R:
-    """Run ``body`` inside the process group (torchrun or none) with SIGTERM/SIGINT turned into a clean stop."""
+    """Run ``body`` inside the process group (torchrun or none) with SIGTERM/SIGINT turned into a clean stop,
+    holding the ``--out`` folder's lock (on the main process) for the whole run."""
     info = D.setup(cfg.device)
     try:
-        with StopRequest() as stop:
+        with RunFolderLock(cfg.out, enabled=info.is_main), StopRequest() as stop:
             return body(cfg, info, stop, explicit)
     finally:
         D.teardown(info)
@@ -113,5 +167,5 @@ def start_run(cfg: Any, info: D.DistInfo, out: Path, ckpt: dict | None, *, desc:
     return RunStart(files, autocast_dtype, channels_last, threads, log)
 
 
-__all__ = ["RunStart", "StopRequest", "autotune_convolutions", "load_pairs_ranked", "precision_flags", "run_in_process",
+__all__ = ["RunFolderLock", "RunStart", "StopRequest", "autotune_convolutions", "load_pairs_ranked", "precision_flags", "run_in_process",
            "set_threads", "start_run"]

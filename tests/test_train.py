@@ -22,6 +22,7 @@ from dlsr_search.config import ConfigError
 from dlsr_search.data import PatchDataset, load_pairs, list_images, step_indices, split_by_image
 from dlsr_search.ema import WeightEMA
 from dlsr_search.losses import l1, l2, sr_loss
+from dlsr_search.runtime import RunFolderLock
 from dlsr_search.synthetic import write_images
 from dlsr_search.train import TrainConfig, train
 from dlsr_search.transfer import warm_start
@@ -240,6 +241,37 @@ def test_resume_keeps_the_run_definition(tmp_path, data_dir):
     plain = train(_cfg(tmp_path, data_dir, "plain", steps=7))
     reference = load_checkpoint(plain.out / "last.pt")["model"]
     assert all(torch.equal(ckpt["model"][k], v) for k, v in reference.items())
+
+
+def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, data_dir, capsys):
+    """A second `--resume` of a live run, or two new runs given one `--out`, must not interleave checkpoints."""
+    train(_cfg(tmp_path, data_dir, "run", steps=2))
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('held', flush=True); time.sleep(120)"), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "4", "--no-progress"]
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"dlsr-search train: error: {tmp_path / 'run'} is in use by another run" in err, err
+        assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder's death releases the lock (nothing stale is left to clean up): the resume now runs
+    assert train(_cfg(tmp_path, data_dir, "run", steps=4, resume=True)).resumed_from == 2
+
+    # a new folder: the first run's lock refuses the second, which leaves nothing behind
+    with RunFolderLock(tmp_path / "new"):
+        with pytest.raises(ConfigError, match="in use by another run"):
+            train(_cfg(tmp_path, data_dir, "new", steps=2))
+    assert not (tmp_path / "new").exists()  # the lock's folder was empty, so it went with the lock
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no images"):  # a run that fails before writing anything
+        train(_cfg(tmp_path, tmp_path / "empty", "new2", steps=2))
+    assert not (tmp_path / "new2").exists()
 
 
 def test_patch_stream_is_a_pure_function_of_the_sample_index(data_dir):
