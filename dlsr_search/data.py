@@ -68,12 +68,13 @@ def split_by_image(files: Sequence[Path], holdout: int, seed: int) -> tuple[list
     return [f for i, f in enumerate(files) if i not in held_set], [files[i] for i in held]
 
 
-def _cache_path(cache_dir: Path | None, file: Path, scale: int) -> Path | None:
+def _cache_path(cache_dir: Path | None, file: Path, hr: np.ndarray, scale: int) -> Path | None:
     if cache_dir is None:
         return None
-    st = file.stat()
-    # Key on path, size and mtime so an edited image never reuses a stale LR.
-    key = hashlib.sha1(f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # Keyed on the (mod-cropped) HR pixels, what the LR is made from: an edited image never reuses a stale
+    # LR, and the same image under another path or modification time (a re-provisioned copy of the
+    # data) still finds its entry instead of adding one more.
+    key = hashlib.sha1(f"{hr.shape}|".encode() + hr.tobytes()).hexdigest()[:16]
     return cache_dir / f"X{scale}" / f"{file.stem}_{key}.png"
 
 
@@ -103,7 +104,7 @@ def load_pairs(files: Sequence[Path], scale: int, *, min_lr_size: int = MIN_INPU
         if not large_enough(min(hr.shape[:2]), scale, min_lr_size):
             return None
         hr = modcrop(hr, scale)
-        return ImagePair(f.name, hr, make_lr(hr, scale, _cache_path(cache, f, scale)))
+        return ImagePair(f.name, hr, make_lr(hr, scale, _cache_path(cache, f, hr, scale)))
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = pool.map(one, files)

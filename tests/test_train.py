@@ -274,6 +274,41 @@ def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, data_dir, capsy
     assert not (tmp_path / "new2").exists()
 
 
+def test_lr_cache_is_keyed_on_the_pixels_not_the_path_or_time(tmp_path, data_dir, monkeypatch):
+    """`--lr-cache` serves a copy of the data under another path and mtime (a re-provisioned data folder)
+    without recomputing or adding entries, and an edited image gets a fresh LR."""
+    import shutil
+
+    import dlsr_infer.evaluate as ev
+    from PIL import Image
+
+    cache = tmp_path / "cache"
+    first, _ = load_pairs(list_images([data_dir]), 2, min_lr_size=16, cache_dir=cache)
+    entries = sorted((cache / "X2").iterdir())
+    assert len(entries) == len(first) == 6
+
+    copy = shutil.copytree(data_dir, tmp_path / "copy")
+    for f in copy.iterdir():
+        os.utime(f, (time.time() + 100, time.time() + 100))
+
+    def no_resize(*a, **k):
+        raise AssertionError("the LR was recomputed, not read from the cache")
+
+    monkeypatch.setattr(ev, "imresize", no_resize)
+    again, _ = load_pairs(list_images([copy]), 2, min_lr_size=16, cache_dir=cache)
+    assert sorted((cache / "X2").iterdir()) == entries
+    assert [p.name for p in again] == [p.name for p in first]
+    assert all(np.array_equal(a.lr, b.lr) and np.array_equal(a.hr, b.hr) for a, b in zip(first, again))
+    monkeypatch.undo()
+
+    edited = np.array(Image.open(copy / "img0.png"))
+    edited[:8, :8] = 255 - edited[:8, :8]
+    Image.fromarray(edited).save(copy / "img0.png")
+    third, _ = load_pairs(list_images([copy]), 2, min_lr_size=16, cache_dir=cache)
+    assert len(list((cache / "X2").iterdir())) == 7
+    assert not np.array_equal(third[0].lr, first[0].lr) and np.array_equal(third[1].lr, first[1].lr)
+
+
 def test_patch_stream_is_a_pure_function_of_the_sample_index(data_dir):
     files = list_images([data_dir])
     pairs, skipped = load_pairs(files, 2, min_lr_size=16)
