@@ -16,6 +16,7 @@ folder of images.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from .imageio import atomic_write
 from .imresize import imresize, modcrop
@@ -90,23 +92,41 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
+#: PNG text key under which a cached LR image records the HR pixels it was made from.
+HR_DIGEST_KEY = "dlsr-hr-sha1"
+
+
+def _hr_digest(hr: np.ndarray) -> str:
+    return hashlib.sha1(f"{hr.shape}|".encode() + np.ascontiguousarray(hr).tobytes()).hexdigest()
+
+
 def make_lr(hr: np.ndarray, scale: int, cache_path: Path | None = None) -> np.ndarray:
     """uint8 LR image ``imresize(hr, 1/scale)`` for an already mod-cropped HR, optionally cached as PNG.
 
-    A cached file is reused only if its size matches ``hr.shape // scale``; otherwise it is rewritten.
+    A cached file records a digest of the HR pixels it was made from and is reused only for those very
+    pixels: an image edited in place (same name, same size) gets a fresh LR, never a stale one.
     """
     expected = (hr.shape[0] // scale, hr.shape[1] // scale, 3)
+    digest = _hr_digest(hr) if cache_path is not None else ""
     if cache_path is not None and cache_path.is_file():
-        cached = load_rgb(cache_path)
-        if cached.shape == expected:
-            return cached
+        try:
+            with Image.open(cache_path) as im:
+                fresh = getattr(im, "text", {}).get(HR_DIGEST_KEY) == digest
+        except OSError:  # unreadable entry: made again below
+            fresh = False
+        if fresh:
+            cached = load_rgb(cache_path)
+            if cached.shape == expected:
+                return cached
     lr = imresize(hr, 1.0 / scale)
     if lr.shape != expected:  # cannot happen for a mod-cropped HR; guards against misuse
         raise ValueError(f"LR shape {lr.shape} != expected {expected}; was the HR image mod-cropped?")
     if cache_path is not None:
         # a uniquely named temp file: runs started together share one cache and may write the same image
+        info = PngInfo()
+        info.add_text(HR_DIGEST_KEY, digest)
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache_path, lambda f: Image.fromarray(lr).save(f, format="PNG"), overwrite=True)
+        atomic_write(cache_path, lambda f: Image.fromarray(lr).save(f, format="PNG", pnginfo=info), overwrite=True)
     return lr
 
 

@@ -93,6 +93,26 @@ def test_plain_folder_gray_image_and_cache(benchmarks_dir: Path, tmp_path: Path)
     assert ev.load_rgb(cache / "mine" / "X3" / "bridgex3.png").shape == (170, 170, 3)
 
 
+def test_an_image_edited_in_place_never_gets_its_stale_cached_lr(benchmarks_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(benchmarks_dir / "Set5" / "HR" / "bird.png", folder / "bird.png")
+    cache = tmp_path / "cache"
+    (before,) = ev.evaluate_bicubic(folder, scale=2, cache_dir=cache)
+    hr = ev.load_rgb(folder / "bird.png")
+    noisy = np.clip(hr + np.random.default_rng(0).normal(0, 8, hr.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(folder / "bird.png")  # same name and size, new pixels
+    (cached,) = ev.evaluate_bicubic(folder, scale=2, cache_dir=cache)
+    (fresh,) = ev.evaluate_bicubic(folder, scale=2)
+    assert cached["psnr"] == pytest.approx(fresh["psnr"], abs=1e-12)
+    assert cached["psnr"] != pytest.approx(before["psnr"], abs=1e-3)  # the edit does change the score
+    # an entry written by another tool (no digest) is not trusted either: it is made again
+    entry = cache / "mine" / "X2" / "birdx2.png"
+    Image.fromarray(np.zeros_like(ev.load_rgb(entry))).save(entry)
+    (again,) = ev.evaluate_bicubic(folder, scale=2, cache_dir=cache)
+    assert again["psnr"] == pytest.approx(fresh["psnr"], abs=1e-12)
+
+
 def test_two_writers_of_one_cache_entry_both_succeed(tmp_path: Path, monkeypatch) -> None:
     """Two training runs started together share an LR cache: another writer finishing the same entry while
     ours is half written (here: between our encode and our rename) must not fail ours, nor leave temp files."""
