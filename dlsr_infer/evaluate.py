@@ -368,6 +368,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("MODEL is required unless --bicubic is given")
     if args.model is None and args.scale is None:
         ap.error("--bicubic without MODEL needs --scale")
+    outputs = [(opt, path) for opt, path in (("--json", args.json), ("--markdown", args.markdown)) if path]
+    for opt, path in outputs:  # refused before an evaluation that may take minutes, not after it
+        if Path(path).is_dir():
+            ap.error(f"{opt} {path} is a folder; give the path of a file to write")
+    if len(outputs) == 2 and Path(args.json).resolve() == Path(args.markdown).resolve():
+        ap.error("--json and --markdown name the same file")
     try:
         datasets = _resolve_datasets(args.data, args.sets)
         results: list[dict[str, Any]] = []
@@ -383,13 +389,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dlsr-eval: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(results))
-    if args.json:
-        payload = {"model": args.model, "protocol": "Y (BT.601), border=scale, MATLAB bicubic LR", "results": results}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(_json_safe(payload), indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(format_markdown(results))
+    texts = {"--json": lambda: json.dumps(_json_safe({
+                 "model": args.model, "protocol": "Y (BT.601), border=scale, MATLAB bicubic LR", "results": results}),
+                 indent=2) + "\n",
+             "--markdown": lambda: format_markdown(results)}
+    for opt, path in outputs:
+        data = texts[opt]().encode()
+        try:  # whole or not at all: a results file is never left half written
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda f: f.write(data), overwrite=True)
+        except OSError as exc:
+            print(f"dlsr-eval: error: cannot write {opt} {path}: {exc.strerror or exc} (the table above is the "
+                  "result)", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -166,6 +166,31 @@ def test_cli_with_model(benchmarks_dir: Path, tmp_path: Path, monkeypatch, capsy
     assert "does not match" in capsys.readouterr().err
 
 
+def test_result_files_that_cannot_be_written(benchmarks_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """A folder given as --json/--markdown is refused before the evaluation (which may take minutes); an
+    unwritable path is a clean error after it, with the table printed and no half-written file."""
+    def not_now(*a, **k):
+        raise AssertionError("evaluated although the output path was bad")
+
+    monkeypatch.setattr(ev, "evaluate_bicubic", not_now)
+    common = ["--bicubic", "--scale", "2", "--data", str(benchmarks_dir / "Set5"), "--max-images", "1"]
+    for opt in ("--json", "--markdown"):
+        with pytest.raises(SystemExit) as exit_:
+            ev.main([*common, opt, str(tmp_path)])
+        assert exit_.value.code == 2 and f"{opt} {tmp_path} is a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ev.main([*common, "--json", str(tmp_path / "r"), "--markdown", str(tmp_path / "r")])
+    assert "name the same file" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    (tmp_path / "file").write_text("x")
+    assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "file" / "r.md")]) == 1
+    out, err = capsys.readouterr()
+    assert "Set5" in out and f"dlsr-eval: error: cannot write --markdown {tmp_path / 'file' / 'r.md'}" in err, err
+    assert "Traceback" not in err and json.loads((tmp_path / "ok.json").read_text())["results"][0]["images"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ok.json"]
+
+
 def test_errors(benchmarks_dir: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         ev.main([])  # neither MODEL nor --bicubic
