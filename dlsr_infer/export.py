@@ -55,6 +55,8 @@ def export_onnx(model: DLSR, path: str | os.PathLike, *, opset: int = DEFAULT_OP
     if min(h, w) < MIN_INPUT_SIZE:
         raise ValueError(f"example_size must be at least {MIN_INPUT_SIZE} on each side, got {example_size}")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the path of the .onnx file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     p = next(model.parameters())
     src = model if (p.device.type == "cpu" and p.dtype == torch.float32) else copy.deepcopy(model).float().cpu()

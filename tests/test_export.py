@@ -70,3 +70,7 @@ def test_cli_usage_errors(tmp_path, capsys):
         main(["x2", "--genotype", "dlsr_x2", "--onnx", str(tmp_path / "a.onnx")])
     assert main(["--genotype", "no_such", "--onnx", str(tmp_path / "a.onnx")]) == 2
     assert "cannot load" in capsys.readouterr().err
+    before = sorted(tmp_path.parent.iterdir())
+    assert main(["--genotype", "dlsr_s_x2", "--onnx", str(tmp_path)]) == 2  # a folder, not a file
+    assert f"dlsr-export: error: {tmp_path} is a folder" in capsys.readouterr().err
+    assert sorted(tmp_path.parent.iterdir()) == before and not list(tmp_path.iterdir())
