@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("-o", "--output", default=str(Path(__file__).with_name("sample.png")))
     ap.add_argument("--size", type=int, default=128)
     args = ap.parse_args()
+    if args.size < 64:
+        ap.error(f"--size must be at least 64, got {args.size}")
     Image.fromarray(make_sample(args.size)).save(args.output, optimize=True)
     print(f"wrote {args.output}")
 

@@ -30,7 +30,10 @@ def main() -> None:
     add_model_args(ap)
     args = ap.parse_args()
     if args.synthetic:
-        w, h = (int(v) for v in args.synthetic.lower().split("x"))
+        try:
+            w, h = (int(v) for v in args.synthetic.lower().split("x"))
+        except ValueError:
+            ap.error(f"--synthetic takes WxH, e.g. 4000x3000, not {args.synthetic!r}")
         data = ImageData(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
     elif args.input:
         data = load_image(args.input, max_pixels=args.max_pixels)
@@ -41,7 +44,10 @@ def main() -> None:
     except ModelLoadError as e:
         explain_model_error(e)
     t0 = time.perf_counter()
-    result = upscaler.image_data(data)
+    try:
+        result = upscaler.image_data(data)
+    except ValueError as e:  # e.g. a tile too small for its overlap: the message says what to change
+        ap.error(str(e))
     seconds = time.perf_counter() - t0
     save_image(result, args.output, overwrite=True)
     stats = upscaler.last_stats
