@@ -122,10 +122,10 @@ def make_lr(hr: np.ndarray, scale: int, cache_path: Path | None = None) -> np.nd
     if lr.shape != expected:  # cannot happen for a mod-cropped HR; guards against misuse
         raise ValueError(f"LR shape {lr.shape} != expected {expected}; was the HR image mod-cropped?")
     if cache_path is not None:
-        # a uniquely named temp file: runs started together share one cache and may write the same image
         info = PngInfo()
         info.add_text(HR_DIGEST_KEY, digest)
         cache_path.parent.mkdir(parents=True, exist_ok=True)
+        # a uniquely named temp file: runs started together share one cache and may write the same image
         atomic_write(cache_path, lambda f: Image.fromarray(lr).save(f, format="PNG", pnginfo=info), overwrite=True)
     return lr
 

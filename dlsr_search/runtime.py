@@ -98,19 +98,18 @@ class RunFolderLock:
         self.out = Path(out)
         self.enabled = enabled
         self._fd: int | None = None
-        self._created = False
+        self._created: list[Path] = []  # folders made here, deepest first
 
     def __enter__(self) -> "RunFolderLock":
         if not self.enabled or fcntl is None:
             return self
-        self._created = not self.out.exists()
+        self._created = [p for p in (self.out, *self.out.parents) if not p.exists()]
         self.out.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
-            self._remove_if_empty()
+            os.close(fd)  # the folder is the holder's to clean up, not ours
             raise ConfigError(f"{self.out} is in use by another run (a dlsr-search process holds its lock); wait "
                               "for it to finish or stop it, or choose another --out") from None
         except OSError:  # pragma: no cover - no flock on this filesystem
@@ -118,18 +117,16 @@ class RunFolderLock:
         self._fd = fd
         return self
 
-    def _remove_if_empty(self) -> None:
-        if self._created:
-            try:
-                self.out.rmdir()  # only succeeds when empty: a run that failed before writing leaves nothing
-            except OSError:
-                pass
-
     def __exit__(self, *exc: Any) -> None:
-        if self._fd is not None:
-            self._remove_if_empty()
-            os.close(self._fd)  # releases the lock
-            self._fd = None
+        if self._fd is None:
+            return
+        for folder in self._created:  # a run that failed before writing anything leaves no empty folders
+            try:
+                folder.rmdir()  # only succeeds when empty
+            except OSError:
+                break
+        os.close(self._fd)  # releases the lock
+        self._fd = None
 
 
 def run_in_process(body: Callable[[Any, D.DistInfo, StopRequest, Iterable[str] | None], R], cfg: Any,

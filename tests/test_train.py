@@ -270,8 +270,8 @@ def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, data_dir, capsy
     assert not (tmp_path / "new").exists()  # the lock's folder was empty, so it went with the lock
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no images"):  # a run that fails before writing anything
-        train(_cfg(tmp_path, tmp_path / "empty", "new2", steps=2))
-    assert not (tmp_path / "new2").exists()
+        train(_cfg(tmp_path, tmp_path / "empty", "new2/a/b", steps=2))
+    assert not (tmp_path / "new2").exists()  # nor the folders it made above its own
 
 
 def test_lr_cache_is_keyed_on_the_pixels_not_the_path_or_time(tmp_path, data_dir, monkeypatch):
