@@ -96,7 +96,8 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
 HR_DIGEST_KEY = "dlsr-hr-sha1"
 
 
-def _hr_digest(hr: np.ndarray) -> str:
+def hr_digest(hr: np.ndarray) -> str:
+    """sha1 of an HR image's shape and pixels: what an LR made from it depends on."""
     return hashlib.sha1(f"{hr.shape}|".encode() + np.ascontiguousarray(hr).tobytes()).hexdigest()
 
 
@@ -107,11 +108,11 @@ def make_lr(hr: np.ndarray, scale: int, cache_path: Path | None = None) -> np.nd
     pixels: an image edited in place (same name, same size) gets a fresh LR, never a stale one.
     """
     expected = (hr.shape[0] // scale, hr.shape[1] // scale, 3)
-    digest = _hr_digest(hr) if cache_path is not None else ""
+    digest = hr_digest(hr) if cache_path is not None else ""
     if cache_path is not None and cache_path.is_file():
         try:
-            with Image.open(cache_path) as im:
-                fresh = getattr(im, "text", {}).get(HR_DIGEST_KEY) == digest
+            with Image.open(cache_path) as im:  # `info`: the text we write before the pixels, read undecoded
+                fresh = im.info.get(HR_DIGEST_KEY) == digest
         except OSError:  # unreadable entry: made again below
             fresh = False
         if fresh:
@@ -389,12 +390,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dlsr-eval: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(results))
-    texts = {"--json": lambda: json.dumps(_json_safe({
-                 "model": args.model, "protocol": "Y (BT.601), border=scale, MATLAB bicubic LR", "results": results}),
-                 indent=2) + "\n",
-             "--markdown": lambda: format_markdown(results)}
     for opt, path in outputs:
-        data = texts[opt]().encode()
+        if opt == "--json":
+            payload = {"model": args.model, "protocol": "Y (BT.601), border=scale, MATLAB bicubic LR", "results": results}
+            data = (json.dumps(_json_safe(payload), indent=2) + "\n").encode()
+        else:
+            data = format_markdown(results).encode()
         try:  # whole or not at all: a results file is never left half written
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda f: f.write(data), overwrite=True)

@@ -10,7 +10,6 @@ once per image, kept in memory and optionally cached on disk as PNG.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dlsr_infer.evaluate import IMAGE_EXTENSIONS, load_rgb, make_lr
+from dlsr_infer.evaluate import IMAGE_EXTENSIONS, hr_digest, load_rgb, make_lr
 from dlsr_infer.imresize import modcrop
 from dlsr_infer.model import MIN_INPUT_SIZE
 
@@ -74,7 +73,7 @@ def _cache_path(cache_dir: Path | None, file: Path, hr: np.ndarray, scale: int) 
     # Keyed on the (mod-cropped) HR pixels, what the LR is made from: an edited image never reuses a stale
     # LR, and the same image under another path or modification time (a re-provisioned copy of the
     # data) still finds its entry instead of adding one more.
-    key = hashlib.sha1(f"{hr.shape}|".encode() + hr.tobytes()).hexdigest()[:16]
+    key = hr_digest(hr)[:16]
     return cache_dir / f"X{scale}" / f"{file.stem}_{key}.png"
 
 
