@@ -12,13 +12,15 @@ LA, La                LA (8-bit)
 P                     RGB, or RGBA when the palette has transparency (PA too)
 I;16, I;16B, I, ...   L (16-bit); mode I is clipped to 0..65535
 16-bit RGB(A)/LA PNG  RGB / RGBA / LA (16-bit) - Pillow alone would truncate these to 8 bits
+gray/RGB + colour key LA / RGBA (a PNG tRNS value: its pixels get alpha 0, the rest full alpha)
 CMYK (and LAB)        RGB, converted through the embedded ICC profile when there is one, with a
                       `ColorConversionWarning` (the CMYK profile is not carried to the output)
 F (32-bit float)      refused: the value range is unknown
 ====================  =========================================================================
 
 EXIF orientation is applied on load (the pixels come out upright and the orientation tag is dropped),
-the ICC profile and the remaining EXIF are carried to the output, only the first frame of an animated
+the ICC profile and the remaining EXIF (less the tags describing the source's pixel layout, which a
+TIFF's EXIF holds) are carried to the output, only the first frame of an animated
 or multi-page file is read, and images over `max_pixels` are refused before being decoded
 (decompression-bomb guard). Files are written atomically: a temporary file in the destination
 folder, fsync, then a rename (or a hard link, which also refuses to clobber an existing file), so an
@@ -38,7 +40,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -57,6 +59,14 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bm
            ".tiff": "TIFF", ".tga": "TGA", ".ppm": "PPM", ".pgm": "PPM", ".gif": "GIF"}
 
 _ORIENTATION = 0x0112
+# TIFF tags that describe how the pixels are stored (size, strips/tiles, compression, sample layout,
+# palette, thumbnail offsets). A TIFF's getexif() is its whole first IFD, these included; carried over
+# they would describe the source's pixels, not the output's, and make Pillow's TIFF writer fail.
+_LAYOUT_TAGS = frozenset({
+    0xFE, 0xFF, 0x100, 0x101, 0x102, 0x103, 0x106, 0x107, 0x10A, 0x111, 0x115, 0x116, 0x117, 0x118,
+    0x119, 0x11C, 0x122, 0x123, 0x124, 0x125, 0x13D, 0x140, 0x142, 0x143, 0x144, 0x145, 0x14A, 0x152,
+    0x153, 0x154, 0x155, 0x15B, 0x200, 0x201, 0x202, 0x211, 0x212, 0x213, 0x214,
+})
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
@@ -147,7 +157,8 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _exif_without_orientation(im: Image.Image) -> tuple[int, bytes | None]:
-    """(orientation 1..8, the EXIF bytes without the orientation tag or None). `im` is not modified."""
+    """(orientation 1..8, the EXIF bytes without the orientation and pixel-layout tags, or None).
+    `im` is not modified."""
     try:
         source = im.getexif()
         orientation = source.get(_ORIENTATION, 1)
@@ -159,8 +170,9 @@ def _exif_without_orientation(im: Image.Image) -> tuple[int, bytes | None]:
         return 1, None
     if not isinstance(orientation, int) or not 1 <= orientation <= 8:
         orientation = 1
-    if _ORIENTATION in exif:
-        del exif[_ORIENTATION]
+    for tag in (_ORIENTATION, *_LAYOUT_TAGS):
+        if tag in exif:
+            del exif[tag]
     try:
         data = exif.tobytes() if len(exif) else None
     except Exception:  # noqa: BLE001
@@ -265,7 +277,22 @@ def _pixels_from_pil(im: Image.Image, notes: list[str]) -> tuple[np.ndarray, byt
             raise ImageLoadError(f"unsupported image mode {mode!r}: {e}") from None
     if a.ndim == 2:
         a = a[:, :, None]
+    if mode in ("L", "RGB") or mode.startswith("I;16"):
+        a = _colour_key_alpha(a, im.info.get("transparency"))
     return np.ascontiguousarray(a), replacement_icc, icc_ok
+
+
+def _colour_key_alpha(a: np.ndarray, key: Any) -> np.ndarray:
+    """Gray or RGB pixels with a PNG colour key (tRNS: one value whose pixels are transparent) as
+    LA / RGBA, so the transparency survives like a palette's does. Anything else comes back as is."""
+    c = a.shape[2]
+    if isinstance(key, int) and c == 1:
+        key = (key,)
+    if not (isinstance(key, tuple) and len(key) == c and c in (1, 3) and all(isinstance(k, int) for k in key)):
+        return a
+    maxval = np.iinfo(a.dtype).max
+    opaque = ~np.all(a == np.asarray(key, dtype=np.int64), axis=2, keepdims=True)
+    return np.concatenate([a, (opaque * maxval).astype(a.dtype)], axis=2)
 
 
 def from_pil(im: Image.Image, *, apply_exif_orientation: bool = True) -> ImageData:
@@ -338,7 +365,8 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
                 im.load()
             orientation, exif = _exif_without_orientation(im)
             if rawmode16 is not None:
-                pixels = _decode_png16(lambda: _open_unchecked(path), rawmode16)
+                pixels = _colour_key_alpha(_decode_png16(lambda: _open_unchecked(path), rawmode16),
+                                           im.info.get("transparency"))
                 replacement_icc, icc_ok = None, True
             else:
                 pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes)

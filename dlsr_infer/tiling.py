@@ -226,13 +226,15 @@ def memory_budget(device: torch.device) -> int:
 
 
 def auto_tile(model: nn.Module, height: int, width: int, *, device: torch.device, compute_dtype: torch.dtype,
-              count: int = 1, budget: int | None = None) -> tuple[int, int]:
+              count: int = 1, budget: int | None = None, overlap: int = DEFAULT_OVERLAP) -> tuple[int, int]:
     """(tile, batch_size) for `tile=None`.
 
     The whole image (tile 0, as many of the `count` images per batch as fit) when it fits the memory
     budget (and, on the CPU, has at most CPU_AUTO_TILE**2 pixels); else the largest tile (multiple
     of 8, MIN_TILE..MAX_AUTO_TILE on CUDA, ..CPU_AUTO_TILE on the CPU) that fits, with as many tiles per
     batch as fit on CUDA (at most 8) and one at a time on the CPU, where batching gains nothing.
+    The tile is never below what `plan_tiles` accepts for `overlap` (2 * overlap + the context
+    alignment): a tight budget then gets that floor, and an out-of-memory error there is the run's to report.
     """
     if budget is None:
         budget = memory_budget(device)
@@ -241,7 +243,7 @@ def auto_tile(model: nn.Module, height: int, width: int, *, device: torch.device
     if height * width <= min(pixels, cap * cap if device.type != "cuda" else pixels):
         return 0, max(1, min(count, pixels // (height * width)))
     side = int(math.isqrt(pixels)) // 8 * 8
-    tile = max(MIN_TILE, min(cap, side))
+    tile = max(MIN_TILE, 2 * overlap + context_alignment(model), min(cap, side))
     batch = max(1, min(8, pixels // (tile * tile))) if device.type == "cuda" else 1
     return tile, batch
 

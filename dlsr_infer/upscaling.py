@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .imageio import (DEFAULT_MAX_PIXELS, ImageData, OutputExistsError, can_be_pil, from_pil, load_image, save_image,
-                      to_pil)
+from .imageio import (DEFAULT_MAX_PIXELS, ImageData, OutputExistsError, can_be_pil, format_for, from_pil, load_image,
+                      save_image, to_pil)
 from .tiling import DEFAULT_OVERLAP, ProgressFn, TileStats, auto_tile, memory_budget, bytes_per_pixel, run_tiled
 
 log = logging.getLogger(__name__)
@@ -239,18 +239,29 @@ def _super_resolve(x: torch.Tensor, write: Callable[[int, int, torch.Tensor], No
     n, c, h, w = x.shape
     color, alpha_ch, gray = _split_channels(x)
     batch = color
-    alpha_by_model = alpha_ch is not None and alpha == "model"
+    alpha_lo = alpha_hi = None
+    if alpha_ch is not None:
+        # The output alpha stays within each image's input alpha range: an opaque image stays exactly
+        # opaque (the network is not exactly flat next to a zero-padded border, bicubic rings), and a
+        # constant alpha skips its network pass.
+        alpha_lo = alpha_ch.float().amin(dim=(1, 2, 3), keepdim=True).cpu()
+        alpha_hi = alpha_ch.float().amax(dim=(1, 2, 3), keepdim=True).cpu()
+    alpha_const = alpha_lo is not None and torch.equal(alpha_lo, alpha_hi)
+    alpha_by_model = alpha_ch is not None and alpha == "model" and not alpha_const
     if alpha_by_model:
         batch = torch.cat([color, alpha_ch.expand(-1, 3, -1, -1)])
     alpha_big = None
-    if alpha_ch is not None and not alpha_by_model:
+    if alpha_ch is not None and not alpha_by_model and not alpha_const:
         alpha_big = F.interpolate(alpha_ch.float().cpu(), scale_factor=scale, mode="bicubic",
                                   align_corners=False).clamp_(0.0, 1.0)
     count = batch.shape[0]
     allow_fallback = tile != 0
+    overlap = DEFAULT_OVERLAP if tile_overlap is None else tile_overlap
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+        raise ValueError(f"tile_overlap must be a non-negative integer, got {tile_overlap!r}")
     if tile is None:
         tile, auto_batch = auto_tile(eager, max(h, 15), max(w, 15), device=device, compute_dtype=compute_dtype,
-                                     count=count)
+                                     count=count, overlap=overlap)
     else:
         if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0:
             raise ValueError(f"tile must be None (auto), 0 (whole image) or a positive tile size, got {tile!r}")
@@ -260,9 +271,6 @@ def _super_resolve(x: torch.Tensor, write: Callable[[int, int, torch.Tensor], No
         batch_size = auto_batch
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    overlap = DEFAULT_OVERLAP if tile_overlap is None else tile_overlap
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
-        raise ValueError(f"tile_overlap must be a non-negative integer, got {tile_overlap!r}")
 
     def sink(r0: int, r1: int, band: torch.Tensor) -> None:
         band = band.clamp(0.0, 1.0)
@@ -276,6 +284,10 @@ def _super_resolve(x: torch.Tensor, write: Callable[[int, int, torch.Tensor], No
             parts.append(band[n:].mean(dim=1, keepdim=True))
         elif alpha_big is not None:
             parts.append(alpha_big[:, :, r0:r1])
+        elif alpha_const:
+            parts.append(alpha_lo.to(rgb).expand_as(rgb[:, :1]))
+        if alpha_lo is not None and alpha_hi is not None:
+            parts[-1] = parts[-1].to(rgb.device).clamp(alpha_lo.to(rgb.device), alpha_hi.to(rgb.device))
         write(r0, r1, torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
 
     report, close = _progress_fn(progress)
@@ -495,12 +507,19 @@ def upscale_file(source: str | os.PathLike, destination: str | os.PathLike, scal
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, **options: Any) -> list[str]:
     """Upscale an image file into another, keeping 16-bit depth, alpha, ICC profile and EXIF.
 
-    The output is written atomically, and an existing file is replaced only with `overwrite=True`.
-    `options` are `upscale()`'s keyword arguments. Returns notes on anything converted or dropped on
-    the way (CMYK -> RGB, alpha in a JPEG, ...).
+    The output is written atomically, and an existing file is replaced only with `overwrite=True`,
+    never the source itself. `options` are `upscale()`'s keyword arguments. Returns notes on anything
+    converted or dropped on the way (CMYK -> RGB, alpha in a JPEG, ...).
     """
-    if not overwrite and Path(destination).exists():
-        raise OutputExistsError(f"{destination}: already exists (pass overwrite=True to replace it)")
+    # Everything that would make the write fail is checked before the network runs.
+    format_for(destination, format)
+    if Path(destination).exists():
+        if Path(source).exists() and os.path.samefile(source, destination):
+            raise ValueError(f"{destination}: is the source image; write the result to another file")
+        if not overwrite:
+            raise OutputExistsError(f"{destination}: already exists (pass overwrite=True to replace it)")
+    if not Path(destination).parent.is_dir():
+        raise FileNotFoundError(f"{destination}: the folder {Path(destination).parent} does not exist")
     upscaler = Upscaler(model, scale=scale, **options)
     data = load_image(source, max_pixels=max_pixels)
     out = upscaler.image_data(data)

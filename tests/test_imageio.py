@@ -116,6 +116,61 @@ def test_palette_with_transparency_becomes_rgba(tmp_path: Path) -> None:
     assert data.mode == "RGBA" and 0 in data.pixels[:, :, 3] and 255 in data.pixels[:, :, 3]
 
 
+def _with_trns(png: bytes, body: bytes) -> bytes:
+    """`png` with a tRNS chunk put before its first IDAT."""
+    at = png.index(b"IDAT") - 4
+    return png[:at] + struct.pack(">I", len(body)) + b"tRNS" + body \
+        + struct.pack(">I", zlib.crc32(b"tRNS" + body)) + png[at:]
+
+
+def test_a_png_colour_key_becomes_alpha(tmp_path: Path) -> None:
+    # Gray and RGB PNGs can mark one value transparent (tRNS); that used to be dropped without a note.
+    a = rgb()
+    a[2:4, 5:9] = (10, 20, 30)
+    Image.fromarray(a).save(tmp_path / "rgb.png", transparency=(10, 20, 30))
+    data = load_image(tmp_path / "rgb.png")
+    assert data.mode == "RGBA" and np.array_equal(data.pixels[:, :, :3], a)
+    assert np.array_equal(data.pixels[:, :, 3] == 0, np.all(a == (10, 20, 30), axis=2))
+    assert set(np.unique(data.pixels[:, :, 3])) == {0, 255}
+    g = a[:, :, 0]
+    Image.fromarray(g).save(tmp_path / "l.png", transparency=10)
+    data = load_image(tmp_path / "l.png")
+    assert data.mode == "LA" and np.array_equal(data.pixels[:, :, 1] == 0, g == 10)
+    assert from_pil(Image.open(tmp_path / "rgb.png")).mode == "RGBA"
+    a16 = np.random.default_rng(1).integers(0, 65536, (6, 7, 3), dtype=np.uint16)
+    a16[1, 2] = a16[4, 5] = (1000, 2000, 3000)
+    (tmp_path / "c16.png").write_bytes(_with_trns(encode_png16(a16), struct.pack(">HHH", 1000, 2000, 3000)))
+    data = load_image(tmp_path / "c16.png")
+    assert data.mode == "RGBA" and data.pixels.dtype == np.uint16 and np.array_equal(data.pixels[:, :, :3], a16)
+    assert np.array_equal(np.argwhere(data.pixels[:, :, 3] == 0), [[1, 2], [4, 5]])
+    assert np.all(data.pixels[:, :, 3][data.pixels[:, :, 3] != 0] == 65535)
+    g16 = a16[:, :, :1].copy()
+    (tmp_path / "g16.png").write_bytes(_with_trns(encode_png16(g16), struct.pack(">H", 1000)))
+    data = load_image(tmp_path / "g16.png")
+    assert data.mode == "LA" and data.pixels.dtype == np.uint16
+    assert np.array_equal(data.pixels[:, :, 1] == 0, g16[:, :, 0] == 1000)
+
+
+def test_a_tiffs_layout_tags_are_not_carried_as_exif(tmp_path: Path) -> None:
+    # A TIFF's getexif() is its whole first IFD, size and strip offsets included: carried to a TIFF output
+    # they made Pillow fail ("codec configuration error"), and in a PNG/JPEG they gave the source's size.
+    im = Image.fromarray(rgb())
+    exif = im.getexif()
+    exif[0x013B] = "dlsr test artist"
+    exif[0x0112] = 6
+    im.save(tmp_path / "in.tif", exif=exif, compression="tiff_lzw")
+    data = load_image(tmp_path / "in.tif")
+    assert data.pixels.shape == (23, 18, 3)  # orientation applied
+    big = ImageData(np.repeat(np.repeat(data.pixels, 2, 0), 2, 1), exif=data.exif, icc_profile=data.icc_profile)
+    for ext in ("tif", "png", "jpg"):
+        save_image(big, tmp_path / f"out.{ext}")
+        with Image.open(tmp_path / f"out.{ext}") as back:
+            tags = back.getexif()
+            assert back.size == (36, 46) and tags[0x013B] == "dlsr test artist" and 0x0112 not in tags, ext
+            if ext != "tif":  # a TIFF writes its own, right, layout tags
+                assert 0x100 not in tags and 0x111 not in tags, ext
+
+
 def test_cmyk_is_converted_with_a_warning(tmp_path: Path) -> None:
     Image.fromarray(rgb()).convert("CMYK").save(tmp_path / "c.jpg")
     with pytest.warns(ColorConversionWarning, match="CMYK image converted to RGB"):

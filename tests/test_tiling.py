@@ -306,6 +306,28 @@ def test_auto_tile_uses_the_memory_budget() -> None:
     assert tile == 1024 and batch >= 1
 
 
+def test_auto_tile_never_goes_below_what_the_overlap_needs(monkeypatch) -> None:
+    # A tight memory budget used to give 64..128 px tiles, which plan_tiles then refused for the default
+    # overlap of 64: upscale() with default arguments failed on any image over ~130 px when memory was low.
+    from dlsr_infer.upscaling import Upscaler, upscale
+
+    model = lively("dlsr_s_x2")
+    cpu = torch.device("cpu")
+    floor = 2 * DEFAULT_OVERLAP + context_alignment(model)
+    for budget in (1 << 20, 20 << 20, 40 << 20):
+        tile, batch = auto_tile(model, 1000, 1000, device=cpu, compute_dtype=torch.float32, budget=budget)
+        assert tile >= floor and batch == 1
+        tile, _ = auto_tile(model, 1000, 1000, device=cpu, compute_dtype=torch.float32, budget=budget, overlap=8)
+        assert 64 <= tile < floor
+    monkeypatch.setattr(tiling, "memory_budget", lambda device: 20 << 20)
+    up = Upscaler(model, device="cpu", dtype="fp32")
+    img = (texture(150, 170, seed=3)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    out = up(img)
+    assert up.last_stats is not None and up.last_stats.num_tiles > 1 and up.last_stats.tile == floor
+    whole = upscale(img, model=model, device="cpu", dtype="fp32", tile=0)
+    assert np.abs(out.astype(int) - whole.astype(int)).max() <= 1
+
+
 # --- reduced precision ------------------------------------------------------------------------------
 class NaNUnderAutocast(nn.Module):
     """Test double: the first tile of every batch overflows when run under autocast."""

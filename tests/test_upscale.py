@@ -188,6 +188,37 @@ def test_alpha_is_upscaled_separately_by_model_or_bicubic(model: DLSR) -> None:
         upscale(rgba, model=model, alpha="nearest")
 
 
+@pytest.mark.parametrize("alpha", ["model", "bicubic"])
+def test_output_alpha_stays_within_the_input_alpha_range(model: DLSR, alpha: str) -> None:
+    # The network is not exactly flat next to the zero-padded border: before, an opaque image came back
+    # with alpha down to ~245 along its edges, and a transparent one with alpha up to ~8.
+    a = rgb()
+    for value in (255, 0, 128):
+        out = upscale(np.dstack([a, np.full(a.shape[:2], value, np.uint8)]), model=model, alpha=alpha)
+        assert np.all(out[:, :, 3] == value), (value, np.unique(out[:, :, 3]))
+        assert np.array_equal(out[:, :, :3], upscale(a, model=model))
+    ramp = np.dstack([a, np.linspace(60, 200, a.shape[1]).round().astype(np.uint8)[None].repeat(a.shape[0], 0)])
+    out = upscale(ramp, model=model, alpha=alpha)[:, :, 3]
+    assert 60 <= out.min() and out.max() <= 200 and len(np.unique(out)) > 20  # still a ramp, in range
+    batch = torch.from_numpy(np.stack([np.dstack([a, np.full(a.shape[:2], 255, np.uint8)]), ramp]))
+    out = upscale(batch.permute(0, 3, 1, 2).float() / 255, model=model, alpha=alpha)
+    assert torch.all(out[0, 3] == 1.0) and 60 / 255 - 1e-6 <= out[1, 3].min() <= out[1, 3].max() <= 200 / 255 + 1e-6
+
+
+def test_a_constant_alpha_costs_no_network_pass(model: DLSR) -> None:
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    try:
+        a = rgb()
+        upscale(np.dstack([a, np.full(a.shape[:2], 255, np.uint8)]), model=model, alpha="model", tile=0)
+        assert seen == [1]
+        seen.clear()
+        upscale(np.dstack([a, a[:, :, :1]]), model=model, alpha="model", tile=0)
+        assert sum(seen) == 2  # colour and alpha
+    finally:
+        handle.remove()
+
+
 # --- paths ---------------------------------------------------------------------------------------
 def test_path_in_pil_out_with_icc_and_exif_orientation(model: DLSR, tmp_path: Path) -> None:
     a = rgb(20, 30)
@@ -227,6 +258,25 @@ def test_upscale_file_keeps_depth_alpha_and_icc(model: DLSR, tmp_path: Path) -> 
     assert np.array_equal(back.pixels, upscale(a16, model=model))
     with pytest.raises(FileExistsError, match="already exists"):
         upscale_file(tmp_path / "in.png", tmp_path / "out.png", model=model)
+
+
+def test_upscale_file_checks_the_destination_before_running_the_network(model: DLSR, tmp_path: Path) -> None:
+    Image.fromarray(rgb()).save(tmp_path / "in.png")
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: seen.append(1))
+    try:
+        with pytest.raises(ValueError, match="cannot tell the output format from 'out.xyz'"):
+            upscale_file(tmp_path / "in.png", tmp_path / "out.xyz", model=model)
+        with pytest.raises(FileNotFoundError, match="the folder .*no/such does not exist"):
+            upscale_file(tmp_path / "in.png", tmp_path / "no" / "such" / "out.png", model=model)
+        before = (tmp_path / "in.png").read_bytes()
+        for path in (tmp_path / "in.png", tmp_path / "." / "in.png"):
+            with pytest.raises(ValueError, match="is the source image"):
+                upscale_file(tmp_path / "in.png", path, model=model, overwrite=True)
+        assert (tmp_path / "in.png").read_bytes() == before
+        assert seen == [] and sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+    finally:
+        handle.remove()
 
 
 def test_path_errors_are_specific(model: DLSR, tmp_path: Path) -> None:
