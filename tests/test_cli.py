@@ -122,6 +122,11 @@ def test_usage_errors_exit_2(capsys, model_dir: Path, tmp_path: Path) -> None:
     a, b = image(tmp_path / "a.png"), image(tmp_path / "b.png")
     rc, out, err = run(capsys, a, "--tile", "-3", "--model", model_dir)
     assert rc == 2 and "--tile must be >= 0" in err
+    rc, out, err = run(capsys, a, "--tile", "40", "--model", model_dir)  # under 2 * 64 + the ESA alignment
+    assert rc == 2 and "--tile 40 is too small for --tile-overlap 64: tiles must be at least 134 px" in err
+    rc, out, err = run(capsys, a, "--tile", "40", "--tile-overlap", "8", "--model", model_dir,
+                       "-o", tmp_path / "t.png")
+    assert rc == 0 and (tmp_path / "t.png").exists()
     assert run(capsys, a, "--dtype", "int8")[0] == 2  # argparse's own choice check
     assert run(capsys, a, b, "-o", a, "--model", model_dir)[0] == 2  # a file, but two inputs
     rc, out, err = run(capsys, a, "--model", tmp_path / "no-such-model")
