@@ -9,6 +9,7 @@ Checkpoints are read with `torch.load(weights_only=True)`: no code from the file
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -45,7 +46,11 @@ def rename_key(key: str) -> str:
 
 
 def rescale_for_unit_range(state: Mapping[str, torch.Tensor], input_range: float) -> dict[str, torch.Tensor]:
-    """Turn weights for images in [0, input_range] into weights for images in [0, 1] (exactly)."""
+    """Turn weights for images in [0, input_range] into weights for images in [0, 1] (exactly).
+
+    Exact because the activations are (leaky) ReLUs, which commute with a positive factor only."""
+    if isinstance(input_range, bool) or not math.isfinite(input_range) or input_range <= 0:
+        raise ValueError(f"input_range must be a finite number > 0, got {input_range!r}")
     if input_range == 1:
         return dict(state)
     out = {}
@@ -76,7 +81,13 @@ def load_authors_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def convert_authors_checkpoint(path: str | Path, genotype: Genotype, *, input_range: float = 255.0) -> DLSR:
     """Build our `DLSR` for `genotype` holding the weights of an authors' checkpoint."""
-    state = {rename_key(k): v for k, v in load_authors_state_dict(path).items()}
+    state: dict[str, torch.Tensor] = {}
+    source_of: dict[str, str] = {}
+    for k, v in load_authors_state_dict(path).items():
+        ours = rename_key(k)
+        if ours in state:  # e.g. both `X` and `module.X`: one would silently overwrite the other
+            raise ModelLoadError(f"{path}: {source_of[ours]!r} and {k!r} are both the tensor {ours!r}")
+        state[ours], source_of[ours] = v, k
     model = DLSR(genotype)
     check_state_dict(model.state_dict(), state, source=f"{path} (genotype {genotype.name or 'given'})")
     model.load_state_dict(rescale_for_unit_range(state, input_range), strict=True)
@@ -92,6 +103,16 @@ def _genotype_arg(value: str) -> Genotype:
         raise argparse.ArgumentTypeError(f"{e} (or use a built-in name: {', '.join(BUILTIN)})") from None
 
 
+def _input_range_arg(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value!r}")
+    return v
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dlsr-convert",
@@ -101,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--genotype", required=True, type=_genotype_arg,
                         help=f"genotype JSON file or built-in name ({', '.join(BUILTIN)})")
     parser.add_argument("-o", "--output", required=True, help="model directory to write")
-    parser.add_argument("--input-range", type=float, default=255.0,
+    parser.add_argument("--input-range", type=_input_range_arg, default=255.0,
                         help="pixel range the checkpoint was trained on (default 255)")
     args = parser.parse_args(argv)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        parser.error(f"-o {args.output} is a file; give a model directory")
     try:
         model = convert_authors_checkpoint(args.checkpoint, args.genotype, input_range=args.input_range)
     except (ModelLoadError, FileNotFoundError) as e:

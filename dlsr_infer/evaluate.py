@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .imageio import atomic_write
+from .imageio import atomic_write, decodes_to_8_bits
 from .imresize import imresize, modcrop
 from .metrics import psnr_y, ssim_y
 
@@ -85,11 +85,17 @@ def dataset_images(path: str | os.PathLike) -> list[Path]:
 
 
 def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Load an image as uint8 ``HxWx3`` RGB; gray (and palette/alpha) images are converted."""
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            raise ValueError(f"{path}: {im.mode} (16-bit/float) images are not supported; use 8-bit images")
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    """Load an image as uint8 ``HxWx3`` RGB; gray (and palette/alpha) images are converted.
+
+    EXIF orientation is not applied (as MATLAB's imread, which the benchmark protocol follows). A file
+    that cannot be read, and 16-bit or float images, raise ValueError naming the file."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F") or decodes_to_8_bits(im):
+                raise ValueError(f"{path}: 16-bit or float images ({im.mode}) are not supported; use 8-bit images")
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, Image.DecompressionBombError) as e:  # unreadable, truncated, not an image, ...
+        raise ValueError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from None
 
 
 #: PNG text key under which a cached LR image records the HR pixels it was made from.
@@ -116,8 +122,11 @@ def make_lr(hr: np.ndarray, scale: int, cache_path: Path | None = None) -> np.nd
         except OSError:  # unreadable entry: made again below
             fresh = False
         if fresh:
-            cached = load_rgb(cache_path)
-            if cached.shape == expected:
+            try:
+                cached = load_rgb(cache_path)
+            except ValueError:  # a damaged entry: made again below
+                cached = None
+            if cached is not None and cached.shape == expected:
                 return cached
     lr = imresize(hr, 1.0 / scale)
     if lr.shape != expected:  # cannot happen for a mod-cropped HR; guards against misuse
@@ -182,12 +191,16 @@ def _run_protocol(
 def _model_upscaler(model: Any, scale: int, device: str) -> Upscaler:
     import torch
 
+    from .tiling import pad_small
+
     def upscale(lr: np.ndarray) -> np.ndarray:
         expected = (1, 3, lr.shape[0] * scale, lr.shape[1] * scale)
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1)))
             x = x.to(device=device, dtype=torch.float32).div_(255.0).unsqueeze(0)
-            y = model(x)
+            y = model(pad_small(x))  # an LR under the network's 15 px minimum: padded, cropped back below
+            if isinstance(y, torch.Tensor) and y.dim() == 4:
+                y = y[:, :, :expected[2], :expected[3]]
             if not isinstance(y, torch.Tensor) or tuple(y.shape) != expected:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(f"model output shape {got} is not {expected}")

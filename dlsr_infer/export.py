@@ -156,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"dlsr-export: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - the exporter's own errors, e.g. an opset it cannot target
+        print(f"dlsr-export: error: ONNX export failed (opset {args.opset}): {type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 2
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, opset {args.opset}, "
           f"{'static ' + 'x'.join(map(str, size)) if args.static else 'dynamic N/H/W'}, x{model.genotype.scale})")
     if args.check:

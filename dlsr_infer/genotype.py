@@ -192,6 +192,11 @@ def validate(data: Mapping[str, Any]) -> None:
         raise GenotypeError("genotype field 'provenance' must be an object")
     if prov is not None and _nesting_depth(prov, MAX_PROVENANCE_DEPTH) > MAX_PROVENANCE_DEPTH:
         raise GenotypeError(f"genotype field 'provenance' nests deeper than {MAX_PROVENANCE_DEPTH} levels")
+    if prov is not None:  # what we save must load again: JSON has no NaN/Infinity, and no other types
+        try:
+            json.dumps(prov, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise GenotypeError(f"genotype field 'provenance' must be plain JSON without NaN/Infinity: {e}") from None
 
     cells = data.get("cells")
     if not isinstance(cells, Sequence) or isinstance(cells, (str, bytes)):

@@ -208,6 +208,15 @@ def _cmyk_to_rgb(im: Image.Image, notes: list[str]) -> tuple[Image.Image, bytes 
     return out, None
 
 
+def decodes_to_8_bits(im: Image.Image) -> bool:
+    """True when the file behind `im` holds 16-bit colour that Pillow will decode to 8 bits (it has no
+    16-bit RGB/RGBA/LA mode and keeps the high byte)."""
+    rawmode = im.tile[0][3] if getattr(im, "tile", None) else ""
+    if isinstance(rawmode, tuple):
+        rawmode = rawmode[0]
+    return isinstance(rawmode, str) and ";16" in rawmode and im.mode in ("RGB", "RGBA", "LA")
+
+
 def _png16_rawmode(im: Image.Image) -> str | None:
     if im.format != "PNG" or len(getattr(im, "tile", ()) or ()) != 1:
         return None
@@ -352,11 +361,8 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
             notes.append(f"only the first of {frames} frames was read")
         try:
             rawmode16 = _png16_rawmode(im)  # before anything (getexif on a PNG) loads the 8-bit pixels
-            rawmode = im.tile[0][3] if getattr(im, "tile", None) else ""
             if rawmode16 is None:
-                if isinstance(rawmode, tuple):
-                    rawmode = rawmode[0]
-                if isinstance(rawmode, str) and ";16" in rawmode and im.mode in ("RGB", "RGBA", "LA"):
+                if decodes_to_8_bits(im):
                     msg = f"Pillow decodes this 16-bit {im.format} {im.mode} image to 8 bits per channel"
                     notes.append(msg)
                     warnings.warn(f"{path}: {msg}", ColorConversionWarning, stacklevel=2)

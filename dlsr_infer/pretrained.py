@@ -94,25 +94,30 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, loc
         name_or_path = os.fspath(name_or_path)
     if not isinstance(name_or_path, str) or not name_or_path:
         raise TypeError(f"expected a model directory, alias or Hub repo id, got {name_or_path!r}")
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
+    try:
+        local = Path(name_or_path).expanduser()
+        is_dir, exists = local.is_dir(), local.exists()
+    except (RuntimeError, OSError) as e:  # '~nosuchuser/...', a name too long for the file system
+        raise ModelLoadError(f"{name_or_path!r} is not a usable model directory path: {e}") from None
+    if is_dir:
         return local
-    if local.exists():
+    if exists:
         raise ModelLoadError(f"{name_or_path!r} is a file, not a model directory (expected {CONFIG_NAME} + "
                              f"{WEIGHTS_NAME} inside a directory)")
     if name_or_path in ALIASES:
         bundled = bundled_model_dir(name_or_path)
-        if bundled is not None:
+        if bundled is not None and revision is None:  # a pinned revision is the Hub's to give
             return bundled
         repo_id = ALIASES[name_or_path][1]
+        why = (f"revision {revision!r} of alias {name_or_path!r} was asked for, so the bundled weights were not "
+               "used" if bundled is not None else
+               f"weights for alias {name_or_path!r} are not bundled with this installation of dlsr")
         try:
             return download(repo_id, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
                             token=token)
         except ModelLoadError as e:
-            raise ModelLoadError(
-                f"weights for alias {name_or_path!r} are not bundled with this installation of dlsr, and "
-                f"fetching them from the Hugging Face Hub repo {repo_id!r} failed: {e}"
-            ) from None
+            raise ModelLoadError(f"{why}, and fetching them from the Hugging Face Hub repo {repo_id!r} failed: {e}") \
+                from None
     if _looks_like_path(name_or_path) or not _REPO_ID.match(name_or_path):
         raise ModelLoadError(
             f"no model directory at {name_or_path!r}; it is not a known alias ({', '.join(ALIASES)}) and not a "
@@ -300,7 +305,8 @@ def load_model_dir(cls: type["DLSR"], directory: Path, *, map_location: Any = "c
     config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for f in (config, weights):
         if not f.is_file():
-            raise ModelLoadError(f"{directory} is not a DLSR model directory: {f.name} is missing")
+            what = "is not a file" if f.exists() else "is missing"
+            raise ModelLoadError(f"{directory} is not a DLSR model directory: {f.name} {what}")
     try:
         genotype = load_genotype(config)
     except GenotypeError as e:

@@ -321,7 +321,8 @@ class Runner:
         return y
 
 
-def _pad_small(x: torch.Tensor) -> torch.Tensor:
+def pad_small(x: torch.Tensor) -> torch.Tensor:
+    """`x` replicate-padded on the bottom/right to the network's minimum input size (crop the output back)."""
     h, w = x.shape[-2:]
     ph, pw = max(0, MIN_INPUT_SIZE - h), max(0, MIN_INPUT_SIZE - w)
     if ph or pw:
@@ -400,7 +401,7 @@ def run_tiled(model: Any, x: torch.Tensor, *, scale: int, tile: int, overlap: in
     if overlap is None:
         overlap = DEFAULT_OVERLAP
     h, w = x.shape[-2:]
-    xp = _pad_small(x.float())
+    xp = pad_small(x.float())
     hp, wp = xp.shape[-2:]
     align = context_alignment(runner_model(fallback_model if fallback_model is not None else model))
     runner = Runner(model, device, compute_dtype, channels_last, fallback_model)
@@ -482,6 +483,7 @@ __all__ = [
     "context_alignment",
     "is_oom",
     "memory_budget",
+    "pad_small",
     "plan_tiles",
     "run_tiled",
 ]

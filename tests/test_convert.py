@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dlsr_infer import DLSR, ModelLoadError
-from dlsr_infer.convert import convert_authors_checkpoint, load_authors_state_dict, main, rename_key
+from dlsr_infer.convert import (convert_authors_checkpoint, load_authors_state_dict, main, rename_key,
+                                rescale_for_unit_range)
 from dlsr_infer.genotype import Genotype, builtin
 
 PAPER_X2 = "RFDN_beta21_ps128_20210128_1000.pt"
@@ -104,3 +105,32 @@ def test_paper_x2_reproduces_set14_and_b100(authors_dir, benchmarks_dir, tmp_pat
     r = _eval_converted(authors_dir, benchmarks_dir, tmp_path, PAPER_X2, "dlsr_x2", ["Set14", "B100"])
     assert abs(r["Set14"]["psnr"] - 33.63) <= 0.01 and abs(r["Set14"]["ssim"] - 0.9184) <= 0.0005, r["Set14"]
     assert abs(r["B100"]["psnr"] - 32.23) <= 0.01 and abs(r["B100"]["ssim"] - 0.9003) <= 0.0005, r["B100"]
+
+
+def test_input_range_must_be_finite_and_positive(tmp_path, capsys):
+    state = DLSR(builtin("dlsr_s_x2")).state_dict()
+    for bad in (0.0, -255.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="input_range must be a finite number > 0"):
+            rescale_for_unit_range(state, bad)
+    for bad in ("0", "-255", "nan", "x"):
+        with pytest.raises(SystemExit) as e:
+            main(["ckpt.pt", "--genotype", "dlsr_s_x2", "-o", str(tmp_path / "m"), "--input-range", bad])
+        assert e.value.code == 2 and "must be a finite number > 0" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_tensor_given_twice_is_refused_not_overwritten(authors_dir, tmp_path):
+    state = load_authors_state_dict(authors_dir / TINY)
+    key = next(iter(state))
+    doubled = {**state, "module." + key: torch.zeros_like(state[key])}
+    torch.save({"state_dict": doubled}, tmp_path / "doubled.pt")
+    with pytest.raises(ModelLoadError, match=f"'{key}' and 'module.{key}' are both the tensor"):
+        convert_authors_checkpoint(tmp_path / "doubled.pt", builtin("dlsr_s_x2"))
+
+
+def test_output_that_is_a_file_is_a_usage_error(authors_dir, tmp_path, capsys):
+    (tmp_path / "m").write_text("precious")
+    with pytest.raises(SystemExit) as e:
+        main([str(authors_dir / TINY), "--genotype", "dlsr_s_x2", "-o", str(tmp_path / "m")])
+    assert e.value.code == 2 and "is a file; give a model directory" in capsys.readouterr().err
+    assert (tmp_path / "m").read_text() == "precious"

@@ -207,3 +207,52 @@ def test_errors(benchmarks_dir: Path, tmp_path: Path, capsys) -> None:
         ev.evaluate(torch.nn.Identity(), benchmarks_dir / "Set5")
     with pytest.raises(ValueError, match="output shape"):
         ev.evaluate(torch.nn.Identity(), benchmarks_dir / "Set5", scale=2, max_images=1)
+
+
+def test_unreadable_and_16_bit_images_are_clean_errors(tmp_path: Path, capsys) -> None:
+    """A file with an image extension that is not one (a macOS ._ file, a truncated PNG) and a 16-bit
+    colour PNG (which Pillow would cut to its high bytes) are named errors, exit 2, not tracebacks."""
+    from dlsr_infer.imageio import encode_png16
+
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    cases = {
+        "junk": ("._a.png", b"junk", "cannot read the image"),
+        "trunc": ("a.png", None, "cannot read the image"),
+        "deep": ("a.png", encode_png16(rgb.astype(np.uint16) * 257), "16-bit or float images"),
+    }
+    for folder, (name, data, message) in cases.items():
+        (tmp_path / folder).mkdir()
+        if data is None:
+            Image.fromarray(rgb).save(tmp_path / "whole.png")
+            data = (tmp_path / "whole.png").read_bytes()[:300]
+        (tmp_path / folder / name).write_bytes(data)
+        with pytest.raises(ValueError, match=message):
+            ev.load_rgb(tmp_path / folder / name)
+        assert ev.main(["--bicubic", "--scale", "2", "--data", str(tmp_path / folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"dlsr-eval: error: {tmp_path / folder / name}: {message}" in err, err
+
+
+def test_a_damaged_cache_entry_is_made_again(benchmarks_dir: Path, tmp_path: Path) -> None:
+    hr = ev.load_rgb(benchmarks_dir / "Set5" / "HR" / "bird.png")[:96, :96]
+    cache = tmp_path / "birdx2.png"
+    first = ev.make_lr(hr, 2, cache)
+    cache.write_bytes(cache.read_bytes()[:-200])  # cut short: header and digest readable, pixels not
+    assert np.array_equal(ev.make_lr(hr, 2, cache), first)
+    assert np.array_equal(ev.load_rgb(cache), first)
+
+
+def test_fp32_protocol_pads_images_under_the_network_minimum(tmp_path: Path) -> None:
+    """An HR whose LR is under 15 px was an error on the default fp32 path but scored by --dtype auto."""
+    from dlsr_infer.genotype import builtin
+    from dlsr_infer.model import DLSR
+    from dlsr_infer.upscaling import upscale
+
+    torch.manual_seed(0)
+    model = DLSR(builtin("dlsr_s_x2")).eval()
+    hr = np.random.default_rng(1).integers(0, 256, (20, 22, 3), dtype=np.uint8)
+    (tmp_path / "small").mkdir()
+    Image.fromarray(hr).save(tmp_path / "small" / "s.png")
+    (row,) = ev.evaluate(model, tmp_path / "small", scale=2, dtype="fp32")
+    sr = upscale(ev.make_lr(hr, 2), model=model, dtype="fp32", tile=0)
+    assert row["psnr"] == pytest.approx(ev.psnr_y(sr, hr, crop=2), abs=1e-9)

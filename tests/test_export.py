@@ -74,3 +74,6 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert main(["--genotype", "dlsr_s_x2", "--onnx", str(tmp_path)]) == 2  # a folder, not a file
     assert f"dlsr-export: error: {tmp_path} is a folder" in capsys.readouterr().err
     assert sorted(tmp_path.parent.iterdir()) == before and not list(tmp_path.iterdir())
+    assert main(["--genotype", "dlsr_s_x2", "--onnx", str(tmp_path / "old.onnx"), "--opset", "5"]) == 2
+    assert "dlsr-export: error: ONNX export failed (opset 5)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

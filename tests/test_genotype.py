@@ -102,3 +102,10 @@ def test_all_ops_known_and_receptive_radius_grows_with_kernels():
     assert len(OP_NAMES) == 9
     small = Genotype.from_dict(_mutate(lambda d: [c.__setitem__("ops", ["conv_1x1"] * 3) for c in d["cells"]]))
     assert receptive_radius(small) < receptive_radius(builtin("dlsr_x2"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), {1, 2}, b"bytes"])
+def test_provenance_must_be_json_that_loads_again(value):
+    # NaN used to be accepted, saved as the non-JSON token NaN, and then refused on load.
+    with pytest.raises(GenotypeError, match="provenance' must be plain JSON"):
+        builtin("dlsr_s_x2").replace(provenance={"final_loss": [1.0, value]})

@@ -140,6 +140,28 @@ def test_alias_falls_back_to_its_hub_repo_when_not_bundled(hub, models, monkeypa
     _same(DLSR.from_pretrained("x2-s"), model)
 
 
+def test_a_revision_of_a_bundled_alias_comes_from_the_hub(hub, models):
+    # The bundled copy used to be returned whatever revision was asked for.
+    model, folder = models["a"]
+    commit = hub.add_commit(pretrained.ALIASES["x2"][1], folder)
+    assert pretrained.bundled_model_dir("x2") is not None
+    _same(DLSR.from_pretrained("x2", revision=commit), model)
+    with pytest.raises(ModelLoadError, match="revision 'f+' of alias 'x2' was asked for, so the bundled weights"):
+        DLSR.from_pretrained("x2", revision="f" * 40)
+
+
+def test_paths_the_file_system_cannot_take_are_model_load_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="is not a usable model directory path"):
+        DLSR.from_pretrained("~no-such-user-dlsr/model")
+    with pytest.raises(ModelLoadError, match="is not a usable model directory path"):
+        DLSR.from_pretrained("./" + "a" * 300)
+    model_dir = tmp_path / "m"
+    (model_dir / CONFIG_NAME).mkdir(parents=True)
+    (model_dir / WEIGHTS_NAME).write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=f"{CONFIG_NAME} is not a file"):
+        DLSR.from_pretrained(model_dir)
+
+
 # --- failures ---------------------------------------------------------------------------------------
 def test_truncated_download_is_refused_and_not_cached(hub, models):
     model, folder = models["a"]
