@@ -75,6 +75,10 @@ def resume_or_start(cfg: C, *, kind: str, explicit: Iterable[str] | None,
     """
     noun = "search" if kind == "search" else "run"
     path = Path(cfg.out) / "last.pt"  # type: ignore[attr-defined]
+    if (path.parent / "model.safetensors").exists():  # a run writes its own config.json there
+        raise ConfigError(f"{path.parent} is a model directory (it holds model.safetensors), not a run folder; "
+                          "choose another --out (a model to start from goes to --init-from, one to write to "
+                          "--export)")
     if cfg.resume and path.is_file():  # type: ignore[attr-defined]
         ckpt = load_checkpoint(path, kind=kind)
         return merge_for_resume(from_json(type(cfg), ckpt["config"]), cfg, explicit), ckpt

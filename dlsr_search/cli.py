@@ -17,9 +17,10 @@ import sys
 from typing import Any, Sequence
 
 from dlsr_infer.genotype import GenotypeError
+from dlsr_infer.pretrained import ModelLoadError
 
 from .checkpoint import CheckpointError
-from .config import ConfigError
+from .config import ConfigError, TrainingDiverged
 from .losses import PIXEL_LOSSES
 
 
@@ -171,12 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"train": _cmd_train, "search": _cmd_search, "export": _cmd_export}
     try:
         return commands[args.command](args)
-    except (ConfigError, CheckpointError, GenotypeError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, GenotypeError, ModelLoadError, FileNotFoundError) as e:
         print(f"dlsr-search {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dlsr-search {args.command}: interrupted", file=sys.stderr)
         return 130
+    except TrainingDiverged as e:
+        print(f"dlsr-search {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # disk full, permissions: checkpoints are atomic, so the last one is intact
         print(f"dlsr-search {args.command}: error: {e} (the last checkpoint is intact; fix this and --resume)",
               file=sys.stderr)

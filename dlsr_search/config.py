@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Iterable, TypeVar
 
 C = TypeVar("C")
@@ -24,6 +25,29 @@ OPERATIONAL = frozenset({
 
 class ConfigError(ValueError):
     """An invalid option value or combination, or a resume that would change how the run trains."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite: the run stops without checkpointing them."""
+
+
+def check_common(cfg: Any) -> None:
+    """The options `train` and `search` share: values that would otherwise fail deep inside torch (Adam,
+    StepLR, the DataLoader) or only after the data has loaded (a modulo by --log-every 0)."""
+    if cfg.steps < 0 or cfg.halve_every < 1:
+        raise ConfigError("--steps must be >= 0 and --halve-every >= 1")
+    for name in ("lr", "arch_lr"):
+        v = getattr(cfg, name, 1.0)
+        if not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+    for name in ("weight_decay", "arch_weight_decay", "grad_clip", "hfen"):
+        v = getattr(cfg, name, 0.0)
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if cfg.log_every < 1 or cfg.ckpt_every < 0 or not cfg.ckpt_every_minutes > 0:
+        raise ConfigError("--log-every must be >= 1, --ckpt-every >= 0 and --ckpt-every-minutes > 0")
+    if cfg.workers < 0 or (cfg.threads is not None and cfg.threads < 1):
+        raise ConfigError("--workers must be >= 0 and --threads >= 1")
 
 
 def to_json(cfg: Any) -> str:
@@ -61,4 +85,4 @@ def merge_for_resume(saved: C, requested: C, explicit: Iterable[str] | None) -> 
     return dataclasses.replace(saved, **updates)
 
 
-__all__ = ["ConfigError", "OPERATIONAL", "from_json", "merge_for_resume", "to_json"]
+__all__ = ["ConfigError", "OPERATIONAL", "TrainingDiverged", "check_common", "from_json", "merge_for_resume", "to_json"]

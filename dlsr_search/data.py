@@ -99,7 +99,10 @@ def load_pairs(files: Sequence[Path], scale: int, *, min_lr_size: int = MIN_INPU
     cache = Path(cache_dir) if cache_dir is not None else None
 
     def one(f: Path) -> ImagePair | None:
-        hr = load_rgb(f)
+        try:
+            hr = load_rgb(f)
+        except ValueError as e:  # unreadable, 16-bit: found at start-up, before any training
+            raise DataError(f"{e}; every image in the data folders is used, so fix or remove it") from None
         if not large_enough(min(hr.shape[:2]), scale, min_lr_size):
             return None
         hr = modcrop(hr, scale)

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dlsr_infer.evaluate import default_benchmarks_dir, evaluate, evaluate_bicubic
 from dlsr_infer.model import DLSR
+from dlsr_infer.pretrained import ModelLoadError
 
 from .data import DataError, large_enough, list_images
 from .train import hr_patch_side
@@ -327,6 +328,9 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
                              "from git before writing its card again")
     config = run_config(records)
     src = model_dir or run / "best"
+    if not src.is_dir():  # a path, never a Hub repo id: RUN/best of a run trained without validation
+        raise ValueError(f"no model directory {src}" + ("" if model_dir else " (the run was trained without "
+                         "validation?): pass --model DIR, e.g. one written by `dlsr-search export RUN/last.pt DIR`"))
     model = DLSR.from_pretrained(src)
     steps = config["steps"]
     # the step the bundled weights come from: the last best validation for best/ (by default or named with
@@ -338,6 +342,10 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     # a best validation pick hands on its step: the chain (stages.json, the stage line, the totals) stops there
     until = model_step if is_best and events else None
     picked = " (its best validation PSNR-Y)" if until is not None else ""
+    # Evaluated before anything is written: a failure must not leave `out` half replaced.
+    dirs = [benchmarks / s for s in SETS]
+    ours = {r["dataset"]: r for r in evaluate(model, dirs)}
+    bic = {r["dataset"]: r for r in evaluate_bicubic(dirs, scale=model.scale)}
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(src / name, out / name)
@@ -346,9 +354,6 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     val = [(r["step"], r["psnr_y"]) for r in records if r["event"] == "val" and r.get("psnr_y") is not None]
     plot_curve(val, out / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
 
-    dirs = [benchmarks / s for s in SETS]
-    ours = {r["dataset"]: r for r in evaluate(model, dirs)}
-    bic = {r["dataset"]: r for r in evaluate_bicubic(dirs, scale=model.scale)}
     paper = PAPER.get(model.scale, {}) if model.genotype.channels == 48 else {}
     rows = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
     rows.append(f"| **{title} (this model)** | " + " | ".join(f"{ours[s]['psnr']:.2f} / {ours[s]['ssim']:.4f}" for s in SETS) + " |")
@@ -462,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         out = make_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
                         model_dir=a.model, hardware=a.hardware, earlier=[parse_stage(e) for e in a.earlier],
                         continues=a.continues, data_notes=notes)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ModelLoadError) as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

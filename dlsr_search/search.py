@@ -35,7 +35,7 @@ from dlsr_infer.genotype import Genotype, loads as load_genotype_json
 from . import distributed as D
 from .checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint, resume_or_start, rng_state, seed_everything,
                          set_rng_state)
-from .config import ConfigError, from_json, to_json
+from .config import ConfigError, check_common, from_json, to_json
 from .data import DataError, PatchDataset, default_data_roots, patch_loader, split_by_image, step_indices, to_float
 from .genotypes import derive_genotype
 from .losses import param_loss, sr_loss
@@ -100,6 +100,7 @@ def check_config(cfg: SearchConfig, world: int) -> None:
         raise ConfigError(f"--channels must be a positive multiple of 4 (ESA uses a quarter), got {cfg.channels}")
     if cfg.val_holdout <= 0:
         raise ConfigError("--val-holdout must be > 0: the architecture needs held-out images")
+    check_common(cfg)
 
 
 def genotype_from_checkpoint(path: str | os.PathLike) -> Genotype:

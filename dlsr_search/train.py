@@ -24,7 +24,7 @@ from dlsr_infer.model import DLSR, MIN_INPUT_SIZE
 
 from . import distributed as D
 from .checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, resume_or_start, rng_state, seed_everything, set_rng_state
-from .config import ConfigError, to_json
+from .config import ConfigError, TrainingDiverged, check_common, to_json
 from .data import DataError, PatchDataset, default_data_roots, patch_loader, split_by_image, to_float
 from .ema import WeightEMA
 from .export import save_model
@@ -103,8 +103,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
                           f"least {MIN_INPUT_SIZE} px")
     if cfg.batch < 1 or cfg.batch % world:
         raise ConfigError(f"--batch {cfg.batch} must be a positive multiple of the number of processes ({world})")
-    if cfg.steps < 0 or cfg.halve_every < 1 or cfg.lr <= 0:
-        raise ConfigError("--steps must be >= 0, --halve-every >= 1 and --lr > 0")
+    check_common(cfg)
     if cfg.pixel_loss not in PIXEL_LOSSES:
         raise ConfigError(f"--pixel-loss must be one of {sorted(PIXEL_LOSSES)}, got {cfg.pixel_loss!r}")
     if not 0.0 <= cfg.ema < 1.0:
@@ -206,7 +205,21 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
             return None
         return valset.psnr(served, device, autocast_dtype=autocast_dtype)
 
+    saved_step = step if ckpt is not None else None
+
+    def check_finite() -> None:
+        """Stop before a diverged state is logged as progress or replaces the last good checkpoint."""
+        if torch.isfinite(window_loss) and all(bool(torch.isfinite(p).all()) for p in params):
+            return
+        log.record("diverged", step)
+        kept = (f"{ckpt_path} (step {saved_step}) is left as it was" if saved_step is not None
+                else "no checkpoint was written")
+        raise TrainingDiverged(f"the loss or the weights are no longer finite at step {step}; {kept}. Start a new "
+                               "run with a lower --lr or a --grad-clip")
+
     def save_checkpoint(last_val: float | None) -> None:
+        nonlocal saved_step
+        check_finite()
         atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "kind": "train", "step": step, "config": to_json(cfg),
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -214,6 +227,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
             "rng": rng_state(), "best_psnr": best_psnr, "last_val_psnr": last_val,
             "samples_seen": step * cfg.batch, "world": info.world, "train_seconds": train_seconds,
         }, ckpt_path)
+        saved_step = step
         log.record("checkpoint", step, path=str(ckpt_path))
 
     def run_info(val: float | None) -> dict[str, Any]:
@@ -252,6 +266,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             mean_loss = D.mean_over_ranks(window_loss.item() / window_steps, info)
+            if not math.isfinite(mean_loss):  # the same on every rank: all stop together
+                window_loss.fill_(mean_loss)
+                check_finite()
             dt = time.perf_counter() - window_t0
             losses.append((step, mean_loss))
             lr_now = sched.get_last_lr()[0]

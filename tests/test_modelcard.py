@@ -251,3 +251,23 @@ def test_a_resume_that_only_closes_a_run_is_not_where_it_trained():
     assert modelcard._devices(records) == "cuda:0" and modelcard._autocast({}, records) == "bfloat16"
     records[-1] = {"event": "train", "step": 120, "time": 60.0}  # a resume that trained: both count
     assert modelcard._devices(records) == "cuda:0, cpu" and modelcard._autocast({}, records) == "bfloat16, off"
+
+
+def test_a_failed_card_leaves_the_model_directory_as_it_was(chain, tmp_path, capsys):
+    out = tmp_path / "card"
+    shutil.copytree(chain / "A" / "export", out)
+    (out / "README.md").write_text("the old card")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    argv = [str(chain / "B"), str(out), "--title", "T", "--benchmarks", str(tmp_path / "no-bench")]
+    assert modelcard.main(argv) == 2
+    assert "error:" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # evaluated before anything was copied
+
+
+def test_a_run_without_best_asks_for_a_model(chain, tmp_path, capsys):
+    run = tmp_path / "noval"
+    shutil.copytree(chain / "A", run, ignore=shutil.ignore_patterns("best", "export"))
+    assert modelcard.main([str(run), str(tmp_path / "card"), "--title", "T",
+                           "--benchmarks", str(chain / "bench")]) == 2
+    assert f"no model directory {run / 'best'}" in capsys.readouterr().err
+    assert not (tmp_path / "card").exists()

@@ -274,6 +274,86 @@ def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, data_dir, capsy
     assert not (tmp_path / "new2").exists()  # nor the folders it made above its own
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("--log-every", "0", "--log-every must be >= 1"),
+    ("--lr", "nan", "--lr must be a finite number > 0"),
+    ("--weight-decay", "-1", "--weight-decay must be a finite number >= 0"),
+    ("--workers", "-1", "--workers must be >= 0"),
+    ("--threads", "0", "--threads >= 1"),
+    ("--grad-clip", "inf", "--grad-clip must be a finite number >= 0"),
+])
+def test_nonsense_options_are_refused_before_anything_runs(tmp_path, data_dir, capsys, option, value, message):
+    # These used to fail inside torch (Adam, the DataLoader) or, for --log-every 0, after the data had loaded.
+    argv = ["train", "--out", str(tmp_path / "run"), "--data", str(data_dir), "--steps", "2", "--no-progress",
+            "--channels", "8", "--batch", "2", "--patch", "32", option, value]
+    assert cli_main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_search_checks_the_shared_options_too(tmp_path, data_dir, capsys):
+    for option, value in (("--halve-every", "0"), ("--lr", "0"), ("--steps", "-5"), ("--arch-lr", "-1")):
+        argv = ["search", "--out", str(tmp_path / "s"), "--data", str(data_dir), "--no-progress", option, value]
+        assert cli_main(argv) == 2, option
+        assert "dlsr-search search: error: --" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_unreadable_image_or_a_missing_init_model_is_a_clean_error(tmp_path, data_dir, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in list_images([data_dir]):
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "zz.png").write_bytes(b"x")
+    argv = ["train", "--out", str(tmp_path / "run"), "--data", str(bad), "--steps", "2", "--no-progress",
+            "--channels", "8", "--batch", "2", "--patch", "32"]
+    assert cli_main(argv) == 2
+    assert f"{bad / 'zz.png'}: cannot read the image" in capsys.readouterr().err
+    argv = ["train", "--out", str(tmp_path / "run2"), "--data", str(data_dir), "--steps", "2", "--no-progress",
+            "--channels", "8", "--batch", "2", "--patch", "32", "--init-from", str(tmp_path / "nothere")]
+    assert cli_main(argv) == 2
+    assert "dlsr-search train: error: no model directory at" in capsys.readouterr().err
+
+
+def test_a_model_directory_is_never_taken_for_a_run_folder(tmp_path, data_dir, capsys):
+    # `--out weights/dlsr-x2` (meaning --export or --init-from) used to overwrite the model's config.json.
+    model_dir = DLSR(builtin("dlsr_s_x2")).save_pretrained(tmp_path / "model")
+    before = {f.name: f.read_bytes() for f in model_dir.iterdir()}
+    for resume in ([], ["--resume"]):
+        argv = ["train", "--out", str(model_dir), "--data", str(data_dir), "--steps", "2", "--no-progress",
+                "--channels", "8", "--batch", "2", "--patch", "32", *resume]
+        assert cli_main(argv) == 2
+        assert "is a model directory (it holds model.safetensors), not a run folder" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in model_dir.iterdir()} == before
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
+    train(_cfg(tmp_path, data_dir, "run", steps=4, ckpt_every=2))
+    good = load_checkpoint(tmp_path / "run" / "last.pt", kind="train")
+    assert good["step"] == 4
+
+    real = torch.optim.Adam.step
+
+    def poisoned(self, *a, **k):  # the weights blow up on the 2nd step after the resume
+        out = real(self, *a, **k)
+        poisoned.calls += 1
+        if poisoned.calls == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    poisoned.calls = 0
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    argv = ["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "10", "--no-progress"]
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the loss or the weights are no longer finite at step 6" in err, err
+    assert f"{tmp_path / 'run' / 'last.pt'} (step 4) is left as it was" in err
+    kept = load_checkpoint(tmp_path / "run" / "last.pt", kind="train")
+    assert kept["step"] == 4 and all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
+    assert _records(tmp_path / "run")[-1]["event"] == "diverged"
+
+
 def test_lr_cache_is_keyed_on_the_pixels_not_the_path_or_time(tmp_path, data_dir, monkeypatch):
     """`--lr-cache` serves a copy of the data under another path and mtime (a re-provisioned data folder)
     without recomputing or adding entries, and an edited image gets a fresh LR."""
