@@ -291,6 +291,15 @@ def test_nonsense_options_are_refused_before_anything_runs(tmp_path, data_dir, c
     assert not (tmp_path / "run").exists()
 
 
+def test_an_export_path_that_is_a_file_is_refused_before_training(tmp_path, data_dir, capsys):
+    (tmp_path / "afile.txt").write_text("keep")
+    argv = ["train", "--out", str(tmp_path / "run"), "--data", str(data_dir), "--steps", "2", "--no-progress",
+            "--channels", "8", "--batch", "2", "--patch", "32", "--export", str(tmp_path / "afile.txt")]
+    assert cli_main(argv) == 2
+    assert "--export" in capsys.readouterr().err and (tmp_path / "afile.txt").read_text() == "keep"
+    assert not (tmp_path / "run").exists()
+
+
 def test_search_checks_the_shared_options_too(tmp_path, data_dir, capsys):
     for option, value in (("--halve-every", "0"), ("--lr", "0"), ("--steps", "-5"), ("--arch-lr", "-1")):
         argv = ["search", "--out", str(tmp_path / "s"), "--data", str(data_dir), "--no-progress", option, value]
