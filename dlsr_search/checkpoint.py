@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, TypeVar
 import numpy as np
 import torch
 
-from .config import ConfigError, from_json, merge_for_resume
+from .config import ConfigError, TrainingDiverged, from_json, merge_for_resume
 
 CHECKPOINT_FORMAT = 1
 #: Suffix of the temporary files `atomic_torch_save` writes (`.<name>.<random>.tmp`).
@@ -91,6 +91,17 @@ def resume_or_start(cfg: C, *, kind: str, explicit: Iterable[str] | None,
     return cfg, None
 
 
+def ensure_finite(tensors: Iterable[torch.Tensor], *, step: int, ckpt_path: Path, saved_step: int | None) -> None:
+    """Raise `TrainingDiverged` when a loss or weight is NaN/inf: a diverged state is never checkpointed
+    (it would replace the last good last.pt) nor logged as progress."""
+    if all(bool(torch.isfinite(t).all()) for t in tensors):
+        return
+    kept = (f"{ckpt_path} (step {saved_step}) is left as it was" if saved_step is not None
+            else "no checkpoint was written")
+    raise TrainingDiverged(f"the loss or the weights are no longer finite at step {step}; {kept}. Start a new run "
+                           "with a lower --lr or a --grad-clip")
+
+
 def config_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(ckpt["config"])
 
@@ -134,6 +145,7 @@ def seed_everything(seed: int) -> None:
 
 
 __all__ = [
+    "ensure_finite",
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "atomic_torch_save",

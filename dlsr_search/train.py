@@ -23,7 +23,8 @@ from dlsr_infer.genotype import loads as load_genotype_json
 from dlsr_infer.model import DLSR, MIN_INPUT_SIZE
 
 from . import distributed as D
-from .checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, resume_or_start, rng_state, seed_everything, set_rng_state
+from .checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, ensure_finite, resume_or_start, rng_state, seed_everything,
+                         set_rng_state)
 from .config import ConfigError, TrainingDiverged, check_common, to_json
 from .data import DataError, PatchDataset, default_data_roots, patch_loader, split_by_image, to_float
 from .ema import WeightEMA
@@ -210,14 +211,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     saved_step = step if ckpt is not None else None
 
     def check_finite() -> None:
-        """Stop before a diverged state is logged as progress or replaces the last good checkpoint."""
-        if torch.isfinite(window_loss) and all(bool(torch.isfinite(p).all()) for p in params):
-            return
-        log.record("diverged", step)
-        kept = (f"{ckpt_path} (step {saved_step}) is left as it was" if saved_step is not None
-                else "no checkpoint was written")
-        raise TrainingDiverged(f"the loss or the weights are no longer finite at step {step}; {kept}. Start a new "
-                               "run with a lower --lr or a --grad-clip")
+        try:
+            ensure_finite([window_loss, *params], step=step, ckpt_path=ckpt_path, saved_step=saved_step)
+        except TrainingDiverged:
+            log.record("diverged", step)
+            raise
 
     def save_checkpoint(last_val: float | None) -> None:
         nonlocal saved_step

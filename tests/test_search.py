@@ -191,3 +191,28 @@ def test_search_resume_continues_exactly_and_exports_its_genotype(tmp_path):
     assert cli_main(["export", str(tmp_path / "split" / "last.pt"), str(tmp_path / "g.json")]) == 0
     exported = loads((tmp_path / "g.json").read_text())
     assert exported.architecture_equals(resumed.genotype) and exported.provenance["step"] == 8
+
+
+def test_a_diverged_search_stops_before_writing_a_nan_genotype_or_checkpoint(tmp_path, monkeypatch):
+    from dlsr_search.config import TrainingDiverged
+
+    data = write_images(tmp_path / "data", n=6)
+    cfg = dict(data=[str(data)], channels=8, cells=3, warmup=2, batch=2, patch=32, val_holdout=2, snapshot_every=0,
+               log_every=1, ckpt_every=1, progress=False, threads=1, out=str(tmp_path / "s"))
+    real = torch.optim.Adam.step
+
+    def poisoned(self, *a, **k):  # the architecture optimizer's first step makes the alphas NaN
+        out = real(self, *a, **k)
+        if self.defaults["betas"][0] == 0.5:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"no longer finite at step 3; .*last.pt \(step 2\) is left as it was"):
+        search(SearchConfig(steps=6, **cfg))
+    records = [json.loads(line) for line in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "diverged"
+    assert not list((tmp_path / "s").glob("genotypes/step_00000003.json"))
+    for path in (tmp_path / "s").glob("genotypes/*.json"):
+        assert "NaN" not in path.read_text()
