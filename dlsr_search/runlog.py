@@ -24,21 +24,22 @@ class RunLog:
     def __init__(self, out_dir: Path | None, *, total_steps: int, start_step: int, enabled: bool = True,
                  progress: bool = True, desc: str = "train") -> None:
         self.enabled = enabled
+        self.out_dir = out_dir if enabled else None
         self.file = None
         self.bar = None
         if not enabled:
             return
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(out_dir / "log.jsonl", "a", buffering=1)  # line-buffered: survives a kill
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, leave=False)
 
     def record(self, event: str, step: int, **fields: Any) -> None:
-        if not self.enabled or self.file is None:
+        if not self.enabled or self.out_dir is None:
             return
+        if self.file is None:  # opened at the first record: a run that fails before it leaves no log behind
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.out_dir / "log.jsonl", "a", buffering=1)  # line-buffered: survives a kill
         rec = {"event": event, "step": step, "time": round(time.time(), 3)}
         rec.update({k: _clean(v) for k, v in fields.items()})
         self.file.write(json.dumps(rec) + "\n")

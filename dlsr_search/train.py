@@ -137,6 +137,24 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     for note in notes:
         log.print(f"note: {note}")
 
+    # ---- data: patches are a pure function of (seed, sample index), see data.py ------------------------------
+    # Loaded before the run records its start (config.json, the start/resume records): a run that cannot
+    # use its data leaves no history that claims it trained.
+    lr_patch = cfg.hr_patch() // cfg.scale
+    try:
+        val_files = None
+        if cfg.val_holdout:
+            files, val_files = split_by_image(files, cfg.val_holdout, cfg.seed)
+        pairs, skipped = load_pairs_ranked(files, cfg.scale, info, min_lr_size=lr_patch, cache_dir=cfg.lr_cache,
+                                           threads=threads or 2, progress=log.bar is not None)
+        dataset = PatchDataset(pairs, cfg.scale, lr_patch, cfg.seed)
+        valset = None
+        if info.is_main and (cfg.val or val_files):
+            valset = (ValidationSet.from_folder(cfg.val, cfg.scale, max_images=cfg.val_max_images, cache_dir=cfg.lr_cache)
+                      if cfg.val else ValidationSet.from_files(val_files, cfg.scale, max_images=cfg.val_max_images))
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
     # ---- model and optimizer: every rank builds the same init from the seed -------------------------------
     seed_everything(cfg.seed)
     model = DLSR(genotype).to(device).train()
@@ -182,21 +200,6 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
                   f"{sum(p.numel() for p in params):,} params | {device} x{info.world} | "
                   f"batch {cfg.batch} patch {cfg.hr_patch()} | steps {step}->{cfg.steps}")
 
-    # ---- data: patches are a pure function of (seed, sample index), see data.py ------------------------------
-    lr_patch = cfg.hr_patch() // cfg.scale
-    try:
-        val_files = None
-        if cfg.val_holdout:
-            files, val_files = split_by_image(files, cfg.val_holdout, cfg.seed)
-        pairs, skipped = load_pairs_ranked(files, cfg.scale, info, min_lr_size=lr_patch, cache_dir=cfg.lr_cache,
-                                           threads=threads or 2, progress=log.bar is not None)
-        dataset = PatchDataset(pairs, cfg.scale, lr_patch, cfg.seed)
-        valset = None
-        if info.is_main and (cfg.val or val_files):
-            valset = (ValidationSet.from_folder(cfg.val, cfg.scale, max_images=cfg.val_max_images, cache_dir=cfg.lr_cache)
-                      if cfg.val else ValidationSet.from_files(val_files, cfg.scale, max_images=cfg.val_max_images))
-    except DataError as e:
-        raise ConfigError(str(e)) from None
     log.print(f"data: {len(dataset.pairs)} training images ({len(skipped)} too small for {lr_patch} px LR patches)"
               + (f", {len(valset)} validation images" if valset else ""))
     log.record("data", step, images=len(dataset.pairs), skipped=skipped, lr_patch=lr_patch)

@@ -324,6 +324,25 @@ def test_an_unreadable_image_or_a_missing_init_model_is_a_clean_error(tmp_path, 
     assert "dlsr-search train: error: no model directory at" in capsys.readouterr().err
 
 
+def test_a_start_that_fails_on_its_data_writes_no_history(tmp_path, data_dir, capsys):
+    """A run that cannot load its data leaves neither a new folder nor config.json / start / resume records
+    (a model card made from the folder would otherwise quote the failed command)."""
+    bad = tmp_path / "data"
+    bad.mkdir()
+    for f in list_images([data_dir]):
+        (bad / f.name).write_bytes(f.read_bytes())
+    common = ["--data", str(bad), "--no-progress", "--channels", "8", "--batch", "2", "--patch", "32"]
+    assert cli_main(["train", "--out", str(tmp_path / "run"), "--steps", "2", *common]) == 0
+    before = {f: (tmp_path / "run" / f).read_bytes() for f in ("config.json", "log.jsonl", "last.pt")}
+    (bad / "zz.png").write_bytes(b"x")
+    assert cli_main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "4", "--ema", "0.9",
+                     "--no-progress"]) == 2
+    assert "zz.png: cannot read the image" in capsys.readouterr().err
+    assert {f: (tmp_path / "run" / f).read_bytes() for f in before} == before
+    assert cli_main(["train", "--out", str(tmp_path / "new"), "--steps", "2", *common]) == 2
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_model_directory_is_never_taken_for_a_run_folder(tmp_path, data_dir, capsys):
     # `--out weights/dlsr-x2` (meaning --export or --init-from) used to overwrite the model's config.json.
     model_dir = DLSR(builtin("dlsr_s_x2")).save_pretrained(tmp_path / "model")
