@@ -111,6 +111,8 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"--ema must be in [0, 1) (0: off), got {cfg.ema}")
     if cfg.val and cfg.val_holdout:
         raise ConfigError("give either --val DIR or --val-holdout N, not both")
+    if cfg.val_every < 0 or cfg.val_holdout < 0 or (cfg.val_max_images is not None and cfg.val_max_images < 1):
+        raise ConfigError("--val-every and --val-holdout must be >= 0 and --val-max-images >= 1")
     if cfg.export and Path(cfg.export).exists() and not Path(cfg.export).is_dir():
         raise ConfigError(f"--export {cfg.export} is a file; give a model directory (checked now, not after training)")
 

@@ -281,6 +281,8 @@ def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, data_dir, capsy
     ("--workers", "-1", "--workers must be >= 0"),
     ("--threads", "0", "--threads >= 1"),
     ("--grad-clip", "inf", "--grad-clip must be a finite number >= 0"),
+    ("--val-every", "-1", "--val-every and --val-holdout must be >= 0"),
+    ("--val-max-images", "0", "--val-max-images >= 1"),
 ])
 def test_nonsense_options_are_refused_before_anything_runs(tmp_path, data_dir, capsys, option, value, message):
     # These used to fail inside torch (Adam, the DataLoader) or, for --log-every 0, after the data had loaded.
