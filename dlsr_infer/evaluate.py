@@ -119,15 +119,11 @@ def make_lr(hr: np.ndarray, scale: int, cache_path: Path | None = None) -> np.nd
         try:
             with Image.open(cache_path) as im:  # `info`: the text we write before the pixels, read undecoded
                 fresh = im.info.get(HR_DIGEST_KEY) == digest
-        except OSError:  # unreadable entry: made again below
-            fresh = False
-        if fresh:
-            try:
-                cached = load_rgb(cache_path)
-            except ValueError:  # a damaged entry: made again below
-                cached = None
-            if cached is not None and cached.shape == expected:
-                return cached
+            cached = load_rgb(cache_path) if fresh else None
+        except (OSError, ValueError):  # an unreadable or damaged entry: made again below
+            cached = None
+        if cached is not None and cached.shape == expected:
+            return cached
     lr = imresize(hr, 1.0 / scale)
     if lr.shape != expected:  # cannot happen for a mod-cropped HR; guards against misuse
         raise ValueError(f"LR shape {lr.shape} != expected {expected}; was the HR image mod-cropped?")
@@ -198,12 +194,13 @@ def _model_upscaler(model: Any, scale: int, device: str) -> Upscaler:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1)))
             x = x.to(device=device, dtype=torch.float32).div_(255.0).unsqueeze(0)
-            y = model(pad_small(x))  # an LR under the network's 15 px minimum: padded, cropped back below
-            if isinstance(y, torch.Tensor) and y.dim() == 4:
-                y = y[:, :, :expected[2], :expected[3]]
-            if not isinstance(y, torch.Tensor) or tuple(y.shape) != expected:
+            xp = pad_small(x)  # an LR under the network's 15 px minimum: padded, and the output cropped back
+            full = (1, 3, xp.shape[-2] * scale, xp.shape[-1] * scale)
+            y = model(xp)
+            if not isinstance(y, torch.Tensor) or tuple(y.shape) != full:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-                raise ValueError(f"model output shape {got} is not {expected}")
+                raise ValueError(f"model output shape {got} is not {full}")
+            y = y[:, :, :expected[2], :expected[3]]
             # round() is half-to-even; exact .5 values are practically impossible after *255 of floats.
             y = y[0].float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
             return y.permute(1, 2, 0).cpu().numpy()

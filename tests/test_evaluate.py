@@ -256,3 +256,8 @@ def test_fp32_protocol_pads_images_under_the_network_minimum(tmp_path: Path) -> 
     (row,) = ev.evaluate(model, tmp_path / "small", scale=2, dtype="fp32")
     sr = upscale(ev.make_lr(hr, 2), model=model, dtype="fp32", tile=0)
     assert row["psnr"] == pytest.approx(ev.psnr_y(sr, hr, crop=2), abs=1e-9)
+    # cropping the padding away must not hide an output of the wrong size (a model saying x2 but doing x4)
+    liar = torch.nn.Upsample(scale_factor=4)
+    liar.scale = 2
+    with pytest.raises(ValueError, match=r"model output shape \(1, 3, 60, 60\) is not \(1, 3, 30, 30\)"):
+        ev.evaluate(liar, tmp_path / "small", scale=2, dtype="fp32")
