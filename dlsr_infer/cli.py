@@ -249,11 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted while loading the model; nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
     if args.tile:  # a tile the overlap does not fit would fail every image in turn: say so once
-        from .model import MIN_INPUT_SIZE
-        from .tiling import DEFAULT_OVERLAP, context_alignment
+        from .tiling import DEFAULT_OVERLAP, context_alignment, least_tile
 
         overlap = DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap
-        least = max(MIN_INPUT_SIZE, 2 * overlap + context_alignment(upscaler.eager))
+        least = least_tile(overlap, context_alignment(upscaler.eager))
         if args.tile < least:
             return usage(f"--tile {args.tile} is too small for --tile-overlap {overlap}: tiles must be at least "
                          f"{least} px; use a larger --tile or a smaller --tile-overlap")

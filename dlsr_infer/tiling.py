@@ -96,13 +96,19 @@ class TileGrid:
         return self.num_tiles == 1
 
 
+def least_tile(overlap: int, align: int) -> int:
+    """The smallest tile `plan_tiles` accepts for `overlap` (both sides overlapped, plus the context
+    alignment) and never under the network's minimum input."""
+    return max(MIN_INPUT_SIZE, 2 * overlap + align)
+
+
 def _axis_starts(length: int, tile: int, overlap: int, align: int) -> tuple[int, tuple[int, ...]]:
     """Tile size and starts along one axis: aligned starts, last tile flush with the border, and no
     bigger tiles than needed (n tiles of the requested size would often overlap far more than asked:
     540 px in 512 px tiles is two tiles of 302, not two of 512 overlapping by 484)."""
     if tile >= length:
         return length, (0,)
-    least = max(MIN_INPUT_SIZE, 2 * overlap + align)
+    least = least_tile(overlap, align)
     if tile < least:
         raise ValueError(
             f"tile {tile} is too small for tile_overlap {overlap}: tiles must be at least {least} px "
@@ -243,7 +249,7 @@ def auto_tile(model: nn.Module, height: int, width: int, *, device: torch.device
     if height * width <= min(pixels, cap * cap if device.type != "cuda" else pixels):
         return 0, max(1, min(count, pixels // (height * width)))
     side = int(math.isqrt(pixels)) // 8 * 8
-    tile = max(MIN_TILE, 2 * overlap + context_alignment(model), min(cap, side))
+    tile = max(MIN_TILE, least_tile(overlap, context_alignment(model)), min(cap, side))
     batch = max(1, min(8, pixels // (tile * tile))) if device.type == "cuda" else 1
     return tile, batch
 
@@ -482,6 +488,7 @@ __all__ = [
     "bytes_per_pixel",
     "context_alignment",
     "is_oom",
+    "least_tile",
     "memory_budget",
     "pad_small",
     "plan_tiles",

@@ -91,11 +91,13 @@ def resume_or_start(cfg: C, *, kind: str, explicit: Iterable[str] | None,
     return cfg, None
 
 
-def ensure_finite(tensors: Iterable[torch.Tensor], *, step: int, ckpt_path: Path, saved_step: int | None) -> None:
-    """Raise `TrainingDiverged` when a loss or weight is NaN/inf: a diverged state is never checkpointed
-    (it would replace the last good last.pt) nor logged as progress."""
+def ensure_finite(tensors: Iterable[torch.Tensor], *, step: int, ckpt_path: Path, saved_step: int | None,
+                  log: Any) -> None:
+    """Record "diverged" in the run's `log` and raise `TrainingDiverged` when a loss or weight is NaN/inf:
+    a diverged state is never checkpointed (it would replace the last good last.pt) nor logged as progress."""
     if all(bool(torch.isfinite(t).all()) for t in tensors):
         return
+    log.record("diverged", step)
     kept = (f"{ckpt_path} (step {saved_step}) is left as it was" if saved_step is not None
             else "no checkpoint was written")
     raise TrainingDiverged(f"the loss or the weights are no longer finite at step {step}; {kept}. Start a new run "
@@ -145,11 +147,11 @@ def seed_everything(seed: int) -> None:
 
 
 __all__ = [
-    "ensure_finite",
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "atomic_torch_save",
     "config_of",
+    "ensure_finite",
     "load_checkpoint",
     "rng_state",
     "seed_everything",

@@ -35,7 +35,7 @@ from dlsr_infer.genotype import Genotype, loads as load_genotype_json
 from . import distributed as D
 from .checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, ensure_finite, load_checkpoint, resume_or_start, rng_state,
                          seed_everything, set_rng_state)
-from .config import ConfigError, TrainingDiverged, check_common, from_json, to_json
+from .config import ConfigError, check_common, from_json, to_json
 from .data import DataError, PatchDataset, default_data_roots, patch_loader, split_by_image, step_indices, to_float
 from .genotypes import derive_genotype
 from .losses import param_loss, sr_loss
@@ -244,11 +244,7 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
     saved_step = step if ckpt is not None else None
 
     def check_finite(tensors: Iterable[torch.Tensor]) -> None:
-        try:
-            ensure_finite(tensors, step=step, ckpt_path=ckpt_path, saved_step=saved_step)
-        except TrainingDiverged:
-            log.record("diverged", step)
-            raise
+        ensure_finite(tensors, step=step, ckpt_path=ckpt_path, saved_step=saved_step, log=log)
 
     def save_checkpoint() -> None:
         nonlocal saved_step

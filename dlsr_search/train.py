@@ -25,7 +25,7 @@ from dlsr_infer.model import DLSR, MIN_INPUT_SIZE
 from . import distributed as D
 from .checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, ensure_finite, resume_or_start, rng_state, seed_everything,
                          set_rng_state)
-from .config import ConfigError, TrainingDiverged, check_common, to_json
+from .config import ConfigError, check_common, to_json
 from .data import DataError, PatchDataset, default_data_roots, patch_loader, split_by_image, to_float
 from .ema import WeightEMA
 from .export import save_model
@@ -215,16 +215,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
 
     saved_step = step if ckpt is not None else None
 
-    def check_finite() -> None:
-        try:
-            ensure_finite([window_loss, *params], step=step, ckpt_path=ckpt_path, saved_step=saved_step)
-        except TrainingDiverged:
-            log.record("diverged", step)
-            raise
+    def check_finite(tensors: Iterable[torch.Tensor]) -> None:
+        ensure_finite(tensors, step=step, ckpt_path=ckpt_path, saved_step=saved_step, log=log)
 
     def save_checkpoint(last_val: float | None) -> None:
         nonlocal saved_step
-        check_finite()
+        check_finite([window_loss, *params])
         atomic_torch_save({
             "format": CHECKPOINT_FORMAT, "kind": "train", "step": step, "config": to_json(cfg),
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -271,9 +267,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             mean_loss = D.mean_over_ranks(window_loss.item() / window_steps, info)
-            if not math.isfinite(mean_loss):  # the same on every rank: all stop together
-                window_loss.fill_(mean_loss)
-                check_finite()
+            check_finite([torch.tensor(mean_loss)])  # the mean over ranks: every rank stops at the same step
             dt = time.perf_counter() - window_t0
             losses.append((step, mean_loss))
             lr_now = sched.get_last_lr()[0]

@@ -274,6 +274,19 @@ def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, data_dir, capsy
     assert not (tmp_path / "new2").exists()  # nor the folders it made above its own
 
 
+def _tiny_argv(out: Path, data: Path, *extra: str) -> list[str]:
+    """`dlsr-search train` of a tiny network for 2 steps: what the option and failure tests run."""
+    return ["train", "--out", str(out), "--data", str(data), "--steps", "2", "--no-progress", "--channels", "8",
+            "--batch", "2", "--patch", "32", *extra]
+
+
+def _copy_images(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in list_images([src]):
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
 @pytest.mark.parametrize("option,value,message", [
     ("--log-every", "0", "--log-every must be >= 1"),
     ("--lr", "nan", "--lr must be a finite number > 0"),
@@ -286,18 +299,14 @@ def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, data_dir, capsy
 ])
 def test_nonsense_options_are_refused_before_anything_runs(tmp_path, data_dir, capsys, option, value, message):
     # These used to fail inside torch (Adam, the DataLoader) or, for --log-every 0, after the data had loaded.
-    argv = ["train", "--out", str(tmp_path / "run"), "--data", str(data_dir), "--steps", "2", "--no-progress",
-            "--channels", "8", "--batch", "2", "--patch", "32", option, value]
-    assert cli_main(argv) == 2
+    assert cli_main(_tiny_argv(tmp_path / "run", data_dir, option, value)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
 def test_an_export_path_that_is_a_file_is_refused_before_training(tmp_path, data_dir, capsys):
     (tmp_path / "afile.txt").write_text("keep")
-    argv = ["train", "--out", str(tmp_path / "run"), "--data", str(data_dir), "--steps", "2", "--no-progress",
-            "--channels", "8", "--batch", "2", "--patch", "32", "--export", str(tmp_path / "afile.txt")]
-    assert cli_main(argv) == 2
+    assert cli_main(_tiny_argv(tmp_path / "run", data_dir, "--export", str(tmp_path / "afile.txt"))) == 2
     assert "--export" in capsys.readouterr().err and (tmp_path / "afile.txt").read_text() == "keep"
     assert not (tmp_path / "run").exists()
 
@@ -311,37 +320,26 @@ def test_search_checks_the_shared_options_too(tmp_path, data_dir, capsys):
 
 
 def test_an_unreadable_image_or_a_missing_init_model_is_a_clean_error(tmp_path, data_dir, capsys):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in list_images([data_dir]):
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = _copy_images(data_dir, tmp_path / "bad")
     (bad / "zz.png").write_bytes(b"x")
-    argv = ["train", "--out", str(tmp_path / "run"), "--data", str(bad), "--steps", "2", "--no-progress",
-            "--channels", "8", "--batch", "2", "--patch", "32"]
-    assert cli_main(argv) == 2
+    assert cli_main(_tiny_argv(tmp_path / "run", bad)) == 2
     assert f"{bad / 'zz.png'}: cannot read the image" in capsys.readouterr().err
-    argv = ["train", "--out", str(tmp_path / "run2"), "--data", str(data_dir), "--steps", "2", "--no-progress",
-            "--channels", "8", "--batch", "2", "--patch", "32", "--init-from", str(tmp_path / "nothere")]
-    assert cli_main(argv) == 2
+    assert cli_main(_tiny_argv(tmp_path / "run2", data_dir, "--init-from", str(tmp_path / "nothere"))) == 2
     assert "dlsr-search train: error: no model directory at" in capsys.readouterr().err
 
 
 def test_a_start_that_fails_on_its_data_writes_no_history(tmp_path, data_dir, capsys):
     """A run that cannot load its data leaves neither a new folder nor config.json / start / resume records
     (a model card made from the folder would otherwise quote the failed command)."""
-    bad = tmp_path / "data"
-    bad.mkdir()
-    for f in list_images([data_dir]):
-        (bad / f.name).write_bytes(f.read_bytes())
-    common = ["--data", str(bad), "--no-progress", "--channels", "8", "--batch", "2", "--patch", "32"]
-    assert cli_main(["train", "--out", str(tmp_path / "run"), "--steps", "2", *common]) == 0
+    bad = _copy_images(data_dir, tmp_path / "data")
+    assert cli_main(_tiny_argv(tmp_path / "run", bad)) == 0
     before = {f: (tmp_path / "run" / f).read_bytes() for f in ("config.json", "log.jsonl", "last.pt")}
     (bad / "zz.png").write_bytes(b"x")
     assert cli_main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "4", "--ema", "0.9",
                      "--no-progress"]) == 2
     assert "zz.png: cannot read the image" in capsys.readouterr().err
     assert {f: (tmp_path / "run" / f).read_bytes() for f in before} == before
-    assert cli_main(["train", "--out", str(tmp_path / "new"), "--steps", "2", *common]) == 2
+    assert cli_main(_tiny_argv(tmp_path / "new", bad)) == 2
     assert not (tmp_path / "new").exists()
 
 
@@ -350,9 +348,7 @@ def test_a_model_directory_is_never_taken_for_a_run_folder(tmp_path, data_dir, c
     model_dir = DLSR(builtin("dlsr_s_x2")).save_pretrained(tmp_path / "model")
     before = {f.name: f.read_bytes() for f in model_dir.iterdir()}
     for resume in ([], ["--resume"]):
-        argv = ["train", "--out", str(model_dir), "--data", str(data_dir), "--steps", "2", "--no-progress",
-                "--channels", "8", "--batch", "2", "--patch", "32", *resume]
-        assert cli_main(argv) == 2
+        assert cli_main(_tiny_argv(model_dir, data_dir, *resume)) == 2
         assert "is a model directory (it holds model.safetensors), not a run folder" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in model_dir.iterdir()} == before
 
