@@ -4,6 +4,7 @@
     dlsr-search train  --scale 2 --out runs/x2 --val-holdout 10   # retrain a genotype (default: the paper's)
     dlsr-search train  --out runs/x2 --resume                     # continue exactly where it stopped
     dlsr-search export runs/x2/last.pt models/my-x2               # checkpoint -> model directory
+    dlsr-search soup   models/x2-soup runs/x2a/best runs/x2b/best  # average fine-tunes of one network
     dlsr-search eval   models/my-x2 --data ../shared/data/benchmarks
 
 Every command also runs under ``torchrun --nproc_per_node=N -m dlsr_search.cli ...`` (gloo on CPU,
@@ -22,6 +23,7 @@ from dlsr_infer.pretrained import ModelLoadError
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainingDiverged
 from .losses import PIXEL_LOSSES
+from .soup import SoupError
 
 
 def _bool_flag(ap: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -67,7 +69,7 @@ def _common_run_args(ap: argparse.ArgumentParser, kind: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dlsr-search", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{search,train,eval,export}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{search,train,eval,export,soup}")
 
     t = sub.add_parser("train", help="retrain a DLSR genotype from scratch or a warm start",
                        description="Retrain a DLSR network from a genotype (paper defaults: L1, Adam 3e-4 halved "
@@ -115,6 +117,15 @@ def _parser() -> argparse.ArgumentParser:
                        "DLSR.from_pretrained loads, or write a search checkpoint's derived genotype as JSON.")
     x.add_argument("checkpoint", help="a last.pt written by `train` or `search`")
     x.add_argument("dest", help="model directory to write (train) or genotype JSON file (search)")
+
+    u = sub.add_parser("soup", help="average the weights of fine-tunes of one network (a model soup)",
+                       description="Write a model directory whose weights are the uniform average of the given "
+                       "models' (fine-tunes warm-started from one model: different seeds, or that model itself), "
+                       "and soup.json naming them. Evaluate it with dlsr-eval before trusting it.")
+    u.add_argument("dest", help="model directory to write (never one of the models)")
+    u.add_argument("models", nargs="+", metavar="MODEL", help="model directories, aliases or Hub repo ids (two or more)")
+    u.add_argument("--greedy-on", metavar="DIR", help="greedy soup: rank the models by PSNR-Y on these HR validation "
+                   "images and keep each next one only if the average does not score lower (default: average all)")
     return ap
 
 
@@ -162,6 +173,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_soup(args: argparse.Namespace) -> int:
+    from .soup import make_soup
+
+    print(f"model directory: {make_soup(args.models, args.dest, greedy_on=args.greedy_on)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["eval"]:  # every option (--help included) belongs to dlsr-eval
@@ -169,10 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return evaluate.main(argv[1:])
     args = _parser().parse_args(argv)
-    commands = {"train": _cmd_train, "search": _cmd_search, "export": _cmd_export}
+    commands = {"train": _cmd_train, "search": _cmd_search, "export": _cmd_export, "soup": _cmd_soup}
     try:
         return commands[args.command](args)
-    except (ConfigError, CheckpointError, GenotypeError, ModelLoadError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, GenotypeError, ModelLoadError, SoupError, FileNotFoundError) as e:
         print(f"dlsr-search {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 
     python -m dlsr_search.modelcard runs/x2 weights/dlsr-x2 --title "DLSR x2"
     python -m dlsr_search.modelcard summary weights      # README's results table, from the cards
+    python -m dlsr_search.modelcard runs/x2-soup weights/dlsr-x2 --title "DLSR x2" --continues weights/dlsr-x2
 
 copies the run's best model (config.json + model.safetensors), evaluates it with `dlsr-eval`'s code on
 Set5/Set14/B100 (and bicubic), and writes README.md (the card), log.jsonl and curve.png. Every figure
@@ -20,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dlsr_infer.evaluate import default_benchmarks_dir, evaluate, evaluate_bicubic
 from dlsr_infer.model import DLSR
-from dlsr_infer.pretrained import ModelLoadError
+from dlsr_infer.pretrained import ModelLoadError, hash_file
 
 from .data import DataError, large_enough, list_images
 from .train import hr_patch_side
@@ -155,13 +156,23 @@ def command_line(config: dict[str, Any]) -> str:
 
 def plot_curve(points: list[tuple[int, float]], path: Path, title: str) -> None:
     """Validation PSNR-Y against step, drawn with PIL (no plotting dependency)."""
+    plot_curves([("", points)], path, title)
+
+
+#: Line colours of `plot_curves`, one per series (cycled).
+_COLOURS = [(200, 30, 30), (30, 90, 200), (20, 150, 60), (200, 130, 0), (130, 50, 170), (0, 150, 160)]
+
+
+def plot_curves(series: Sequence[tuple[str, list[tuple[int, float]]]], path: Path, title: str) -> None:
+    """Several (label, points) validation curves on one set of axes, labelled where there is more than one."""
     w, h, m = 640, 400, 60
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     d.text((m, 15), title, fill="black", font=font)
-    if points:
-        xs, ys = zip(*points)
+    everything = [pt for _, points in series for pt in points]
+    if everything:
+        xs, ys = zip(*everything)
         x0, x1 = 0, max(max(xs), 1)
         y0, y1 = min(ys) - 0.1, max(ys) + 0.1
         px = lambda x: m + (x - x0) / (x1 - x0) * (w - 2 * m)  # noqa: E731
@@ -172,9 +183,14 @@ def plot_curve(points: list[tuple[int, float]], path: Path, title: str) -> None:
             d.text((5, py(yv) - 6), f"{yv:.2f}", fill="black", font=font)
             xv = x0 + (x1 - x0) * i / 4
             d.text((px(xv) - 10, h - m + 8), f"{int(xv)}", fill="black", font=font)
-        d.line([(px(x), py(y)) for x, y in points], fill=(200, 30, 30), width=2)
-        for x, y in points:
-            d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=(200, 30, 30))
+        for k, (label, points) in enumerate(series):
+            colour = _COLOURS[k % len(_COLOURS)]
+            if len(points) > 1:
+                d.line([(px(x), py(y)) for x, y in points], fill=colour, width=2)
+            for x, y in points:
+                d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=colour)
+            if len(series) > 1:
+                d.text((w - m + 5 - 60, m + 5 + 12 * k), label, fill=colour, font=font)
     d.text((w // 2 - 20, h - 25), "step", fill="black", font=font)
     d.text((5, m - 20), "val PSNR-Y (dB)", fill="black", font=font)
     img.save(path)
@@ -296,13 +312,14 @@ def _devices(records: list[dict[str, Any]]) -> str:
     return ", ".join(dict.fromkeys(seen)) or "not logged"
 
 
-def _stage_line(i: int, run: Path, records: list[dict[str, Any]], out: Path, note: str | None) -> str:
+def _stage_line(i: int | None, run: Path, records: list[dict[str, Any]], out: Path, note: str | None) -> str:
     """One stage of the chain as far as the weights it handed on: `records` cut at a best validation pick
-    give the steps, wall time and command (`--steps` that step) up to it."""
+    give the steps, wall time and command (`--steps` that step) up to it. `i` None: a bullet (a soup's
+    fine-tune) instead of the stage's number."""
     config = run_config(records)
     steps = config["steps"]
     data = f"data: {note}; " if note is not None else ""
-    return (f"  {i}. `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, "
+    return (f"  {'-' if i is None else f'{i}.'} `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, "
             f"{_patch_note(config, records)}, {data}{_loss(config)} loss, lr {config.get('lr')} halved every "
             f"{config.get('halve_every')}; warm start: {_warm_start(config, records, out)}; wall time "
             f"{wall_time_s(records) / 3600:.2f} h on {_devices(records)}; command: `{command_line(config)}`")
@@ -318,6 +335,10 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     applies to this run and to `earlier`, never to the stages of `continues`, whose notes are kept.
     `continues`: a model directory whose card's stages come before `earlier` (read before `out` is written,
     so it may be `out` itself)."""
+    if continues is not None and (continues / "soup.json").is_file():
+        raise ValueError(f"{continues} is a model soup: a card that continues a soup's chain is not supported yet "
+                         "(its fine-tunes are not one line of stages); write this card without --continues, "
+                         "with --earlier for the runs before it")
     stages, notes = card_stages(continues) if continues is not None else ([], [])
     stages += [(r, stage_records(r, until)) for r, until in earlier]
     records = read_log(run)
@@ -343,23 +364,16 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     until = model_step if is_best and events else None
     picked = " (its best validation PSNR-Y)" if until is not None else ""
     # Evaluated before anything is written: a failure must not leave `out` half replaced.
-    dirs = [benchmarks / s for s in SETS]
-    ours = {r["dataset"]: r for r in evaluate(model, dirs)}
-    bic = {r["dataset"]: r for r in evaluate_bicubic(dirs, scale=model.scale)}
+    rows = _results_rows(model, title, benchmarks)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("log-soup*.jsonl"), out / "soup.json"]:  # a soup bundled there before
+        stale.unlink(missing_ok=True)
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(src / name, out / name)
     shutil.copyfile(run / "log.jsonl", out / "log.jsonl")
     _write_stages(out, stages, run, records, until, notes)
     val = [(r["step"], r["psnr_y"]) for r in records if r["event"] == "val" and r.get("psnr_y") is not None]
     plot_curve(val, out / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
-
-    paper = PAPER.get(model.scale, {}) if model.genotype.channels == 48 else {}
-    rows = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
-    rows.append(f"| **{title} (this model)** | " + " | ".join(f"{ours[s]['psnr']:.2f} / {ours[s]['ssim']:.4f}" for s in SETS) + " |")
-    if paper:
-        rows.append("| DLSR, paper Table 2 (PSNR) | " + " | ".join(f"{paper[s]:.2f}" for s in SETS) + " |")
-    rows.append("| bicubic | " + " | ".join(f"{bic[s]['psnr']:.2f} / {bic[s]['ssim']:.4f}" for s in SETS) + " |")
 
     hours = wall_time_s(records) / 3600
     history = ""
@@ -373,22 +387,7 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
                    "`log-stage<i>.jsonl`):\n" + "\n".join(lines)
                    + f"\n- all stages, up to the bundled weights: {total_steps:,} steps, {total_h:.2f} h wall time.")
     hw = hardware or f"{_cpu_name()}, {config.get('threads') or 'all'} CPU threads"
-    genotype = model.genotype
-    cells = "\n".join(f"| {j} | {', '.join(c.ops)} | {', '.join(map(str, c.inputs))} |"
-                      for j, c in enumerate(genotype.cells, start=1))
-    card = f"""# {title}
-
-DLSR x{genotype.scale}, {genotype.channels} channels, {model.num_parameters:,} parameters. Trained by this project
-with its own `dlsr-search train` (not converted from the authors' release). Load it with
-`DLSR.from_pretrained(...)` or use it through `dlsr_infer.upscale`.
-
-## Results (PSNR / SSIM on Y, border = scale, LR by MATLAB-style bicubic)
-
-{chr(10).join(rows)}
-
-Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and by
-`python -m dlsr_search.modelcard`, which wrote this card).
-
+    card = f"""{_card_head(title, model, rows)}
 ## Training
 
 - data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'), notes[-1])});
@@ -401,14 +400,176 @@ Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and b
 
 ![learning curve](curve.png)
 
-## Genotype
+{_genotype_section(model.genotype)}"""
+    (out / "README.md").write_text(card)
+    return out
+
+
+def _best_pick(records: list[dict[str, Any]]) -> int | None:
+    """The step of a run's last best validation: where its best/ model directory comes from."""
+    picks = [r["step"] for r in records if r["event"] == "val" and r.get("best")]
+    return picks[-1] if picks else None
+
+
+def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, continues: Path,
+                   hardware: str | None = None) -> Path:
+    """Write the model directory `out` for `soup` (written by `dlsr-search soup`): its weights and
+    soup.json, the card, each fine-tune's training log (`log-soup<k>.jsonl`), the chain of `continues`
+    (`log-stage<i>.jsonl`, stages.json with a "soup" list) and the fine-tunes' learning curves.
+
+    `continues` is the model directory (written by this tool) that every fine-tune was warm-started from;
+    each ingredient must be its weights or a fine-tune's `RUN/best` that still holds the weights the soup
+    averaged (listed with its command, up to that pick). Everything is read and evaluated before `out`
+    is written, so `out` may be `continues` itself."""
+    from .soup import SOUP_NAME, read_soup
+
+    if (continues / SOUP_NAME).is_file():
+        raise ValueError(f"{continues} holds a soup already (its soup.json): a soup's fine-tunes start from a "
+                         "trained model's card; restore it from git before writing this card again")
+    record = read_soup(soup)
+    ingredients = record["ingredients"]
+    stages, notes = card_stages(continues)
+    parent = hash_file(continues / "model.safetensors")
+    members: list[tuple[dict[str, str], Path | None, list[dict[str, Any]]]] = []
+    for ing in ingredients:
+        if ing["sha256"] == parent:
+            members.append((ing, None, []))
+            continue
+        model = Path(ing["model"])
+        if model.name != "best" or not (model.parent / "log.jsonl").is_file():
+            raise ValueError(f"soup ingredient {model} is neither a run's best/ (RUN/best beside RUN/log.jsonl; "
+                             f"paths are as `dlsr-search soup` was given them) nor the weights of {continues}: "
+                             "the card cannot say how it was trained")
+        now = model / "model.safetensors"
+        if not now.is_file() or hash_file(now) != ing["sha256"]:
+            raise ValueError(f"{model} no longer holds the weights the soup averaged (sha256 {ing['sha256'][:12]}): "
+                             "the run went on and picked another best; make the soup again")
+        records = read_log(model.parent)
+        starts = {r.get("sha256") for r in records if r["event"] == "warm_start"}
+        if starts != {parent}:
+            raise ValueError(f"{model.parent} was not warm-started from the weights of {continues} (sha256 "
+                             f"{parent[:12]}): a soup's card lists fine-tunes of the model it continues")
+        members.append((ing, model.parent, records_until(records, _best_pick(records))))
+    trained = [(run, recs) for _, run, recs in members if run is not None]
+    if not trained:
+        raise ValueError(f"{soup}: no ingredient is a fine-tune with a training log")
+    model = DLSR.from_pretrained(soup)
+    rows = _results_rows(model, title, benchmarks)
+
+    # the card, logs, index and curves, all made before anything is written
+    logs = {f"log-stage{i}.jsonl": recs for i, (_, recs) in enumerate(stages, start=1)}
+    logs.update({f"log-soup{k}.jsonl": recs for k, (_, recs) in enumerate(trained, start=1)})
+    index: dict[str, Any] = {"format_version": 1, "stages": [
+        {"run": str(r), "log": f"log-stage{i}.jsonl", "data_note": note}
+        for i, ((r, _), note) in enumerate(zip(stages, notes), start=1)]}
+    k = iter(range(1, len(trained) + 1))
+    index["soup"] = [{"model": ing["model"], "sha256": ing["sha256"],
+                      **({"run": str(run), "log": f"log-soup{next(k)}.jsonl"} if run else {"stage": len(stages)})}
+                     for ing, run, _ in members]
+    curves = [(run.name, [(r["step"], r["psnr_y"]) for r in recs if r["event"] == "val" and r.get("psnr_y") is not None])
+              for run, recs in trained]
+    start = [r["psnr_y"] for r in (stages[-1][1] if stages else []) if r["event"] == "val" and r.get("best")]
+    if start:  # the level the fine-tunes started from: the warm start's own pick
+        end = max((x for _, pts in curves for x, _ in pts), default=1)
+        curves.append(("warm start", [(0, start[-1]), (end, start[-1])]))
+
+    config = run_config(trained[0][1])
+    lines = []
+    for ing, run, recs in members:
+        if run is None:
+            lines.append(f"  - `{ing['model']}` (sha256 {ing['sha256'][:12]}): the weights of stage {len(stages)} "
+                         "below, the warm start of the others")
+            continue
+        pick = [r for r in recs if r["event"] == "val" and r.get("best")][-1]
+        lines.append(_stage_line(None, run, recs, out, None)
+                     + f"; its pick: step {pick['step']:,}, the best validation PSNR-Y ({pick['psnr_y']:.3f} dB)")
+    sibling_s = sum(wall_time_s(recs) for _, recs in trained)
+    chain = [_stage_line(i, r, recs, out, note) for i, ((r, recs), note) in enumerate(zip(stages, notes), start=1)]
+    history = ("\n- training stages up to the common warm start, oldest first (each warm-started from the one "
+               "before; logs `log-stage<i>.jsonl`):\n" + "\n".join(chain)) if chain else ""
+    total_steps = sum(max(x.get("step", 0) for x in recs) for _, recs in [*stages, *trained])
+    total_h = (sum(wall_time_s(recs) for _, recs in stages) + sibling_s) / 3600
+    hw = hardware or f"{_cpu_name()}, {config.get('threads') or 'all'} CPU threads"
+    greedy = record.get("greedy")
+    tried = greedy["candidates"] if greedy else [ing["model"] for ing, _, _ in members]
+    how = f"dlsr-search soup <this directory> {' '.join(tried)}" + (f" --greedy-on {greedy['val']}" if greedy else "")
+    selection = ""
+    if greedy:
+        selection = ("\n- greedy selection on `{}` (fp32 PSNR-Y): the models ranked by their own score, each next one "
+                     "kept only if the average with it scored no lower: ".format(greedy["val"])
+                     + "; ".join(f"`{st['model']}` {'alone' if i == 0 else 'added'} {st['psnr_y']:.4f} dB"
+                                 f"{'' if st['kept'] else ' (left out)'}" for i, st in enumerate(greedy["steps"])))
+    card = f"""{_card_head(title, model, rows)}
+## Training
+
+- weights: a model soup (Wortsman et al., 2022): the uniform average of the weights of {len(members)} models
+  of one network (listed in `soup.json`), fine-tunes of stage {len(stages)}'s weights below{" and those weights" if any(r is None for _, r, _ in members) else ""}, made by
+  `{how}`:
+{chr(10).join(lines)}{selection}
+- data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'), None)});
+  validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
+- hardware: {hw} ({', '.join(dict.fromkeys(_devices(recs) for _, recs in trained))}); the fine-tunes' wall
+  times sum to {sibling_s / 3600:.2f} h.
+- logs: `log-soup<k>.jsonl` (JSON lines, the fine-tunes in the order above); learning curves: `curve.png`.{history}
+- all stages, up to the bundled weights: {total_steps:,} steps, {total_h:.2f} h wall time.
+
+![learning curves](curve.png)
+
+{_genotype_section(model.genotype)}"""
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("log-stage*.jsonl"), *out.glob("log-soup*.jsonl"), out / "log.jsonl"]:
+        stale.unlink(missing_ok=True)
+    for name in ("config.json", "model.safetensors", SOUP_NAME):
+        shutil.copyfile(soup / name, out / name)
+    for name, recs in logs.items():
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (out / STAGES_NAME).write_text(json.dumps(index, indent=1) + "\n")
+    plot_curves(curves, out / "curve.png", f"{title}: validation PSNR-Y of the soup's fine-tunes")
+    (out / "README.md").write_text(card)
+    return out
+
+
+def _results_rows(model: DLSR, title: str, benchmarks: Path) -> list[str]:
+    """The card's results table: `model` and bicubic evaluated by dlsr-eval's code, next to the paper."""
+    dirs = [benchmarks / s for s in SETS]
+    ours = {r["dataset"]: r for r in evaluate(model, dirs)}
+    bic = {r["dataset"]: r for r in evaluate_bicubic(dirs, scale=model.scale)}
+    paper = PAPER.get(model.scale, {}) if model.genotype.channels == 48 else {}
+    rows = ["| method | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
+    rows.append(f"| **{title} (this model)** | " + " | ".join(f"{ours[s]['psnr']:.2f} / {ours[s]['ssim']:.4f}" for s in SETS) + " |")
+    if paper:
+        rows.append("| DLSR, paper Table 2 (PSNR) | " + " | ".join(f"{paper[s]:.2f}" for s in SETS) + " |")
+    rows.append("| bicubic | " + " | ".join(f"{bic[s]['psnr']:.2f} / {bic[s]['ssim']:.4f}" for s in SETS) + " |")
+    return rows
+
+
+def _card_head(title: str, model: DLSR, rows: list[str]) -> str:
+    genotype = model.genotype
+    return f"""# {title}
+
+DLSR x{genotype.scale}, {genotype.channels} channels, {model.num_parameters:,} parameters. Trained by this project
+with its own `dlsr-search train` (not converted from the authors' release). Load it with
+`DLSR.from_pretrained(...)` or use it through `dlsr_infer.upscale`.
+
+## Results (PSNR / SSIM on Y, border = scale, LR by MATLAB-style bicubic)
+
+{chr(10).join(rows)}
+
+Produced by `dlsr-eval <this directory> --sets Set5 Set14 B100 --bicubic` (and by
+`python -m dlsr_search.modelcard`, which wrote this card).
+"""
+
+
+def _genotype_section(genotype: Any) -> str:
+    cells = "\n".join(f"| {j} | {', '.join(c.ops)} | {', '.join(map(str, c.inputs))} |"
+                      for j, c in enumerate(genotype.cells, start=1))
+    return f"""## Genotype
 
 | cell | MRB ops | inputs (0 = stem) |
 |---|---|---|
 {cells}
 """
-    (out / "README.md").write_text(card)
-    return out
 
 
 def summary_table(weights: Path) -> str:
@@ -442,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         print(summary_table(Path(argv[1]) if len(argv) > 1 else Path("weights")))
         return 0
     p = argparse.ArgumentParser(prog="python -m dlsr_search.modelcard", description=__doc__.splitlines()[0])
-    p.add_argument("run", type=Path, help="run folder of dlsr-search train (log.jsonl, best/)")
+    p.add_argument("run", type=Path, help="run folder of dlsr-search train (log.jsonl, best/), or a model soup "
+                   "written by `dlsr-search soup` (its soup.json names the fine-tunes, each a RUN/best)")
     p.add_argument("out", type=Path, help="model directory to write (e.g. weights/dlsr-x2)")
     p.add_argument("--title", required=True)
     p.add_argument("--model", type=Path, default=None,
@@ -464,7 +626,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(notes) != len(a.data_note):
         p.error("--data-note takes FOLDER=TEXT")
     try:
-        out = make_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
+        if (a.run / "soup.json").is_file():  # a model soup: its ingredients say which runs trained it
+            if a.model or a.earlier or notes or a.continues is None:
+                p.error("a soup's card takes --continues (the model its fine-tunes started from) and no --model, "
+                        "--earlier or --data-note: its soup.json names its models")
+            out = make_soup_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
+                                 continues=a.continues, hardware=a.hardware)
+        else:
+            out = make_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
                         model_dir=a.model, hardware=a.hardware, earlier=[parse_stage(e) for e in a.earlier],
                         continues=a.continues, data_notes=notes)
     except (ValueError, FileNotFoundError, ModelLoadError) as exc:

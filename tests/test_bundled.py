@@ -19,7 +19,9 @@ ALIAS_NAMES = sorted(ALIASES)
 def test_alias_is_bundled_with_card_log_and_curve(alias):
     d = bundled_model_dir(alias)
     assert d is not None, f"no bundled weights for {alias!r} in weights/"
-    for name in (CONFIG_NAME, WEIGHTS_NAME, "README.md", "log.jsonl", "curve.png", "stages.json"):
+    # a trained model keeps its run's log; a model soup (`dlsr-search soup`) the logs of its fine-tunes
+    logs = ("soup.json", "log-soup1.jsonl") if (d / "soup.json").exists() else ("log.jsonl",)
+    for name in (CONFIG_NAME, WEIGHTS_NAME, "README.md", "curve.png", "stages.json", *logs):
         assert (d / name).is_file(), f"{d / name} missing"
     # the weights file is safetensors (8-byte little-endian header length, then a JSON header), not a pickle
     raw = (d / WEIGHTS_NAME).read_bytes()
