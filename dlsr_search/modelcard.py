@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 import platform
 import shutil
 from pathlib import Path
@@ -74,43 +75,107 @@ def parse_stage(text: str) -> tuple[Path, int | None]:
 STAGES_NAME = "stages.json"
 
 
-def card_stages(card: Path) -> tuple[list[tuple[Path, list[dict[str, Any]]]], list[str | None]]:
+@dataclass(frozen=True)
+class SoupStage:
+    """A model soup as a stage of a chain: `members` as soup.json lists them (each with "run" and "log"
+    for a fine-tune, or "stage": the number of the stage whose weights went in themselves), and each
+    fine-tune's run folder name and log up to its pick."""
+
+    members: list[dict[str, Any]]
+    fine_tunes: list[tuple[Path, list[dict[str, Any]]]]
+
+
+def card_stages(card: Path) -> tuple[list[Any], list[str | None]]:
     """The training stages of a bundled model directory, oldest first (its log-stage<i>.jsonl, then its
-    log.jsonl up to the step it bundled), named as its card lists them, and each stage's note on its data
-    (None where the data was the folder named). A run warm-started from that model continues its chain,
-    which so survives in the repository when the run folders do not. Notes belong to stages, not to
-    folders: two GPU sessions both trained from /tmp/dlsr_data, holding different images."""
+    log.jsonl up to the step it bundled; a soup bundled there, or one earlier in its chain, as a
+    `SoupStage`), named as its card lists them, and each stage's note on its data (None where the data was
+    the folder named). A run warm-started from that model continues its chain, which so survives in the
+    repository when the run folders do not. Notes belong to stages, not to folders: two GPU sessions both
+    trained from /tmp/dlsr_data, holding different images."""
     index = card / STAGES_NAME
     if not index.is_file():
         raise FileNotFoundError(f"{card}: no {STAGES_NAME}, so no training stages to continue (is it a model "
                                 "directory written by this tool?)")
-    stages, notes = [], []
-    for entry in json.loads(index.read_text())["stages"]:
-        log = card / entry["log"]
-        if not log.is_file():
-            raise FileNotFoundError(f"{card}: {STAGES_NAME} lists {entry['log']}, which is missing")
-        stages.append((Path(entry["run"]), records_until(read_jsonl(log), entry.get("until"))))
+    data = json.loads(index.read_text())
+    stages: list[Any] = []
+    notes: list[str | None] = []
+    for entry in data["stages"]:
+        if "soup" in entry:
+            stages.append(_soup_stage(card, entry["soup"]))
+        else:
+            stages.append((Path(entry["run"]), records_until(_read_listed(card, entry["log"]), entry.get("until"))))
         notes.append(entry.get("data_note"))
+    if "soup" in data:  # the card of a soup: the soup itself is the chain's last stage
+        stages.append(_soup_stage(card, data["soup"]))
+        notes.append(None)
     return stages, notes
 
 
-def _write_stages(out: Path, stages: Sequence[tuple[Path, list[dict[str, Any]]]], run: Path,
-                  records: list[dict[str, Any]], until: int | None, notes: Sequence[str | None]) -> None:
-    """The earlier stages' logs (log-stage<i>.jsonl; the run's own is log.jsonl, copied already) and
+def _read_listed(card: Path, name: str) -> list[dict[str, Any]]:
+    log = card / name
+    if not log.is_file():
+        raise FileNotFoundError(f"{card}: {STAGES_NAME} lists {name}, which is missing")
+    return read_jsonl(log)
+
+
+def _soup_stage(card: Path, members: list[dict[str, Any]]) -> SoupStage:
+    return SoupStage(members, [(Path(m["run"]), _read_listed(card, m["log"])) for m in members if "run" in m])
+
+
+def _stage_steps(stage: Any) -> int:
+    if isinstance(stage, SoupStage):
+        return sum(max(r.get("step", 0) for r in rs) for _, rs in stage.fine_tunes)
+    return max(r.get("step", 0) for r in stage[1])
+
+
+def _stage_seconds(stage: Any) -> float:
+    if isinstance(stage, SoupStage):
+        return sum(wall_time_s(rs) for _, rs in stage.fine_tunes)
+    return wall_time_s(stage[1])
+
+
+def _chain_line(i: int, stage: Any, out: Path, note: str | None) -> str:
+    """A stage's line in a card's list of stages: `_stage_line`, or for a soup a line naming what went
+    in, then one indented line per fine-tune."""
+    if not isinstance(stage, SoupStage):
+        return _stage_line(i, stage[0], stage[1], out, note)
+    parts = [f"`{m['model']}`" + (f" (stage {m['stage']}'s weights)" if "stage" in m else "") for m in stage.members]
+    head = (f"  {i}. model soup (`dlsr-search soup`): the uniform average of the weights of {', '.join(parts)}; "
+            f"{_stage_steps(stage):,} fine-tuning steps, wall time {_stage_seconds(stage) / 3600:.2f} h in all; logs "
+            f"`log-stage{i}-soup<k>.jsonl`; fine-tunes:")
+    subs = ["    " + _stage_line(None, run, recs, out, None) for run, recs in stage.fine_tunes]
+    return "\n".join([head, *subs])
+
+
+def _stage_files(stages: Sequence[Any], notes: Sequence[str | None]) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """The logs (file name -> records) and `stages.json` entries of a chain of stages, oldest first:
+    log-stage<i>.jsonl for a run, log-stage<i>-soup<k>.jsonl for the fine-tunes of a soup."""
+    logs: dict[str, list[dict[str, Any]]] = {}
+    entries = []
+    for i, (stage, note) in enumerate(zip(stages, notes, strict=True), start=1):
+        if isinstance(stage, SoupStage):
+            k = iter(range(1, len(stage.fine_tunes) + 1))
+            members = [{**m, "log": f"log-stage{i}-soup{next(k)}.jsonl"} if "run" in m else dict(m) for m in stage.members]
+            logs.update({m["log"]: recs for m, (_, recs) in zip([m for m in members if "run" in m], stage.fine_tunes)})
+            entries.append({"run": "model soup", "soup": members, "data_note": note})
+        else:
+            logs[f"log-stage{i}.jsonl"] = stage[1]
+            entries.append({"run": str(stage[0]), "log": f"log-stage{i}.jsonl", "data_note": note})
+    return logs, entries
+
+
+def _write_stages(out: Path, stages: Sequence[Any], run: Path, records: list[dict[str, Any]], until: int | None,
+                  notes: Sequence[str | None]) -> None:
+    """The earlier stages' logs (`_stage_files`; the run's own is log.jsonl, copied already) and
     `stages.json`, which `card_stages` reads back; `until` is the step this run's bundled weights are from
     when later steps are in its log.jsonl (a best-validation pick); `notes`: each stage's data note, the
     run's last."""
     for stale in out.glob("log-stage*.jsonl"):
         stale.unlink()
-    entries = []
-    for i, ((name, recs), note) in enumerate(zip([*stages, (run, records)], notes, strict=True), start=1):
-        entry: dict[str, Any] = {"run": str(name), "log": f"log-stage{i}.jsonl"}
-        if i > len(stages):
-            entry.update(log="log.jsonl", until=until)
-        else:
-            (out / entry["log"]).write_text("".join(json.dumps(r) + "\n" for r in recs))
-        entry["data_note"] = note
-        entries.append(entry)
+    logs, entries = _stage_files(stages, notes[:len(stages)])
+    for name, recs in logs.items():
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    entries.append({"run": str(run), "log": "log.jsonl", "until": until, "data_note": notes[len(stages)]})
     (out / STAGES_NAME).write_text(json.dumps({"format_version": 1, "stages": entries}, indent=1) + "\n")
 
 
@@ -335,15 +400,12 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     applies to this run and to `earlier`, never to the stages of `continues`, whose notes are kept.
     `continues`: a model directory whose card's stages come before `earlier` (read before `out` is written,
     so it may be `out` itself)."""
-    if continues is not None and (continues / "soup.json").is_file():
-        raise ValueError(f"{continues} is a model soup: a card that continues a soup's chain is not supported yet "
-                         "(its fine-tunes are not one line of stages); write this card without --continues, "
-                         "with --earlier for the runs before it")
     stages, notes = card_stages(continues) if continues is not None else ([], [])
     stages += [(r, stage_records(r, until)) for r, until in earlier]
     records = read_log(run)
     notes += [_noted_data(run_config(recs).get("data"), data_notes) for _, recs in [*stages[len(notes):], (run, records)]]
-    for i, (name, recs) in enumerate(stages, start=1):  # e.g. a card rewritten in place by the same command twice
+    for i, stage in enumerate(stages, start=1):  # e.g. a card rewritten in place by the same command twice
+        name, recs = stage if not isinstance(stage, SoupStage) else ("model soup", [])
         if recs[:1] == records[:1]:
             raise ValueError(f"{run} is already stage {i} ({name}) of the chain; restore {continues or out} "
                              "from git before writing its card again")
@@ -378,11 +440,11 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     hours = wall_time_s(records) / 3600
     history = ""
     if stages:
-        lines = [_stage_line(i, r, recs, out, note) for i, ((r, recs), note) in enumerate(zip(stages, notes), start=1)]
+        lines = [_chain_line(i, stage, out, note) for i, (stage, note) in enumerate(zip(stages, notes), start=1)]
         chain = [*stages, (run, records_until(records, until))]
         lines.append(_stage_line(len(chain), *chain[-1], out, notes[-1]) + " (this run)")
-        total_steps = sum(max(x.get("step", 0) for x in recs) for _, recs in chain)
-        total_h = sum(wall_time_s(recs) for _, recs in chain) / 3600
+        total_steps = sum(_stage_steps(stage) for stage in chain)
+        total_h = sum(_stage_seconds(stage) for stage in chain) / 3600
         history = ("\n- training stages, oldest first (each warm-started from the one before; logs "
                    "`log-stage<i>.jsonl`):\n" + "\n".join(lines)
                    + f"\n- all stages, up to the bundled weights: {total_steps:,} steps, {total_h:.2f} h wall time.")
@@ -457,18 +519,17 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
     rows = _results_rows(model, title, benchmarks)
 
     # the card, logs, index and curves, all made before anything is written
-    logs = {f"log-stage{i}.jsonl": recs for i, (_, recs) in enumerate(stages, start=1)}
+    logs, entries = _stage_files(stages, notes)
     logs.update({f"log-soup{k}.jsonl": recs for k, (_, recs) in enumerate(trained, start=1)})
-    index: dict[str, Any] = {"format_version": 1, "stages": [
-        {"run": str(r), "log": f"log-stage{i}.jsonl", "data_note": note}
-        for i, ((r, _), note) in enumerate(zip(stages, notes), start=1)]}
+    index: dict[str, Any] = {"format_version": 1, "stages": entries}
     k = iter(range(1, len(trained) + 1))
     index["soup"] = [{"model": ing["model"], "sha256": ing["sha256"],
                       **({"run": str(run), "log": f"log-soup{next(k)}.jsonl"} if run else {"stage": len(stages)})}
                      for ing, run, _ in members]
     curves = [(run.name, [(r["step"], r["psnr_y"]) for r in recs if r["event"] == "val" and r.get("psnr_y") is not None])
               for run, recs in trained]
-    start = [r["psnr_y"] for r in (stages[-1][1] if stages else []) if r["event"] == "val" and r.get("best")]
+    last = stages[-1][1] if stages and not isinstance(stages[-1], SoupStage) else []
+    start = [r["psnr_y"] for r in last if r["event"] == "val" and r.get("best")]
     if start:  # the level the fine-tunes started from: the warm start's own pick
         end = max((x for _, pts in curves for x, _ in pts), default=1)
         curves.append(("warm start", [(0, start[-1]), (end, start[-1])]))
@@ -484,11 +545,11 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
         lines.append(_stage_line(None, run, recs, out, None)
                      + f"; its pick: step {pick['step']:,}, the best validation PSNR-Y ({pick['psnr_y']:.3f} dB)")
     sibling_s = sum(wall_time_s(recs) for _, recs in trained)
-    chain = [_stage_line(i, r, recs, out, note) for i, ((r, recs), note) in enumerate(zip(stages, notes), start=1)]
+    chain = [_chain_line(i, stage, out, note) for i, (stage, note) in enumerate(zip(stages, notes), start=1)]
     history = ("\n- training stages up to the common warm start, oldest first (each warm-started from the one "
                "before; logs `log-stage<i>.jsonl`):\n" + "\n".join(chain)) if chain else ""
-    total_steps = sum(max(x.get("step", 0) for x in recs) for _, recs in [*stages, *trained])
-    total_h = (sum(wall_time_s(recs) for _, recs in stages) + sibling_s) / 3600
+    total_steps = sum(_stage_steps(stage) for stage in stages) + sum(_stage_steps((run, recs)) for run, recs in trained)
+    total_h = (sum(_stage_seconds(stage) for stage in stages) + sibling_s) / 3600
     hw = hardware or f"{_cpu_name()}, {config.get('threads') or 'all'} CPU threads"
     greedy = record.get("greedy")
     tried = greedy["candidates"] if greedy else [ing["model"] for ing, _, _ in members]

@@ -91,13 +91,17 @@ def test_card_chain_can_be_continued_from_the_repository(alias):
     """`modelcard --continues` reads a card's chain back from its stages.json and logs: the stage lines it
     would write are the card's own (up to the step a best-validation card bundled), with no run folder at
     hand."""
-    from dlsr_search.modelcard import _stage_line, card_stages
+    from dlsr_search.modelcard import SoupStage, _chain_line, card_stages
 
     d = bundled_model_dir(alias)
     listed = re.findall(r"^  \d+\. .*$", (d / "README.md").read_text(), re.M)
     stages, notes = card_stages(d)
+    if (d / "soup.json").is_file():  # a soup's card lists its fine-tunes apart; its chain is what came before
+        assert isinstance(stages[-1], SoupStage) and len(stages[-1].fine_tunes) >= 1
+        stages, notes = stages[:-1], notes[:-1]
     assert len(stages) == max(len(listed), 1)
-    again = [_stage_line(i, run, records, d, note) for i, ((run, records), note) in enumerate(zip(stages, notes), start=1)]
+    # each stage's first line (a soup stage goes on with a line per fine-tune)
+    again = [_chain_line(i, stage, d, note).splitlines()[0] for i, (stage, note) in enumerate(zip(stages, notes), start=1)]
     best = re.search(r"weights from step ([\d,]+) \(its best", (d / "README.md").read_text())
     for i, (line, regenerated) in enumerate(zip(listed, again)):
         if i == len(listed) - 1:

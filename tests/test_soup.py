@@ -152,9 +152,10 @@ def test_soup_card_lists_each_fine_tune_and_the_chain_before(tmp_path):
     index = json.loads((bundled / "stages.json").read_text())
     assert [e.get("run") for e in index["soup"]] == [None, str(tmp_path / "C"), str(tmp_path / "D")]
     assert parent.num_parameters == DLSR.from_pretrained(bundled).num_parameters
-    # a run warm-started from the soup continues the chain the card lists
+    # the chain read back: stage A, then the soup itself (what a run warm-started from it continues)
     stages, _ = modelcard.card_stages(bundled)
-    assert [name for name, _ in stages] == [tmp_path / "A"]
+    assert stages[0][0] == tmp_path / "A" and isinstance(stages[1], modelcard.SoupStage)
+    assert [run for run, _ in stages[1].fine_tunes] == [tmp_path / "C", tmp_path / "D"]
 
     # a greedy soup's card says how it was chosen (scores made equal here: every model is kept)
     import dlsr_infer.evaluate as ev
@@ -185,13 +186,28 @@ def test_soup_card_lists_each_fine_tune_and_the_chain_before(tmp_path):
         modelcard.make_soup_card(make_soup([tmp_path / "C" / "best", tmp_path / "E" / "best"], tmp_path / "soup3"),
                                  tmp_path / "again", title="T", benchmarks=bench, continues=tmp_path / "parent-card")
     assert not (tmp_path / "again").exists()
-    # the soup card again over itself, or a card continuing a soup: refused, the bundle untouched
+    # the soup card again over itself: refused, the bundle untouched
     card_before = (bundled / "README.md").read_text()
     with pytest.raises(ValueError, match="holds a soup already"):
         modelcard.make_soup_card(soup, bundled, title="T x2", benchmarks=bench, continues=bundled)
-    with pytest.raises(ValueError, match="is a model soup"):
-        modelcard.make_card(tmp_path / "E", bundled, title="T x2", benchmarks=bench, continues=bundled)
     assert (bundled / "README.md").read_text() == card_before
-    # a plain card written over a soup bundle leaves no soup files behind
-    modelcard.make_card(tmp_path / "E", bundled, title="T x2", benchmarks=bench)
+
+    # a run warm-started from the soup: its card continues the chain with the soup as one stage, and no
+    # soup files are left behind
+    train(_cfg(tmp_path, "F", steps=2, seed=4, lr=1e-4, init_from=str(bundled)))
+    modelcard.make_card(tmp_path / "F", bundled, title="T x2", benchmarks=bench, continues=bundled)
+    card = (bundled / "README.md").read_text()
     assert not (bundled / "soup.json").exists() and not list(bundled.glob("log-soup*.jsonl"))
+    assert f"  1. `{tmp_path / 'A'}`, x2: 4 steps" in card
+    assert (f"  2. model soup (`dlsr-search soup`): the uniform average of the weights of `{tmp_path / 'A' / 'best'}` "
+            f"(stage 1's weights), `{tmp_path / 'C' / 'best'}`, `{tmp_path / 'D' / 'best'}`; 8 fine-tuning steps") in card
+    assert f"\n      - `{tmp_path / 'C'}`, x2: 4 steps" in card and f"\n      - `{tmp_path / 'D'}`, x2: 4 steps" in card
+    assert f"  3. `{tmp_path / 'F'}`, x2: 2 steps" in card and "(this run)" in card
+    assert "all stages, up to the bundled weights: 14 steps" in card
+    for name in ("log-stage1.jsonl", "log-stage2-soup1.jsonl", "log-stage2-soup2.jsonl", "log.jsonl"):
+        assert (bundled / name).is_file(), name
+    stages, _ = modelcard.card_stages(bundled)  # and the chain reads back as written, ready to go on
+    assert stages[0][0] == tmp_path / "A" and isinstance(stages[1], modelcard.SoupStage) and stages[2][0] == tmp_path / "F"
+    listed = [line for line in card.splitlines() if line.startswith(("  1. ", "  2. ", "  3. "))]
+    again = [modelcard._chain_line(i, st, bundled, None).splitlines()[0] for i, st in enumerate(stages, start=1)]
+    assert listed == [*again[:2], again[2] + " (this run)"]
