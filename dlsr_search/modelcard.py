@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from dlsr_infer.evaluate import default_benchmarks_dir, evaluate, evaluate_bicubic
+from dlsr_infer.evaluate import dataset_name, default_benchmarks_dir, evaluate, evaluate_bicubic
 from dlsr_infer.model import DLSR
 from dlsr_infer.pretrained import ModelLoadError, hash_file
 
@@ -405,10 +405,21 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     records = read_log(run)
     notes += [_noted_data(run_config(recs).get("data"), data_notes) for _, recs in [*stages[len(notes):], (run, records)]]
     for i, stage in enumerate(stages, start=1):  # e.g. a card rewritten in place by the same command twice
-        name, recs = stage if not isinstance(stage, SoupStage) else ("model soup", [])
-        if recs[:1] == records[:1]:
-            raise ValueError(f"{run} is already stage {i} ({name}) of the chain; restore {continues or out} "
-                             "from git before writing its card again")
+        runs = stage.fine_tunes if isinstance(stage, SoupStage) else [stage]
+        for name, recs in runs:
+            if recs[:1] == records[:1]:
+                raise ValueError(f"{run} is already {'a fine-tune in ' if isinstance(stage, SoupStage) else ''}"
+                                 f"stage {i} ({name}) of the chain; restore {continues or out} from git before "
+                                 "writing its card again")
+    if continues is not None:  # a stage started from `continues` when it held other weights (an older bundle)
+        first, first_recs = stages[len(stages) - len(earlier)] if earlier else (run, records)
+        parent = hash_file(continues / "model.safetensors")
+        shas = {r["sha256"] for r in first_recs if r["event"] == "warm_start" and r.get("sha256")
+                and Path(r.get("source", "")).resolve() == continues.resolve()}
+        if shas and parent not in shas:
+            raise ValueError(f"{first} was warm-started from {continues} when it held other weights (sha256 "
+                             f"{', '.join(h[:12] for h in shas)}, now {parent[:12]}): it is not the next stage of "
+                             "the chain bundled there now")
     config = run_config(records)
     src = model_dir or run / "best"
     if not src.is_dir():  # a path, never a Hub repo id: RUN/best of a run trained without validation
@@ -427,16 +438,6 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     picked = " (its best validation PSNR-Y)" if until is not None else ""
     # Evaluated before anything is written: a failure must not leave `out` half replaced.
     rows = _results_rows(model, title, benchmarks)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("log-soup*.jsonl"), out / "soup.json"]:  # a soup bundled there before
-        stale.unlink(missing_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copyfile(src / name, out / name)
-    shutil.copyfile(run / "log.jsonl", out / "log.jsonl")
-    _write_stages(out, stages, run, records, until, notes)
-    val = [(r["step"], r["psnr_y"]) for r in records if r["event"] == "val" and r.get("psnr_y") is not None]
-    plot_curve(val, out / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
-
     hours = wall_time_s(records) / 3600
     history = ""
     if stages:
@@ -463,6 +464,15 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
 ![learning curve](curve.png)
 
 {_genotype_section(model.genotype)}"""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("log-soup*.jsonl"), out / "soup.json"]:  # a soup bundled there before
+        stale.unlink(missing_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(src / name, out / name)
+    shutil.copyfile(run / "log.jsonl", out / "log.jsonl")
+    _write_stages(out, stages, run, records, until, notes)
+    val = [(r["step"], r["psnr_y"]) for r in records if r["event"] == "val" and r.get("psnr_y") is not None]
+    plot_curve(val, out / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
     (out / "README.md").write_text(card)
     return out
 
@@ -490,6 +500,10 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
                          "trained model's card; restore it from git before writing this card again")
     record = read_soup(soup)
     ingredients = record["ingredients"]
+    greedy = record.get("greedy")
+    if greedy and dataset_name(greedy["val"]) in SETS[1:]:
+        raise ValueError(f"{soup} was chosen on {greedy['val']}: the card's {' and '.join(SETS[1:])} figures must "
+                         "stay held out (choose a soup on Set5 or held-out training images)")
     stages, notes = card_stages(continues)
     parent = hash_file(continues / "model.safetensors")
     members: list[tuple[dict[str, str], Path | None, list[dict[str, Any]]]] = []
@@ -551,7 +565,6 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
     total_steps = sum(_stage_steps(stage) for stage in stages) + sum(_stage_steps((run, recs)) for run, recs in trained)
     total_h = (sum(_stage_seconds(stage) for stage in stages) + sibling_s) / 3600
     hw = hardware or f"{_cpu_name()}, {config.get('threads') or 'all'} CPU threads"
-    greedy = record.get("greedy")
     tried = greedy["candidates"] if greedy else [ing["model"] for ing, _, _ in members]
     how = f"dlsr-search soup <this directory> {' '.join(tried)}" + (f" --greedy-on {greedy['val']}" if greedy else "")
     selection = ""
@@ -559,7 +572,13 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
         selection = ("\n- greedy selection on `{}` (fp32 PSNR-Y): the models ranked by their own score, each next one "
                      "kept only if the average with it scored no lower: ".format(greedy["val"])
                      + "; ".join(f"`{st['model']}` {'alone' if i == 0 else 'added'} {st['psnr_y']:.4f} dB"
-                                 f"{'' if st['kept'] else ' (left out)'}" for i, st in enumerate(greedy["steps"])))
+                                 f"{'' if st['kept'] else ' (left out)'}" for i, st in enumerate(greedy["steps"]))
+                     + " (what was left out is not in the weights; its logs and wall time are not listed here)")
+    # every fine-tune's data and validation folders (the same for all, as a rule)
+    datas = dict.fromkeys(tuple(run_config(recs).get("data") or ["$DLSR_DATA"]) for _, recs in trained)
+    data = "; ".join(f"`{', '.join(d)}` ({_data_note(list(d), None)})" for d in datas)
+    val = ", ".join(f"`{v}`" for v in dict.fromkeys(run_config(recs).get("val") or "held-out training images"
+                                                  for _, recs in trained))
     card = f"""{_card_head(title, model, rows)}
 ## Training
 
@@ -567,8 +586,8 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
   of one network (listed in `soup.json`), fine-tunes of stage {len(stages)}'s weights below{" and those weights" if any(r is None for _, r, _ in members) else ""}, made by
   `{how}`:
 {chr(10).join(lines)}{selection}
-- data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'), None)});
-  validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
+- data: {data};
+  validation: {val}; no Set14/B100 image was used.
 - hardware: {hw} ({', '.join(dict.fromkeys(_devices(recs) for _, recs in trained))}); the fine-tunes' wall
   times sum to {sibling_s / 3600:.2f} h.
 - logs: `log-soup<k>.jsonl` (JSON lines, the fine-tunes in the order above); learning curves: `curve.png`.{history}

@@ -60,6 +60,13 @@ def make_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     if len(models) < 2:
         raise SoupError(f"a soup needs at least two models, got {len(models)}")
     out = Path(out)
+    if greedy_on is not None:  # checked before the work: a typo must not cost the load of every model
+        from dlsr_infer.evaluate import dataset_images
+
+        try:
+            dataset_images(greedy_on)
+        except (ValueError, OSError) as e:
+            raise SoupError(f"--greedy-on {greedy_on}: no images to validate on ({e})") from None
     dirs = [resolve(m) for m in models]
     for m, d in zip(models, dirs):
         if out.exists() and d.resolve() == out.resolve():
@@ -78,12 +85,12 @@ def make_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             raise SoupError(f"{models[j]} holds the same weights as {models[i]}")
     record: dict = {"format_version": 1}
     kept = list(range(len(models)))
-    soup = loaded[0]
     if greedy_on is not None:
-        kept, record["greedy"] = _greedy(soup, states, [str(m) for m in models], Path(greedy_on))
+        kept, record["greedy"] = _greedy(loaded[0], states, [str(m) for m in models], Path(greedy_on))
         if len(kept) == 1:
             raise SoupError(f"greedy soup on {greedy_on}: no average scored as well as {models[kept[0]]} alone "
                             f"({record['greedy']['steps'][0]['psnr_y']:.4f} dB), so there is no soup to write")
+    soup = loaded[kept[0]]  # its config.json (name included): the first model that went in
     soup.load_state_dict(average_state_dicts([states[i] for i in kept]), strict=True)
     record["ingredients"] = [{"model": str(models[i]), "sha256": hash_file(dirs[i] / WEIGHTS_NAME)} for i in kept]
     listing = "\n".join(f"- `{i['model']}` (sha256 {i['sha256'][:12]})" for i in record["ingredients"])

@@ -91,13 +91,18 @@ def test_card_chain_can_be_continued_from_the_repository(alias):
     """`modelcard --continues` reads a card's chain back from its stages.json and logs: the stage lines it
     would write are the card's own (up to the step a best-validation card bundled), with no run folder at
     hand."""
-    from dlsr_search.modelcard import SoupStage, _chain_line, card_stages
+    from dlsr_search.modelcard import SoupStage, _chain_line, _stage_line, card_stages
 
     d = bundled_model_dir(alias)
     listed = re.findall(r"^  \d+\. .*$", (d / "README.md").read_text(), re.M)
     stages, notes = card_stages(d)
     if (d / "soup.json").is_file():  # a soup's card lists its fine-tunes apart; its chain is what came before
-        assert isinstance(stages[-1], SoupStage) and len(stages[-1].fine_tunes) >= 1
+        soup = stages[-1]
+        assert isinstance(soup, SoupStage) and len(soup.fine_tunes) >= 1
+        fine_tune_lines = re.findall(r"^  - `.*$", (d / "README.md").read_text(), re.M)
+        for run, records in soup.fine_tunes:  # each fine-tune's line is what its log (kept beside the card) gives
+            line = _stage_line(None, run, records, d, None)
+            assert any(x.startswith(line + "; its pick: step ") for x in fine_tune_lines), run
         stages, notes = stages[:-1], notes[:-1]
     assert len(stages) == max(len(listed), 1)
     # each stage's first line (a soup stage goes on with a line per fine-tune)

@@ -63,12 +63,15 @@ def test_soup_round_trip_and_its_refusals(tmp_path, capsys):
     }
     DLSR.from_pretrained(dirs[2]).save_pretrained(tmp_path / "copy", metadata={"dlsr_train_step": "7"})
     cases["same weights as"] = [str(tmp_path / "new2"), str(dirs[0]), str(dirs[2]), str(tmp_path / "copy")]
+    cases[f"{dirs[0]} holds the same weights as {dirs[0]}"] = [str(tmp_path / "new2"), str(dirs[0]), str(dirs[0])]
+    cases["no images to validate on"] = [str(tmp_path / "new5"), str(dirs[0]), str(dirs[1]), "--greedy-on",
+                                         str(tmp_path / "x4")]
     cases["not an empty directory"] = [str(tmp_path / "x4"), str(dirs[0]), str(dirs[1])]  # e.g. a bundled model
     before = (dirs[1] / "model.safetensors").read_bytes()
     for message, argv in cases.items():
         assert cli.main(["soup", *argv]) == 2
         assert message in capsys.readouterr().err
-    assert not any((tmp_path / f"new{i}").exists() for i in (1, 2, 3))
+    assert not any((tmp_path / f"new{i}").exists() for i in (1, 2, 3, 5))
     assert (dirs[1] / "model.safetensors").read_bytes() == before
     assert cli.main(["soup", str(tmp_path / "new4"), str(dirs[0]), str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err and not (tmp_path / "new4").exists()
@@ -89,6 +92,7 @@ def test_greedy_soup_leaves_out_what_lowers_the_validation_score(tmp_path, monke
         d = sum(float((v - target[k]).pow(2).sum()) for k, v in model.state_dict().items())
         return [{"psnr": -d, "dataset": "val"}]
     monkeypatch.setattr(ev, "evaluate", closeness)
+    write_images(tmp_path / "val", n=1, size=32)
     near1, near2, far = (noisy(1, 0.01).save_pretrained(tmp_path / "near1"),
                          noisy(2, 0.01).save_pretrained(tmp_path / "near2"),
                          noisy(3, 0.2).save_pretrained(tmp_path / "far"))
@@ -126,8 +130,8 @@ def test_soup_card_lists_each_fine_tune_and_the_chain_before(tmp_path):
     modelcard.make_card(tmp_path / "A", bundled, title="T x2", benchmarks=bench)
     shutil.copytree(bundled, tmp_path / "parent-card")
     parent = DLSR.from_pretrained(bundled)
-    for name, seed in (("C", 1), ("D", 2)):  # two fine-tunes of the bundled model, as the x2 soup's
-        train(_cfg(tmp_path, name, steps=4, seed=seed, lr=1e-4, init_from=str(bundled)))
+    for name, seed in (("C", 1), ("D", 2), ("G", 5)):  # fine-tunes of the bundled model, as the x2 soup's
+        train(_cfg(tmp_path, name, steps=4 if name != "G" else 2, seed=seed, lr=1e-4, init_from=str(bundled)))
     # the bundled model goes in as its run's best/ (weights/m is about to be replaced by the soup)
     soup = make_soup([tmp_path / "A" / "best", tmp_path / "C" / "best", tmp_path / "D" / "best"], tmp_path / "soup")
 
@@ -166,6 +170,14 @@ def test_soup_card_lists_each_fine_tune_and_the_chain_before(tmp_path):
                                     continues=tmp_path / "parent-card").joinpath("README.md").read_text()
     assert f"--greedy-on {bench / 'Set5'}`" in text and f"greedy selection on `{bench / 'Set5'}`" in text
     assert f"`{tmp_path / 'A' / 'best'}` alone 30.0000 dB; `{tmp_path / 'C' / 'best'}` added 30.0000 dB" in text
+    # a soup chosen on Set14 would make the card's held-out figures a selection score: refused
+    record = json.loads((greedy / "soup.json").read_text())
+    record["greedy"]["val"] = str(bench / "Set14" / "HR")
+    (greedy / "soup.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="must stay held out"):
+        modelcard.make_soup_card(greedy, tmp_path / "greedy-card2", title="T x2", benchmarks=bench,
+                                 continues=tmp_path / "parent-card")
+    assert not (tmp_path / "greedy-card2").exists()
 
     # a fine-tune that went on and picked another best since is not the soup's ingredient any more
     shutil.copyfile(tmp_path / "A" / "best" / "model.safetensors", tmp_path / "D" / "best" / "model.safetensors")
@@ -190,6 +202,11 @@ def test_soup_card_lists_each_fine_tune_and_the_chain_before(tmp_path):
     card_before = (bundled / "README.md").read_text()
     with pytest.raises(ValueError, match="holds a soup already"):
         modelcard.make_soup_card(soup, bundled, title="T x2", benchmarks=bench, continues=bundled)
+    # nor is a soup's fine-tune, or a run started from the weights bundled before the soup, its next stage
+    with pytest.raises(ValueError, match="is already a fine-tune in stage 2"):
+        modelcard.make_card(tmp_path / "C", bundled, title="T x2", benchmarks=bench, continues=bundled)
+    with pytest.raises(ValueError, match="when it held other weights"):
+        modelcard.make_card(tmp_path / "G", bundled, title="T x2", benchmarks=bench, continues=bundled)
     assert (bundled / "README.md").read_text() == card_before
 
     # a run warm-started from the soup: its card continues the chain with the soup as one stage, and no
