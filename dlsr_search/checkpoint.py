@@ -91,17 +91,29 @@ def resume_or_start(cfg: C, *, kind: str, explicit: Iterable[str] | None,
     return cfg, None
 
 
-def ensure_finite(tensors: Iterable[torch.Tensor], *, step: int, ckpt_path: Path, saved_step: int | None,
-                  log: Any) -> None:
-    """Record "diverged" in the run's `log` and raise `TrainingDiverged` when a loss or weight is NaN/inf:
-    a diverged state is never checkpointed (it would replace the last good last.pt) nor logged as progress."""
-    if all(bool(torch.isfinite(t).all()) for t in tensors):
-        return
-    log.record("diverged", step)
-    kept = (f"{ckpt_path} (step {saved_step}) is left as it was" if saved_step is not None
-            else "no checkpoint was written")
-    raise TrainingDiverged(f"the loss or the weights are no longer finite at step {step}; {kept}. Start a new run "
-                           "with a lower --lr or a --grad-clip")
+class RunCheckpoints:
+    """A run's last.pt, never written from a diverged state (NaN/inf would replace the last good one).
+    `check` records "diverged" in the run's `log` and raises `TrainingDiverged`, naming the checkpoint
+    left as it was; `save` checks, writes atomically and logs. `saved_step`: the step last.pt holds
+    (None: none written yet)."""
+
+    def __init__(self, path: Path, log: Any, saved_step: int | None) -> None:
+        self.path, self.log, self.saved_step = path, log, saved_step
+
+    def check(self, tensors: Iterable[torch.Tensor], step: int) -> None:
+        if all(bool(torch.isfinite(t).all()) for t in tensors):
+            return
+        self.log.record("diverged", step)
+        kept = (f"{self.path} (step {self.saved_step}) is left as it was" if self.saved_step is not None
+                else "no checkpoint was written")
+        raise TrainingDiverged(f"the loss or the weights are no longer finite at step {step}; {kept}. Start a new "
+                               "run with a lower --lr or a --grad-clip")
+
+    def save(self, state: Mapping[str, Any], *, finite: Iterable[torch.Tensor], step: int) -> None:
+        self.check(finite, step)
+        atomic_torch_save(dict(state), self.path)
+        self.saved_step = step
+        self.log.record("checkpoint", step, path=str(self.path))
 
 
 def config_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
@@ -151,7 +163,7 @@ __all__ = [
     "CheckpointError",
     "atomic_torch_save",
     "config_of",
-    "ensure_finite",
+    "RunCheckpoints",
     "load_checkpoint",
     "rng_state",
     "seed_everything",

@@ -33,8 +33,8 @@ import torch
 from dlsr_infer.genotype import Genotype, loads as load_genotype_json
 
 from . import distributed as D
-from .checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, ensure_finite, load_checkpoint, resume_or_start, rng_state,
-                         seed_everything, set_rng_state)
+from .checkpoint import (CHECKPOINT_FORMAT, RunCheckpoints, load_checkpoint, resume_or_start, rng_state, seed_everything,
+                         set_rng_state)
 from .config import ConfigError, check_common, from_json, to_json
 from .data import DataError, PatchDataset, default_data_roots, patch_loader, split_by_image, step_indices, to_float
 from .genotypes import derive_genotype
@@ -224,7 +224,7 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
     def snapshot(reason: str) -> Genotype:
         """Derive the genotype; write it if asked to or if it changed (rank 0)."""
         nonlocal last_genotype
-        check_finite(model.arch_parameters())  # NaN alphas would derive a meaningless genotype
+        checkpoints.check(model.arch_parameters(), step)  # NaN alphas would derive a meaningless genotype
         genotype = model.genotype(**_provenance(cfg, step), reason=reason)
         changed = last_genotype is None or not genotype.architecture_equals(last_genotype)
         if info.is_main and (changed or reason != "changed"):
@@ -241,23 +241,16 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
         last_genotype = genotype
         return genotype
 
-    saved_step = step if ckpt is not None else None
-
-    def check_finite(tensors: Iterable[torch.Tensor]) -> None:
-        ensure_finite(tensors, step=step, ckpt_path=ckpt_path, saved_step=saved_step, log=log)
+    checkpoints = RunCheckpoints(ckpt_path, log, step if ckpt is not None else None)
 
     def save_checkpoint() -> None:
-        nonlocal saved_step
-        check_finite([*sums.values(), *model.parameters()])
-        atomic_torch_save({
+        checkpoints.save({
             "format": CHECKPOINT_FORMAT, "kind": "search", "step": step, "config": to_json(cfg),
             "model": model.state_dict(), "w_optimizer": w_opt.state_dict(), "a_optimizer": a_opt.state_dict(),
             "w_scheduler": w_sched.state_dict(), "rng": rng_state(),
             "genotype_json": last_genotype.to_json() if last_genotype is not None else "",
             "samples_seen": step * cfg.batch, "world": info.world, "train_seconds": train_seconds,
-        }, ckpt_path)
-        saved_step = step
-        log.record("checkpoint", step, path=str(ckpt_path))
+        }, finite=[*sums.values(), *model.parameters()], step=step)
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     sums = {k: torch.zeros((), device=device) for k in ("train", "val", "param")}

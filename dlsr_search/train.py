@@ -23,8 +23,7 @@ from dlsr_infer.genotype import loads as load_genotype_json
 from dlsr_infer.model import DLSR, MIN_INPUT_SIZE
 
 from . import distributed as D
-from .checkpoint import (CHECKPOINT_FORMAT, atomic_torch_save, ensure_finite, resume_or_start, rng_state, seed_everything,
-                         set_rng_state)
+from .checkpoint import CHECKPOINT_FORMAT, RunCheckpoints, resume_or_start, rng_state, seed_everything, set_rng_state
 from .config import ConfigError, check_common, to_json
 from .data import DataError, PatchDataset, default_data_roots, patch_loader, split_by_image, to_float
 from .ema import WeightEMA
@@ -213,23 +212,16 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
             return None
         return valset.psnr(served, device, autocast_dtype=autocast_dtype)
 
-    saved_step = step if ckpt is not None else None
-
-    def check_finite(tensors: Iterable[torch.Tensor]) -> None:
-        ensure_finite(tensors, step=step, ckpt_path=ckpt_path, saved_step=saved_step, log=log)
+    checkpoints = RunCheckpoints(ckpt_path, log, step if ckpt is not None else None)
 
     def save_checkpoint(last_val: float | None) -> None:
-        nonlocal saved_step
-        check_finite([window_loss, *params])
-        atomic_torch_save({
+        checkpoints.save({
             "format": CHECKPOINT_FORMAT, "kind": "train", "step": step, "config": to_json(cfg),
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             **({"ema": ema.state_dict()} if ema is not None else {}),
             "rng": rng_state(), "best_psnr": best_psnr, "last_val_psnr": last_val,
             "samples_seen": step * cfg.batch, "world": info.world, "train_seconds": train_seconds,
-        }, ckpt_path)
-        saved_step = step
-        log.record("checkpoint", step, path=str(ckpt_path))
+        }, finite=[window_loss, *params], step=step)
 
     def run_info(val: float | None) -> dict[str, Any]:
         return {"step": step, "val_psnr_y": None if val is None else round(val, 4),
@@ -267,7 +259,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             mean_loss = D.mean_over_ranks(window_loss.item() / window_steps, info)
-            check_finite([torch.tensor(mean_loss)])  # the mean over ranks: every rank stops at the same step
+            checkpoints.check([torch.tensor(mean_loss)], step)  # the mean over ranks: every rank stops at the same step
             dt = time.perf_counter() - window_t0
             losses.append((step, mean_loss))
             lr_now = sched.get_last_lr()[0]
