@@ -40,6 +40,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def read_log(run: Path) -> list[dict[str, Any]]:
     return read_jsonl(run / "log.jsonl")
 
@@ -174,7 +178,7 @@ def _write_stages(out: Path, stages: Sequence[Any], run: Path, records: list[dic
         stale.unlink()
     logs, entries = _stage_files(stages, notes[:len(stages)])
     for name, recs in logs.items():
-        (out / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        write_jsonl(out / name, recs)
     entries.append({"run": str(run), "log": "log.jsonl", "until": until, "data_note": notes[len(stages)]})
     (out / STAGES_NAME).write_text(json.dumps({"format_version": 1, "stages": entries}, indent=1) + "\n")
 
@@ -542,8 +546,7 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
                      for ing, run, _ in members]
     curves = [(run.name, [(r["step"], r["psnr_y"]) for r in recs if r["event"] == "val" and r.get("psnr_y") is not None])
               for run, recs in trained]
-    last = stages[-1][1] if stages and not isinstance(stages[-1], SoupStage) else []
-    start = [r["psnr_y"] for r in last if r["event"] == "val" and r.get("best")]
+    start = [r["psnr_y"] for r in (stages[-1][1] if stages else []) if r["event"] == "val" and r.get("best")]
     if start:  # the level the fine-tunes started from: the warm start's own pick
         end = max((x for _, pts in curves for x, _ in pts), default=1)
         curves.append(("warm start", [(0, start[-1]), (end, start[-1])]))
@@ -562,7 +565,7 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
     chain = [_chain_line(i, stage, out, note) for i, (stage, note) in enumerate(zip(stages, notes), start=1)]
     history = ("\n- training stages up to the common warm start, oldest first (each warm-started from the one "
                "before; logs `log-stage<i>.jsonl`):\n" + "\n".join(chain)) if chain else ""
-    total_steps = sum(_stage_steps(stage) for stage in stages) + sum(_stage_steps((run, recs)) for run, recs in trained)
+    total_steps = sum(_stage_steps(stage) for stage in [*stages, *trained])
     total_h = (sum(_stage_seconds(stage) for stage in stages) + sibling_s) / 3600
     hw = hardware or f"{_cpu_name()}, {config.get('threads') or 'all'} CPU threads"
     tried = greedy["candidates"] if greedy else [ing["model"] for ing, _, _ in members]
@@ -603,7 +606,7 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
     for name in ("config.json", "model.safetensors", SOUP_NAME):
         shutil.copyfile(soup / name, out / name)
     for name, recs in logs.items():
-        (out / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        write_jsonl(out / name, recs)
     (out / STAGES_NAME).write_text(json.dumps(index, indent=1) + "\n")
     plot_curves(curves, out / "curve.png", f"{title}: validation PSNR-Y of the soup's fine-tunes")
     (out / "README.md").write_text(card)
