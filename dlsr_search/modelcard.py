@@ -147,7 +147,8 @@ def _chain_line(i: int, stage: Any, out: Path, note: str | None) -> str:
     head = (f"  {i}. model soup (`dlsr-search soup`): the uniform average of the weights of {', '.join(parts)}; "
             f"{_stage_steps(stage):,} fine-tuning steps, wall time {_stage_seconds(stage) / 3600:.2f} h in all; logs "
             f"`log-stage{i}-soup<k>.jsonl`; fine-tunes:")
-    subs = ["    " + _stage_line(None, run, recs, out, None) for run, recs in stage.fine_tunes]
+    runs = [m for m in stage.members if "run" in m]
+    subs = ["    " + _stage_line(None, run, recs, out, m.get("data_note")) for m, (run, recs) in zip(runs, stage.fine_tunes)]
     return "\n".join([head, *subs])
 
 
@@ -488,15 +489,16 @@ def _best_pick(records: list[dict[str, Any]]) -> int | None:
 
 
 def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, continues: Path,
-                   hardware: str | None = None) -> Path:
+                   hardware: str | None = None, data_notes: Mapping[str, str] | None = None) -> Path:
     """Write the model directory `out` for `soup` (written by `dlsr-search soup`): its weights and
     soup.json, the card, each fine-tune's training log (`log-soup<k>.jsonl`), the chain of `continues`
     (`log-stage<i>.jsonl`, stages.json with a "soup" list) and the fine-tunes' learning curves.
 
     `continues` is the model directory (written by this tool) that every fine-tune was warm-started from;
     each ingredient must be its weights or a fine-tune's `RUN/best` that still holds the weights the soup
-    averaged (listed with its command, up to that pick). Everything is read and evaluated before `out`
-    is written, so `out` may be `continues` itself."""
+    averaged (listed with its command, up to that pick). `data_notes`: as `make_card`'s, for fine-tunes
+    trained on another machine. Everything is read and evaluated before `out` is written, so `out` may be
+    `continues` itself."""
     from .soup import SOUP_NAME, read_soup
 
     if (continues / SOUP_NAME).is_file():
@@ -531,6 +533,7 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
                              f"{parent[:12]}): a soup's card lists fine-tunes of the model it continues")
         members.append((ing, model.parent, records_until(records, _best_pick(records))))
     trained = [(run, recs) for _, run, recs in members if run is not None]
+    ft_notes = {run: _noted_data(run_config(recs).get("data"), data_notes) for run, recs in trained}
     if not trained:
         raise ValueError(f"{soup}: no ingredient is a fine-tune with a training log")
     model = DLSR.from_pretrained(soup)
@@ -542,7 +545,8 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
     index: dict[str, Any] = {"format_version": 1, "stages": entries}
     k = iter(range(1, len(trained) + 1))
     index["soup"] = [{"model": ing["model"], "sha256": ing["sha256"],
-                      **({"run": str(run), "log": f"log-soup{next(k)}.jsonl"} if run else {"stage": len(stages)})}
+                      **({"run": str(run), "log": f"log-soup{next(k)}.jsonl", "data_note": ft_notes[run]} if run
+                         else {"stage": len(stages)})}
                      for ing, run, _ in members]
     curves = [(run.name, [(r["step"], r["psnr_y"]) for r in recs if r["event"] == "val" and r.get("psnr_y") is not None])
               for run, recs in trained]
@@ -559,7 +563,7 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
                          "below, the warm start of the others")
             continue
         pick = [r for r in recs if r["event"] == "val" and r.get("best")][-1]
-        lines.append(_stage_line(None, run, recs, out, None)
+        lines.append(_stage_line(None, run, recs, out, ft_notes[run])
                      + f"; its pick: step {pick['step']:,}, the best validation PSNR-Y ({pick['psnr_y']:.3f} dB)")
     sibling_s = sum(wall_time_s(recs) for _, recs in trained)
     chain = [_chain_line(i, stage, out, note) for i, (stage, note) in enumerate(zip(stages, notes), start=1)]
@@ -579,7 +583,7 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
                      + " (what was left out is not in the weights; its logs and wall time are not listed here)")
     # every fine-tune's data and validation folders (the same for all, as a rule)
     datas = dict.fromkeys(tuple(run_config(recs).get("data") or ["$DLSR_DATA"]) for _, recs in trained)
-    data = "; ".join(f"`{', '.join(d)}` ({_data_note(list(d), None)})" for d in datas)
+    data = "; ".join(f"`{', '.join(d)}` ({_data_note(list(d), _noted_data(list(d), data_notes))})" for d in datas)
     val = ", ".join(f"`{v}`" for v in dict.fromkeys(run_config(recs).get("val") or "held-out training images"
                                                   for _, recs in trained))
     card = f"""{_card_head(title, model, rows)}
@@ -710,11 +714,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--data-note takes FOLDER=TEXT")
     try:
         if (a.run / "soup.json").is_file():  # a model soup: its ingredients say which runs trained it
-            if a.model or a.earlier or notes or a.continues is None:
-                p.error("a soup's card takes --continues (the model its fine-tunes started from) and no --model, "
-                        "--earlier or --data-note: its soup.json names its models")
+            if a.model or a.earlier or a.continues is None:
+                p.error("a soup's card takes --continues (the model its fine-tunes started from) and no --model "
+                        "or --earlier: its soup.json names its models")
             out = make_soup_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
-                                 continues=a.continues, hardware=a.hardware)
+                                 continues=a.continues, hardware=a.hardware, data_notes=notes)
         else:
             out = make_card(a.run, a.out, title=a.title, benchmarks=a.benchmarks or default_benchmarks_dir(),
                         model_dir=a.model, hardware=a.hardware, earlier=[parse_stage(e) for e in a.earlier],

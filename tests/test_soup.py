@@ -77,6 +77,30 @@ def test_soup_round_trip_and_its_refusals(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err and not (tmp_path / "new4").exists()
 
 
+def test_a_soup_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failure after the weights are written (here: soup.json) leaves no soup folder, no weights without
+    their soup.json, and no hidden temporary folder; an empty folder given as the output stays."""
+    import dlsr_search.soup as soup_mod
+
+    dirs = [_model(seed).save_pretrained(tmp_path / f"m{seed}") for seed in (1, 2)]
+
+    def full_disk(path, write, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(soup_mod, "atomic_write", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        make_soup(dirs, tmp_path / "out" / "soup")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="No space"):
+        make_soup(dirs, tmp_path / "empty")
+    assert not (tmp_path / "out" / "soup").exists() and list((tmp_path / "out").iterdir()) == []
+    assert (tmp_path / "empty").is_dir() and list((tmp_path / "empty").iterdir()) == []
+    monkeypatch.undo()
+    out = make_soup(dirs, tmp_path / "empty")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "soup.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "m1", "m2", "out"]
+
+
 def test_greedy_soup_leaves_out_what_lowers_the_validation_score(tmp_path, monkeypatch):
     """Scored by closeness to a target network (a stand-in for PSNR, so the outcome is certain): two noisy
     copies of it average closer to it and are kept; a far one would pull the average away and is left out."""
@@ -135,9 +159,12 @@ def test_soup_card_lists_each_fine_tune_and_the_chain_before(tmp_path):
     # the bundled model goes in as its run's best/ (weights/m is about to be replaced by the soup)
     soup = make_soup([tmp_path / "A" / "best", tmp_path / "C" / "best", tmp_path / "D" / "best"], tmp_path / "soup")
 
+    note = "12 images on a GPU machine"  # --data-note: fine-tunes trained on another machine's copy
     assert modelcard.main(["--title", "T x2", "--continues", str(bundled), "--benchmarks", str(bench),
-                           str(soup), str(bundled)]) == 0
+                           "--data-note", f"{tmp_path / 'imgs'}={note}", str(soup), str(bundled)]) == 0
     card = (bundled / "README.md").read_text()
+    assert f"- data: `{tmp_path / 'imgs'}` ({note});" in card
+    assert card.count(f"data: {note}; L1 loss") == 2  # each fine-tune's line
     # the figure is dlsr-eval's on the soup's weights, now bundled
     assert (bundled / "model.safetensors").read_bytes() == (soup / "model.safetensors").read_bytes()
     ours = evaluate(DLSR.from_pretrained(bundled), [bench / "Set5"])[0]
@@ -219,6 +246,7 @@ def test_soup_card_lists_each_fine_tune_and_the_chain_before(tmp_path):
     assert (f"  2. model soup (`dlsr-search soup`): the uniform average of the weights of `{tmp_path / 'A' / 'best'}` "
             f"(stage 1's weights), `{tmp_path / 'C' / 'best'}`, `{tmp_path / 'D' / 'best'}`; 8 fine-tuning steps") in card
     assert f"\n      - `{tmp_path / 'C'}`, x2: 4 steps" in card and f"\n      - `{tmp_path / 'D'}`, x2: 4 steps" in card
+    assert card.count(f"data: {note}; L1 loss") == 2  # the fine-tunes' data notes survive the chain
     assert f"  3. `{tmp_path / 'F'}`, x2: 2 steps" in card and "(this run)" in card
     assert "all stages, up to the bundled weights: 14 steps" in card
     for name in ("log-stage1.jsonl", "log-stage2-soup1.jsonl", "log-stage2-soup2.jsonl", "log.jsonl"):
