@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import re
 import sys
 from pathlib import Path
@@ -45,12 +46,18 @@ def rename_key(key: str) -> str:
     raise ModelLoadError(f"authors' checkpoint has a tensor we do not know how to map: {key!r}")
 
 
+def _check_input_range(value: object) -> float:
+    """`value` as the top of the images' value range: a finite number > 0 (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"input_range must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def rescale_for_unit_range(state: Mapping[str, torch.Tensor], input_range: float) -> dict[str, torch.Tensor]:
     """Turn weights for images in [0, input_range] into weights for images in [0, 1] (exactly).
 
     Exact because the activations are (leaky) ReLUs, which commute with a positive factor only."""
-    if isinstance(input_range, bool) or not math.isfinite(input_range) or input_range <= 0:
-        raise ValueError(f"input_range must be a finite number > 0, got {input_range!r}")
+    _check_input_range(input_range)
     if input_range == 1:
         return dict(state)
     out = {}
@@ -105,12 +112,9 @@ def _genotype_arg(value: str) -> Genotype:
 
 def _input_range_arg(value: str) -> float:
     try:
-        v = float(value)
+        return _check_input_range(float(value))
     except ValueError:
-        v = math.nan
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value!r}")
-    return v
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
