@@ -434,12 +434,13 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     steps = config["steps"]
     # the step the bundled weights come from: the last best validation for best/ (by default or named with
     # --model), else the last checkpoint
-    is_best = src.resolve() == (run / "best").resolve()
-    events = [r for r in records if (r["event"] == "val" and r.get("best")) or
-              (not is_best and r["event"] == "checkpoint")]
-    model_step = events[-1]["step"] if events else steps
     # a best validation pick hands on its step: the chain (stages.json, the stage line, the totals) stops there
-    until = model_step if is_best and events else None
+    until = _best_pick(records) if src.resolve() == (run / "best").resolve() else None
+    if until is not None:
+        model_step = until
+    else:  # an export of last.pt (or a best/ of a run that never validated): its last checkpoint
+        saved = [r["step"] for r in records if r["event"] == "checkpoint" or (r["event"] == "val" and r.get("best"))]
+        model_step = saved[-1] if saved else steps
     picked = " (its best validation PSNR-Y)" if until is not None else ""
     # Evaluated before anything is written: a failure must not leave `out` half replaced.
     rows = _results_rows(model, title, benchmarks)
