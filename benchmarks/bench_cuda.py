@@ -9,11 +9,13 @@ What it measures (random weights, seeded: speed and memory do not depend on trai
       fp32        eager `DLSR` layers in float32, NCHW (on CUDA the fused CPU form does not apply)
       fp32-cl     the same with channels_last input and weights
       bf16-cl     channels_last under `torch.autocast("cuda", torch.bfloat16)`
-      fp16-cl     channels_last under fp16 autocast: what `upscale(device="cuda")` runs by default
+      fp16-cl     channels_last under fp16 autocast: what `upscale(device="cuda")` runs by default for
+                  passes of 160k+ LR pixels (below, fp32-cl: `upscaling.CUDA_FP16_MIN_PIXELS`)
       compile     `torch.compile` of the fp16-cl path (x4 only by default; compile time reported)
   * x4 fp32 against fp16 autocast from one 320x180 LR image to a batch of four 960x540 ones;
   * peak CUDA memory per LR pixel of one fp16 / fp32 forward at several sizes, next to the estimate
     `tiling.bytes_per_pixel` makes (it sizes the automatic tiles);
+  * `upscale()` x4 with dtype 'auto' against 'fp16' at LR 320x180, 427x240, 640x360 (CUDA);
   * `upscale()` end to end on a 960x540 uint8 numpy image at x4 (4K output): the automatic tile
     choice, and a forced 256 px tile (tiling overhead).
 """
@@ -171,6 +173,26 @@ def bench_upscale(args: argparse.Namespace, device: torch.device) -> dict[str, A
     return res
 
 
+def bench_upscale_auto(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """`upscale()` (x4, numpy uint8 in and out) with dtype 'auto' against 'fp16', interleaved, on either
+    side of `upscaling.CUDA_FP16_MIN_PIXELS`: what picking the dtype by the size of a pass gains."""
+    from dlsr_infer.upscaling import Upscaler, cuda_auto_dtype
+
+    model = make_model("dlsr_x4")
+    rows = []
+    for h, w in ((180, 320), (240, 427), (360, 640)):
+        photo = synthetic_photo(h, w, seed=1)
+        ups = {d: Upscaler(model, device=device, dtype=d) for d in ("auto", "fp16")}
+        walls = timed({d: (lambda u=u: u(photo)) for d, u in ups.items()}, args.repeats, args.warmup, device)
+        med = {d: statistics.median(t) * 1000 for d, t in walls.items()}
+        picked = ups["auto"].last_stats.compute_dtype
+        assert picked == cuda_auto_dtype(h, w), (picked, h, w)  # what the size rule says, for one whole image
+        rows.append({"lr": [w, h], "auto_dtype": str(picked).replace("torch.", ""),
+                     "auto_ms": round(med["auto"], 2), "fp16_ms": round(med["fp16"], 2),
+                     "auto_speedup": round(med["fp16"] / med["auto"], 2)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -211,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         for m in result["memory"]:
             print(f"memory x{m['scale']} {m['dtype']} LR {m['lr'][0]}x{m['lr'][1]}: {m['peak_mib']} MiB, "
                   f"{m['bytes_per_lr_px']} B/px (estimate {m['estimate_bytes_per_lr_px']})", flush=True)
+    if device.type == "cuda":
+        result["upscale_auto_x4"] = bench_upscale_auto(args, device)
+        for r in result["upscale_auto_x4"]:
+            print(f"upscale() x4 LR {r['lr'][0]}x{r['lr'][1]}: auto ({r['auto_dtype']}) {r['auto_ms']} ms, "
+                  f"fp16 {r['fp16_ms']} ms ({r['auto_speedup']}x)", flush=True)
     result["upscale_4k_x4"] = bench_upscale(args, device)
     print("upscale 960x540 -> 4K (x4):", result["upscale_4k_x4"], flush=True)
     if args.json:

@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, metavar="N", help="tiles per batch (default: from memory)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="compute precision (auto: fp16 on CUDA; on CPU bf16 where native and parity holds, else fp32)")
+                   help="compute precision (auto: on CUDA fp16 for passes of 160k+ LR pixels, else fp32; on CPU bf16 "
+                        "where native and parity holds, else fp32)")
     p.add_argument("--alpha", default="model", choices=("model", "bicubic"), help="how alpha channels are upscaled")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it for many images)")
     p.add_argument("--suffix", help="added to output file names (default: _x<scale> next to the inputs, none with -o)")

@@ -276,6 +276,7 @@ class TileStats:
     overlap: int = 0
     batch_size: int = 1
     num_tiles: int = 0
+    compute_dtype: torch.dtype = torch.float32  # the autocast dtype the tiles ran in (fp32: none)
     oom_retries: int = 0
     fp32_fallbacks: int = 0
     tiles_tried: list[int] = field(default_factory=list)
@@ -428,7 +429,7 @@ def run_tiled(model: Any, x: torch.Tensor, *, scale: int, tile: int, overlap: in
         else:
             target(r0, r1, band)
 
-    stats = TileStats(tile=tile, overlap=overlap, batch_size=batch_size)
+    stats = TileStats(tile=tile, overlap=overlap, batch_size=batch_size, compute_dtype=compute_dtype)
     current = tile
     while True:
         grid = plan_tiles(hp, wp, tile=current, overlap=overlap, align=align)

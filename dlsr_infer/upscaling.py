@@ -60,10 +60,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+#: dtype='auto' on CUDA runs a pass (whole images, or a batch of tiles) of at least this many LR pixels
+#: under fp16 autocast and a smaller one in exact fp32. Measured on an H100 in three sessions
+#: (benchmarks/README.md, CUDA): fp16 autocast was slower up to 102k LR pixels per pass (x3 at LR 427x240:
+#: 13.4 ms against 7.9 ms in fp32; x4 at 320x180: 0.77x) and faster from 230k (x2 at 640x360: 11.0 against
+#: 14.7 ms; x4 at 960x540 and up: 1.4x). Small passes are bound by kernel launches, and autocast adds cast
+#: kernels to them.
+CUDA_FP16_MIN_PIXELS = 160_000
+
+
+def cuda_auto_dtype(height: int, width: int, *, count: int = 1, tile: int = 0, batch_size: int = 1) -> torch.dtype:
+    """What dtype='auto' runs `count` LR images of `height` x `width` in on CUDA, given the tiling:
+    fp16 where one pass holds at least `CUDA_FP16_MIN_PIXELS` LR pixels, else fp32."""
+    th, tw = (min(tile, height), min(tile, width)) if tile else (height, width)
+    tiles = count * -(-height // th) * -(-width // tw)  # at least this many: overlaps only add tiles
+    return torch.float16 if min(batch_size, tiles) * th * tw >= CUDA_FP16_MIN_PIXELS else torch.float32
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The autocast dtype before a model is known: 'auto' is fp16 on CUDA and fp32 elsewhere. fp16 is
-    refused off CUDA (CPU has no fast fp16 convolutions). `Upscaler` refines CPU 'auto' per model
-    (`auto_dtype`)."""
+    """The autocast dtype before a model is known: 'auto' is fp16 on CUDA (lowered to fp32 for small
+    passes by `cuda_auto_dtype` once the image is known) and fp32 elsewhere. fp16 is refused off CUDA
+    (CPU has no fast fp16 convolutions). `Upscaler` refines CPU 'auto' per model (`auto_dtype`)."""
     if dtype is None or dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):
@@ -78,7 +95,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def auto_dtype(model: nn.Module, device: torch.device, *, compile: bool = False) -> torch.dtype:
-    """What dtype='auto' runs `model` in: fp16 on CUDA; on CPU bf16 where the CPU has native bf16 and
+    """What dtype='auto' runs `model` in: fp16 on CUDA (fp32 for passes too small for fp16 to pay:
+    `cuda_auto_dtype`); on CPU bf16 where the CPU has native bf16 and
     the model's bf16 form passes its parity probe (`fast.preferred_dtype`: about 2x faster than fp32,
     Set5 within 0.01 dB), else fp32. `compile=True` stays fp32 on CPU: only the eager fused bf16 form
     is parity-tested."""
@@ -231,9 +249,11 @@ def _progress_fn(progress: bool | ProgressFn | None) -> tuple[ProgressFn | None,
 def _super_resolve(x: torch.Tensor, write: Callable[[int, int, torch.Tensor], None], *, model: nn.Module,
                    eager: nn.Module, scale: int, tile: int | None, tile_overlap: int | None, batch_size: int | None,
                    device: torch.device, compute_dtype: torch.dtype, channels_last: bool, alpha: AlphaMode,
-                   progress: bool | ProgressFn | None) -> TileStats:
+                   progress: bool | ProgressFn | None, auto_by_size: bool = False) -> TileStats:
     """Run the network on `x` (N x C x H x W float, C 1..4) and hand finished rows to
-    `write(row0, row1, band)`, band being N x C x rows x W*scale float in [0, 1] (clamped)."""
+    `write(row0, row1, band)`, band being N x C x rows x W*scale float in [0, 1] (clamped).
+    `auto_by_size`: dtype='auto' on CUDA, where the tiling decides between fp16 and fp32
+    (`cuda_auto_dtype`); `compute_dtype` is then the largest it may use (fp16), which sizes the tiles."""
     if alpha not in ("model", "bicubic"):
         raise ValueError(f"alpha must be 'model' or 'bicubic', got {alpha!r}")
     n, c, h, w = x.shape
@@ -271,6 +291,8 @@ def _super_resolve(x: torch.Tensor, write: Callable[[int, int, torch.Tensor], No
         batch_size = auto_batch
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if auto_by_size:  # fp32 needs more memory per pixel, but only passes too small to matter get it
+        compute_dtype = cuda_auto_dtype(h, w, count=count, tile=tile, batch_size=batch_size)
 
     def sink(r0: int, r1: int, band: torch.Tensor) -> None:
         band = band.clamp(0.0, 1.0)
@@ -365,8 +387,12 @@ class Upscaler:
         self.model, self.eager, self.scale = get_model(model, scale=scale, device=self.device,
                                                        dtype=self.compute_dtype, compile=compile,
                                                        channels_last=self.channels_last)
-        if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        auto = dtype is None or (isinstance(dtype, str) and dtype == "auto")
+        if auto:
             self.compute_dtype = auto_dtype(self.eager, self.device, compile=compile)
+        # CUDA 'auto' settles per image by the size of a pass; a compiled graph keeps one dtype (a new
+        # autocast state would recompile it)
+        self.auto_by_size = auto and self.device.type == "cuda" and not compile
         self.tile, self.tile_overlap, self.batch_size = tile, tile_overlap, batch_size
         self.alpha: AlphaMode = alpha
         self.progress = progress
@@ -377,7 +403,8 @@ class Upscaler:
         stats = _super_resolve(x, write, model=self.model, eager=self.eager, scale=self.scale, tile=self.tile,
                                tile_overlap=self.tile_overlap, batch_size=self.batch_size, device=self.device,
                                compute_dtype=self.compute_dtype, channels_last=self.channels_last, alpha=self.alpha,
-                               progress=self.progress if progress is None else progress)
+                               progress=self.progress if progress is None else progress,
+                               auto_by_size=self.auto_by_size)
         self.last_stats = stats
         return stats
 
@@ -481,7 +508,8 @@ def upscale(image: ImageLike, scale: int | None = None, model: ModelLike = None,
         per batch (default: from memory on CUDA, 1 on CPU). On an out-of-memory error the batch,
         then the tile, is halved and retried (`tiling.TileOOMError` once nothing smaller is left).
     device, dtype
-        'auto' is CUDA if available with fp16 autocast, else CPU: there bf16 when the CPU has native
+        'auto' is CUDA if available, with fp16 autocast for passes of `CUDA_FP16_MIN_PIXELS` (160k) LR
+        pixels or more and fp32 below (where fp16 is slower), else CPU: there bf16 when the CPU has native
         bf16 (AVX512-BF16/AMX) and the model passes the bf16 parity probe (`fast.preferred_dtype`),
         else fp32. 'fp32' gives the exact float32 result; 'bf16' works on both; 'fp16' only on CUDA.
         Tiles that give NaN/Inf in fp16/bf16 are re-run in fp32.
@@ -526,5 +554,5 @@ def upscale_file(source: str | os.PathLike, destination: str | os.PathLike, scal
     return list(data.notes) + save_image(out, destination, format=format, quality=quality, overwrite=overwrite)
 
 
-__all__ = ["LUMA", "Upscaler", "auto_dtype", "clear_model_cache", "get_model", "resolve_device", "resolve_dtype",
+__all__ = ["CUDA_FP16_MIN_PIXELS", "LUMA", "Upscaler", "auto_dtype", "cuda_auto_dtype", "clear_model_cache", "get_model", "resolve_device", "resolve_dtype",
            "upscale", "upscale_file"]

@@ -1,11 +1,12 @@
-"""Upscale a batch of tensors on the GPU (fp16 autocast), e.g. frames inside a PyTorch pipeline.
+"""Upscale a batch of tensors on the GPU (fp16 autocast for big batches), e.g. frames inside a PyTorch pipeline.
 
     python examples/upscale_tensor_batch_gpu.py --random-weights
     python examples/upscale_tensor_batch_gpu.py --model x4 --frames 16 --size 270x480
 
 An N x 3 x H x W tensor in [0, 1] comes back as an N x 3 x sH x sW tensor of the same dtype on the same
 device. Tiles run in batches; the output is assembled on the CPU and moved back, so GPU memory is
-bounded by a batch of tiles. fp16 tiles that overflow are re-run in fp32 automatically. Without CUDA
+bounded by a batch of tiles. A pass of fewer than 160k LR pixels runs in fp32 (fp16 is slower there);
+fp16 tiles that overflow are re-run in fp32 automatically. Without CUDA
 this runs on the CPU (bf16 where the CPU has native bf16 and the model passes its parity probe, else fp32).
 """
 from __future__ import annotations

@@ -413,6 +413,50 @@ def test_upscale_name_is_the_function_in_any_import_order() -> None:
     assert callable(dlsr_infer.upscale)
 
 
+def test_cuda_auto_dtype_is_fp16_only_for_big_passes() -> None:
+    """dtype='auto' on CUDA: fp32 below CUDA_FP16_MIN_PIXELS LR pixels per pass (fp16 measured slower
+    there), fp16 from it; the tiling and batch decide what one pass holds."""
+    from dlsr_infer.upscaling import CUDA_FP16_MIN_PIXELS, cuda_auto_dtype
+
+    f16, f32 = torch.float16, torch.float32
+    assert cuda_auto_dtype(180, 320) == f32 and cuda_auto_dtype(240, 427) == f32  # measured slower in fp16
+    assert cuda_auto_dtype(360, 640) == f16 and cuda_auto_dtype(1080, 1920) == f16  # measured faster
+    assert cuda_auto_dtype(400, 400) == f16 and cuda_auto_dtype(399, 400) == f32 == cuda_auto_dtype(1, 10**5 + 1)
+    assert 399 * 400 < CUDA_FP16_MIN_PIXELS <= 400 * 400
+    assert cuda_auto_dtype(200, 200, count=4, batch_size=4) == f16  # four images in one pass
+    assert cuda_auto_dtype(200, 200, count=4, batch_size=1) == f32
+    assert cuda_auto_dtype(2000, 2000, tile=256, batch_size=8) == f16  # 8 tiles of 256 x 256 per pass
+    assert cuda_auto_dtype(2000, 2000, tile=256, batch_size=1) == f32
+    assert cuda_auto_dtype(200, 300, tile=256, batch_size=8) == f32  # only 2 tiles, 200 x 256 at most
+
+
+def test_auto_by_size_runs_the_tiles_in_the_dtype_the_size_picks(model: DLSR, monkeypatch) -> None:
+    """The plumbing of CUDA's 'auto', run on the CPU: the dtype picked for the pass is the one the tiles
+    run in, and TileStats says which."""
+    import dlsr_infer.upscaling as up
+
+    x = torch.rand(1, 3, 20, 24, generator=torch.Generator().manual_seed(3))
+    rows: dict = {}
+
+    def run(auto_by_size: bool, dtype: torch.dtype):
+        out = torch.zeros(1, 3, 40, 48)
+        def write(r0: int, r1: int, band: torch.Tensor) -> None:
+            out[:, :, r0:r1] = band
+        stats = up._super_resolve(x, write, model=model, eager=model, scale=2, tile=0, tile_overlap=None,
+                                  batch_size=1, device=torch.device("cpu"), compute_dtype=dtype,
+                                  channels_last=False, alpha="model", progress=None, auto_by_size=auto_by_size)
+        return out, stats
+
+    exact, stats = run(False, torch.float32)
+    assert stats.compute_dtype == torch.float32
+    small, stats = run(True, torch.bfloat16)  # 480 LR pixels: far below the threshold, so exact fp32
+    assert stats.compute_dtype == torch.float32 and torch.equal(small, exact)
+    monkeypatch.setattr(up, "cuda_auto_dtype", lambda *a, **k: torch.bfloat16)  # as a big pass would get fp16
+    low, stats = run(True, torch.bfloat16)
+    assert stats.compute_dtype == torch.bfloat16 and not torch.equal(low, exact)
+    assert Upscaler(model, device="cpu").auto_by_size is False  # only CUDA decides by size
+
+
 # --- CUDA (run where there is a GPU; skipped elsewhere) ---------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -422,10 +466,21 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def test_cuda_tensor_batch_fp16_round_trip(model: DLSR) -> None:
     x = torch.rand(3, 3, 40, 50, generator=torch.Generator().manual_seed(0))
     ref = upscale(x, model=model, device="cpu")
-    out = upscale(x.cuda().half(), model=model, tile=24, tile_overlap=8)  # auto: fp16 autocast, channels_last
+    out = upscale(x.cuda().half(), model=model, tile=24, tile_overlap=8)  # auto: channels_last (fp32: a small pass)
     assert out.device.type == "cuda" and out.dtype == torch.float16 and out.shape == (3, 3, 80, 100)
     assert 10 * math.log10(1 / float(((out.float().cpu() - ref) ** 2).mean())) > 35
     assert next(model.parameters()).device.type == "cpu"  # the CPU model was copied, not moved
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_auto_runs_small_images_in_fp32_and_big_ones_in_fp16(model: DLSR) -> None:
+    a = rgb(30, 40)
+    up = Upscaler(model, device="cuda")
+    assert up.auto_by_size and np.array_equal(up(a), upscale(a, model=model, device="cuda", dtype="fp32"))
+    assert up.last_stats.compute_dtype == torch.float32
+    up(rgb(400, 400))
+    assert up.last_stats.compute_dtype == torch.float16
 
 
 @pytest.mark.cuda
