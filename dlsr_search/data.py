@@ -215,7 +215,10 @@ def patch_loader(dataset: PatchDataset, batch: int, *, start_step: int, end_step
             extra["multiprocessing_context"] = "fork"
         extra["persistent_workers"] = False
         extra["prefetch_factor"] = 4
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory, **extra)
+    # its own generator: iter() draws the workers' base seed from it, not from the global torch RNG that
+    # a checkpoint saves (a resumed run would otherwise restore the RNG and then draw one more than a straight one)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      generator=torch.Generator(), **extra)
 
 
 def to_float(batch: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:

@@ -270,14 +270,17 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
             window_loss.zero_()
             window_steps, window_t0 = 0, time.perf_counter()
 
-        if info.is_main and cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps) and valset:
+        val_due = bool(cfg.val_every) and (step % cfg.val_every == 0 or step == cfg.steps)
+        if val_due:  # every rank (they hold the same weights): NaN weights give a black image, which scores a
+            checkpoints.check(list(served.parameters()), step)  # finite PSNR that best/ would otherwise keep
+        if info.is_main and val_due and valset:
             last_val = validate()
-            improved = last_val > best_psnr
+            improved = math.isfinite(last_val) and last_val > best_psnr
             if improved:  # keep the best network as a ready-to-use model directory
                 best_psnr = last_val
                 save_model(served, out / "best", run_info(last_val))
             log.print(f"step {step:>8d} | val PSNR-Y {last_val:.3f} dB" + (" (best)" if improved else ""))
-            log.record("val", step, psnr_y=last_val, best=improved)
+            log.record("val", step, psnr_y=last_val if math.isfinite(last_val) else None, best=improved)
 
         stopping = D.broadcast_flag(stop.requested, info)
         due = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or \

@@ -5,6 +5,7 @@ PSNR on Y with ``scale`` border pixels cropped (`dlsr_infer.metrics.psnr_y`).
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -37,7 +38,8 @@ class ValidationSet:
 
     @torch.no_grad()
     def psnr(self, model: nn.Module, device: torch.device, *, autocast_dtype: torch.dtype | None = None) -> float:
-        """Mean PSNR-Y (dB) of ``model`` over the set; the model is left in the mode it was in."""
+        """Mean PSNR-Y (dB) of ``model`` over the set (NaN when an output is not finite: clamped and rounded
+        it would score as a black image); the model is left in the mode it was in."""
         was_training = model.training
         model.eval()
         scores = []
@@ -47,6 +49,8 @@ class ValidationSet:
                 x = x.to(device).float().div_(255.0)
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     y = model(x)
+                if not bool(torch.isfinite(y).all()):
+                    return math.nan
                 sr = y[0].float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
                 scores.append(psnr_y(sr, pair.hr, crop=self.scale))
         finally:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -140,6 +141,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
         assert torch.equal(a["ema"]["model"][k], v), k
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    # and the RNG states it saves (the data loader draws from its own generator, not the restored global one)
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert torch.equal(a["rng"]["numpy_keys"], b["rng"]["numpy_keys"]) and a["rng"]["numpy_pos"] == b["rng"]["numpy_pos"]
 
 
 def test_weight_ema_follows_its_formula():
@@ -378,6 +382,37 @@ def test_a_diverged_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, dat
     kept = load_checkpoint(tmp_path / "run" / "last.pt", kind="train")
     assert kept["step"] == 4 and all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
     assert _records(tmp_path / "run")[-1]["event"] == "diverged"
+
+
+def test_nan_weights_never_reach_best_and_a_nan_output_never_scores(tmp_path, data_dir, monkeypatch, capsys):
+    """A NaN network gives a black image, which scores a finite PSNR-Y: best/ kept such weights when the
+    weights diverged between log steps. Validation now checks the weights first (and a non-finite output
+    scores NaN, never "best")."""
+    val = write_images(tmp_path / "val", n=2, size=48, seed=5)
+    real = torch.optim.Adam.step
+
+    def poisoned(self, *a, **k):  # the weights blow up at step 3, between log steps (every 100)
+        out = real(self, *a, **k)
+        poisoned.calls += 1
+        if poisoned.calls == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    poisoned.calls = 0
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    argv = ["train", "--out", str(tmp_path / "run"), "--data", str(data_dir), "--val", str(val), "--val-every", "3",
+            "--log-every", "100", "--channels", "8", "--batch", "2", "--patch", "32", "--steps", "10",
+            "--threads", "1", "--no-progress"]
+    assert cli_main(argv) == 1
+    assert "no longer finite at step 3" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "best").exists()
+    assert [r["event"] for r in _records(tmp_path / "run")][-1] == "diverged"
+
+    model = DLSR(builtin("dlsr_x2").replace(channels=8))
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("inf"))
+    assert math.isnan(ValidationSet.from_folder(str(val), 2).psnr(model, torch.device("cpu")))
 
 
 def test_lr_cache_is_keyed_on_the_pixels_not_the_path_or_time(tmp_path, data_dir, monkeypatch):
