@@ -165,6 +165,22 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
     files, autocast_dtype, channels_last, threads, log = start_run(cfg, info, out, ckpt, desc=f"search x{cfg.scale}")
     device = info.device
 
+    # ---- data: a training stream (loader) and a held-out validation stream, split by image. Loaded
+    # before the run records its start (config.json, the start/resume records), as in train: a run that cannot
+    # use its data leaves no history that claims it searched
+    lr_patch = cfg.patch // cfg.scale
+    per_rank = cfg.batch // info.world
+    try:
+        holdout = int(round(cfg.val_holdout * len(files))) if cfg.val_holdout < 1 else int(cfg.val_holdout)
+        train_files, val_files = split_by_image(files, max(1, holdout), cfg.seed)
+        kw = dict(min_lr_size=lr_patch, cache_dir=cfg.lr_cache, threads=threads or 2, progress=log.bar is not None)
+        train_pairs, _ = load_pairs_ranked(train_files, cfg.scale, info, **kw)
+        val_pairs, _ = load_pairs_ranked(val_files, cfg.scale, info, **kw)
+        train_set = PatchDataset(train_pairs, cfg.scale, lr_patch, cfg.seed)
+        val_set = PatchDataset(val_pairs, cfg.scale, lr_patch, cfg.seed, stream=1)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+
     # ---- supernet, two optimizers: theta and A never share a step ---------------------------------------------
     seed_everything(cfg.seed)
     model = SuperNet(scale=cfg.scale, channels=cfg.channels, num_cells=cfg.cells,
@@ -196,19 +212,6 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
                   f"{sum(p.numel() for p in arch)} arch params | {device} x{info.world} | batch {cfg.batch} "
                   f"patch {cfg.patch} | warm-up {cfg.warmup} | steps {step}->{cfg.steps}")
 
-    # ---- data: a training stream (loader) and a held-out validation stream, split by image ----------------
-    lr_patch = cfg.patch // cfg.scale
-    per_rank = cfg.batch // info.world
-    try:
-        holdout = int(round(cfg.val_holdout * len(files))) if cfg.val_holdout < 1 else int(cfg.val_holdout)
-        train_files, val_files = split_by_image(files, max(1, holdout), cfg.seed)
-        kw = dict(min_lr_size=lr_patch, cache_dir=cfg.lr_cache, threads=threads or 2, progress=log.bar is not None)
-        train_pairs, _ = load_pairs_ranked(train_files, cfg.scale, info, **kw)
-        val_pairs, _ = load_pairs_ranked(val_files, cfg.scale, info, **kw)
-        train_set = PatchDataset(train_pairs, cfg.scale, lr_patch, cfg.seed)
-        val_set = PatchDataset(val_pairs, cfg.scale, lr_patch, cfg.seed, stream=1)
-    except DataError as e:
-        raise ConfigError(str(e)) from None
     log.print(f"data: {len(train_set.pairs)} images for the weights, {len(val_set.pairs)} held out for the architecture")
     loader = patch_loader(train_set, per_rank, start_step=step, end_step=cfg.steps, rank=info.rank,
                           world=info.world, workers=cfg.workers, pin_memory=device.type == "cuda")

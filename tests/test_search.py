@@ -192,6 +192,17 @@ def test_search_resume_continues_exactly_and_exports_its_genotype(tmp_path):
     exported = loads((tmp_path / "g.json").read_text())
     assert exported.architecture_equals(resumed.genotype) and exported.provenance["step"] == 8
 
+    # data it cannot use: refused before the run writes anything (a new folder) or records a start (a resume)
+    with pytest.raises(ConfigError, match="cannot hold out 10 of 6"):
+        search(SearchConfig(out=str(tmp_path / "new"), steps=8, **{**common, "val_holdout": 10}))
+    assert not (tmp_path / "new").exists()
+    for f in sorted(data.iterdir())[1:]:  # the data folder lost images since: the resume is refused as it is
+        f.unlink()
+    before = {f.name: f.read_bytes() for f in (tmp_path / "split").iterdir() if f.is_file()}
+    with pytest.raises(ConfigError, match="cannot hold out 2 of 1"):
+        search(SearchConfig(out=str(tmp_path / "split"), steps=12, resume=True, **common))
+    assert {f.name: f.read_bytes() for f in (tmp_path / "split").iterdir() if f.is_file()} == before
+
 
 def test_a_diverged_search_stops_before_writing_a_nan_genotype_or_checkpoint(tmp_path, monkeypatch):
     from dlsr_search.config import TrainingDiverged
