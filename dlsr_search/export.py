@@ -9,6 +9,23 @@ from dlsr_infer.genotype import Genotype, loads
 from dlsr_infer.model import DLSR
 
 from .checkpoint import config_of, load_checkpoint
+from .config import ConfigError
+
+#: What `save_model` writes. Anything else in a destination would stay beside the new weights and describe
+#: others: a soup's soup.json, a bundled card's stages.json and logs.
+MODEL_FILES = frozenset({"config.json", "model.safetensors", "README.md"})
+
+
+def check_export_dir(directory: str | os.PathLike, option: str = "the destination") -> None:
+    """Refuse (ConfigError) a destination that is a file or a folder holding more than a model directory's
+    files; an earlier export (or an empty folder) may be replaced."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{option} {d} is a file; give a model directory")
+    other = sorted(p.name for p in d.iterdir() if p.name not in MODEL_FILES) if d.is_dir() else []
+    if other:
+        raise ConfigError(f"{option} {d} holds {', '.join(other[:4])}{' ...' if len(other) > 4 else ''}, which would "
+                          "stay beside the new weights and describe others: export to a new folder")
 
 
 def model_card(genotype: Genotype, info: Mapping[str, Any]) -> str:
@@ -40,6 +57,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, directory: str | os.PathLik
     """A retrain checkpoint (``last.pt``) -> model directory: the averaged weights if the run kept an EMA.
     (A search checkpoint has no trained network to export: use its derived genotype, ``dlsr-search
     export`` writes that instead.)"""
+    check_export_dir(directory)
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("kind") != "train":
         raise ValueError(f"{checkpoint} is a {ckpt.get('kind')!r} checkpoint; only 'train' checkpoints hold a "
@@ -57,4 +75,4 @@ def export_checkpoint(checkpoint: str | os.PathLike, directory: str | os.PathLik
     return save_model(model, directory, info)
 
 
-__all__ = ["export_checkpoint", "model_card", "save_model"]
+__all__ = ["MODEL_FILES", "check_export_dir", "export_checkpoint", "model_card", "save_model"]

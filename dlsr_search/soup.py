@@ -77,6 +77,8 @@ def make_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             raise SoupError(f"the output {out} is one of the models ({m}): write the soup to a new directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # e.g. a bundled model and its card
         raise SoupError(f"{out} exists and is not an empty directory: write the soup to a new one")
+    if out.exists() and out.resolve() == Path.cwd().resolve():  # it is replaced by a renamed folder
+        raise SoupError(f"{out} is the current directory: write the soup to a new directory")
     loaded = [DLSR.from_pretrained(d) for d in dirs]
     for m, model in zip(models[1:], loaded[1:]):
         if not model.genotype.architecture_equals(loaded[0].genotype):
@@ -124,7 +126,10 @@ def _greedy(model: DLSR, states: list[dict[str, torch.Tensor]], names: list[str]
 
     def score(idx: list[int]) -> float:
         model.load_state_dict(average_state_dicts([states[i] for i in idx]), strict=True)
-        return float(evaluate(model, [val])[0]["psnr"])
+        try:
+            return float(evaluate(model, [val])[0]["psnr"])
+        except (ValueError, OSError) as e:  # an unreadable image, one too small for the border crop, ...
+            raise SoupError(f"--greedy-on {val}: {e}") from None
 
     alone = [score([i]) for i in range(len(states))]
     order = sorted(range(len(states)), key=lambda i: -alone[i])

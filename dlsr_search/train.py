@@ -112,8 +112,10 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         raise ConfigError("give either --val DIR or --val-holdout N, not both")
     if cfg.val_every < 0 or cfg.val_holdout < 0 or (cfg.val_max_images is not None and cfg.val_max_images < 1):
         raise ConfigError("--val-every and --val-holdout must be >= 0 and --val-max-images >= 1")
-    if cfg.export and Path(cfg.export).exists() and not Path(cfg.export).is_dir():
-        raise ConfigError(f"--export {cfg.export} is a file; give a model directory (checked now, not after training)")
+    if cfg.export:  # checked now, not after training
+        from .export import check_export_dir
+
+        check_export_dir(cfg.export, "--export")
 
 
 def train(cfg: TrainConfig, *, explicit: Iterable[str] | None = None) -> TrainResult:

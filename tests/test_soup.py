@@ -73,6 +73,16 @@ def test_soup_round_trip_and_its_refusals(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert not any((tmp_path / f"new{i}").exists() for i in (1, 2, 3, 5))
     assert (dirs[1] / "model.safetensors").read_bytes() == before
+    (tmp_path / "badval").mkdir()
+    (tmp_path / "badval" / "a.png").write_text("not an image")
+    assert cli.main(["soup", str(tmp_path / "new6"), str(dirs[0]), str(dirs[1]), "--greedy-on",
+                     str(tmp_path / "badval")]) == 2
+    assert f"--greedy-on {tmp_path / 'badval'}: " in capsys.readouterr().err and not (tmp_path / "new6").exists()
+    (tmp_path / "here").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path / "here")
+        assert cli.main(["soup", ".", str(dirs[0]), str(dirs[1])]) == 2
+    assert "is the current directory" in capsys.readouterr().err and not any((tmp_path / "here").iterdir())
     assert cli.main(["soup", str(tmp_path / "new4"), str(dirs[0]), str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err and not (tmp_path / "new4").exists()
 

@@ -315,6 +315,24 @@ def test_an_export_path_that_is_a_file_is_refused_before_training(tmp_path, data
     assert not (tmp_path / "run").exists()
 
 
+def test_an_export_over_another_models_files_is_refused(tmp_path, data_dir, capsys):
+    """Exporting into a folder that holds more than a model directory (a soup's soup.json, a bundled card's
+    stages.json) would leave those describing the new weights: refused up front; an earlier export is
+    replaced."""
+    assert cli_main(_tiny_argv(tmp_path / "run", data_dir)) == 0
+    capsys.readouterr()
+    ckpt = str(tmp_path / "run" / "last.pt")
+    assert cli_main(["export", ckpt, str(tmp_path / "exp")]) == 0
+    assert cli_main(["export", ckpt, str(tmp_path / "exp")]) == 0  # an earlier export: replaced
+    (tmp_path / "exp" / "soup.json").write_text("{}")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "exp").iterdir()}
+    assert cli_main(["export", ckpt, str(tmp_path / "exp")]) == 2
+    assert "holds soup.json, which would stay beside the new weights" in capsys.readouterr().err
+    assert cli_main(_tiny_argv(tmp_path / "run2", data_dir, "--export", str(tmp_path / "exp"))) == 2
+    assert "--export" in capsys.readouterr().err and not (tmp_path / "run2").exists()
+    assert {f.name: f.read_bytes() for f in (tmp_path / "exp").iterdir()} == before
+
+
 def test_search_checks_the_shared_options_too(tmp_path, data_dir, capsys):
     for option, value in (("--halve-every", "0"), ("--lr", "0"), ("--steps", "-5"), ("--arch-lr", "-1")):
         argv = ["search", "--out", str(tmp_path / "s"), "--data", str(data_dir), "--no-progress", option, value]
