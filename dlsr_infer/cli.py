@@ -264,9 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return output_path(src, root, output=args.output, as_folder=out_is_folder, suffix=suffix, fmt=args.format)
 
     # An input that is another input's output (a_x2.png next to a.png on a rerun) is not upscaled again.
-    outputs_of = {os.path.realpath(out_for(src, root)): src for src, root, err in sources if err is None}
-    ours = [src for src, _, err in sources
-            if err is None and outputs_of.get(os.path.realpath(src), src) != src]
+    # One whose own output is itself (b.png with --suffix "" in its own folder) is an original, even where
+    # another input also maps onto it (b.tga -> b.png): it stays an input, so neither job may write over it.
+    own = {src: os.path.realpath(out_for(src, root)) for src, root, err in sources if err is None}
+    outputs_of: dict[str, list[Path]] = {}
+    for src, out in own.items():
+        outputs_of.setdefault(out, []).append(src)
+    ours = [src for src, out in own.items() if out != os.path.realpath(src)
+            and any(other != src for other in outputs_of.get(os.path.realpath(src), []))]
     sources = [entry for entry in sources if entry[0] not in ours]
 
     jobs: list[Job] = []

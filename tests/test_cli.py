@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import ImageCms
+from PIL import Image, ImageCms
 
 from conftest import lively_model, write_image as image, write_image_folder
 from dlsr_infer.cli import main
@@ -76,6 +76,16 @@ def test_an_input_is_never_overwritten(capsys, folder: Path, model_dir: Path) ->
     assert rc == 1 and "would overwrite an input" in err and src.read_bytes() == original
     rc, out, err = run(capsys, folder / "a.png", "-o", folder, "--model", model_dir, "--overwrite")
     assert rc == 1 and "would overwrite an input" in err and src.read_bytes() == original
+    # b.tga's output is b.png, which is also its own output (--suffix ""): b.png is an input, not an output
+    # of another input, so neither job may write over it (it was dropped as "ours", then overwritten)
+    shots = folder.parent / "shots"
+    shots.mkdir()
+    (shots / "b.png").write_bytes(original)
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(shots / "b.tga")
+    for extra in ([], ["--overwrite"]):
+        rc, out, err = run(capsys, shots, "-o", shots, "--model", model_dir, *extra)
+        assert rc == 1 and err.count("would overwrite an input") == 2, err
+        assert (shots / "b.png").read_bytes() == original
 
 
 def test_default_naming_glob_format_and_single_file_output(capsys, folder: Path, model_dir: Path,
