@@ -323,6 +323,10 @@ def load_model_dir(cls: type["DLSR"], directory: Path, *, map_location: Any = "c
     check_state_dict(expected, read_safetensors_header(weights), source=str(weights))
     state = read_state_dict(weights)
     check_state_dict(expected, state, source=str(weights))  # the file may have changed since
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:  # such a network gives a black (or NaN) image without a word
+        raise ModelLoadError(f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}): corrupt weights, or a training run that diverged")
     if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
         if all(name in expected for name, _ in model.named_buffers()):
             model = model.to_empty(device="cpu")  # uninitialised; every tensor is loaded below

@@ -109,6 +109,16 @@ def test_strict_loading_names_a_misshaped_tensor(model_dir):
         DLSR.from_pretrained(model_dir)
 
 
+def test_weights_holding_nan_or_inf_are_refused_by_name(model_dir):
+    """A diverged run's weights load fine as tensors but give a black image without a word."""
+    def poison(s):
+        s["stem.weight"] = torch.full_like(s["stem.weight"], float("nan"))
+        s["stem.bias"] = torch.full_like(s["stem.bias"], float("inf"))
+    _edit_weights(model_dir, poison)
+    with pytest.raises(ModelLoadError, match=r"2 tensor\(s\) hold NaN or infinite values \(stem.bias, stem.weight\)"):
+        DLSR.from_pretrained(model_dir)
+
+
 def test_config_that_does_not_match_weights(model_dir):
     (model_dir / CONFIG_NAME).write_text(builtin("dlsr_x2").to_json())
     with pytest.raises(ModelLoadError, match="does not match its genotype"):
