@@ -559,6 +559,7 @@ def param_key(model: nn.Module) -> tuple[Any, ...]:
 
 # --- the cache `DLSR.forward` uses -------------------------------------------------------------
 _CACHE_ATTR = "_fast_cache"
+_PARITY_ATTR = "_fast_bf16_parity"  # (param_key, whether the bf16 form passed its parity probe)
 
 
 def fast_module(model: nn.Module, precision: str = "fp32") -> FastDLSR:
@@ -575,19 +576,36 @@ def fast_module(model: nn.Module, precision: str = "fp32") -> FastDLSR:
     device = next(model.parameters()).device
     requested = precision
     precision = resolve_precision(precision, device)
-    key = (requested, precision, param_key(model))
+    weights = param_key(model)
+    if requested == "auto" and precision == "bf16" and not _bf16_passes(model, weights):
+        precision = "fp32"
+    # keyed on what was resolved, not on what was asked: 'auto' resolved to bf16 and a later 'bf16' (the
+    # tiles of `upscale(dtype="auto")` run under bf16 autocast) share one build
+    key = (precision, weights)
     cached = model.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]
     module = build(model, precision=precision)
-    if requested == "auto" and precision == "bf16":
-        db = bf16_parity(model, module)
-        if db < BF16_MIN_PSNR:
-            warnings.warn(f"bf16 inference of this model is only {db:.1f} dB from fp32 (< {BF16_MIN_PSNR} dB); "
-                          "using fp32", RuntimeWarning, stacklevel=2)
-            module = build(model, precision="fp32")
     model.__dict__[_CACHE_ATTR] = (key, module)
     return module
+
+
+def _bf16_passes(model: nn.Module, weights: tuple[Any, ...]) -> bool:
+    """The parity probe's verdict for these weights (`bf16_parity` >= BF16_MIN_PSNR), remembered per
+    weights so that each 'auto' call does not probe again; a passing probe leaves its bf16 build cached."""
+    verdict = model.__dict__.get(_PARITY_ATTR)
+    if verdict is not None and verdict[0] == weights:
+        return verdict[1]
+    module = build(model, precision="bf16")
+    db = bf16_parity(model, module)
+    ok = db >= BF16_MIN_PSNR
+    if not ok:
+        warnings.warn(f"bf16 inference of this model is only {db:.1f} dB from fp32 (< {BF16_MIN_PSNR} dB); "
+                      "using fp32", RuntimeWarning, stacklevel=3)
+    else:
+        model.__dict__[_CACHE_ATTR] = (("bf16", weights), module)
+    model.__dict__[_PARITY_ATTR] = (weights, ok)
+    return ok
 
 
 #: Least PSNR (dB, [0, 1] range) between the bf16 and fp32 forms on the probe image for 'auto' to pick
@@ -655,8 +673,9 @@ def tune_malloc(limit_bytes: int = 1 << 30) -> bool:
 
 
 def invalidate(model: nn.Module) -> None:
-    """Drop `model`'s cached fused form (the next eval-mode no-grad forward rebuilds it)."""
+    """Drop `model`'s cached fused form and parity verdict (the next eval-mode no-grad forward rebuilds it)."""
     model.__dict__.pop(_CACHE_ATTR, None)
+    model.__dict__.pop(_PARITY_ATTR, None)
 
 
 def _has_hooks(model: nn.Module) -> bool:

@@ -254,6 +254,17 @@ def test_auto_precision_checks_bf16_parity(monkeypatch):
         fast.invalidate(model)  # the decision is cached with the form until the weights change
         assert fast.preferred_dtype(model) == torch.bfloat16
         assert fast.preferred_dtype(model, "meta") == torch.float32
+        # 'auto' then the bf16 tiles of upscale(dtype="auto"), call after call: one probe and one build in
+        # all (each call built the bf16 form twice and probed again, since 'auto' and 'bf16' had two keys)
+        fast.invalidate(model)
+        calls = []
+        real_build, real_parity = fast.build, fast.bf16_parity
+        monkeypatch.setattr(fast, "build", lambda m, **k: calls.append(("build", k.get("precision"))) or real_build(m, **k))
+        monkeypatch.setattr(fast, "bf16_parity", lambda m, mod=None: calls.append(("parity",)) or real_parity(m, mod))
+        for _ in range(3):
+            assert fast.preferred_dtype(model) == torch.bfloat16
+            assert fast.fast_module(model, "bf16") is fast.fast_module(model, "auto")
+        assert calls == [("build", "bf16"), ("parity",), ("build", "fp32")]  # the probe's fp32 reference
     finally:
         fast.bf16_native.cache_clear()
 
