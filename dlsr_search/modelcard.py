@@ -408,6 +408,9 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     stages, notes = card_stages(continues) if continues is not None else ([], [])
     stages += [(r, stage_records(r, until)) for r, until in earlier]
     records = read_log(run)
+    for name, recs in [s for stage in stages for s in (stage.fine_tunes if isinstance(stage, SoupStage) else [stage])]:
+        _check_held_out(name, recs)
+    _check_held_out(run, records)
     notes += [_noted_data(run_config(recs).get("data"), data_notes) for _, recs in [*stages[len(notes):], (run, records)]]
     for i, stage in enumerate(stages, start=1):  # e.g. a card rewritten in place by the same command twice
         runs = stage.fine_tunes if isinstance(stage, SoupStage) else [stage]
@@ -441,7 +444,15 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     else:  # an export of last.pt (or a best/ of a run that never validated): its last checkpoint
         saved = [r["step"] for r in records if r["event"] == "checkpoint" or (r["event"] == "val" and r.get("best"))]
         model_step = saved[-1] if saved else steps
-    picked = " (its best validation PSNR-Y)" if until is not None else ""
+    written = _saved_step(src)
+    if written is not None and written != model_step:
+        raise ValueError(f"{src} holds the weights of step {written:,} (its metadata), but {run}'s "
+                         f"{'best validation' if until is not None else 'last checkpoint'} is step {model_step:,}: "
+                         "pass RUN/best for the best validation pick, or export RUN/last.pt again")
+    # what the bundled weights were trained under: the log up to them (a resume after the pick may add --ema)
+    picked = records_until(records, until)
+    picked_config = run_config(picked)
+    pick_note = " (its best validation PSNR-Y)" if until is not None else ""
     # Evaluated before anything is written: a failure must not leave `out` half replaced.
     rows = _results_rows(model, title, benchmarks)
     hours = wall_time_s(records) / 3600
@@ -461,8 +472,8 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
 
 - data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'), notes[-1])});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
-- steps: {steps:,} trained, weights from step {model_step:,}{picked}; batch {config.get('batch')}; {_patch_note(config, records)}; {_loss(config)} loss; lr {config.get('lr')} halved every
-  {config.get('halve_every')} steps; autocast: {_autocast(config, records)}; warm start: {_warm_start(config, records, out)}{_ema_note(config, records)}.
+- steps: {steps:,} trained, weights from step {model_step:,}{pick_note}; batch {config.get('batch')}; {_patch_note(config, records)}; {_loss(config)} loss; lr {config.get('lr')} halved every
+  {config.get('halve_every')} steps; autocast: {_autocast(picked_config, picked)}; warm start: {_warm_start(config, records, out)}{_ema_note(picked_config, picked)}.
 - hardware: {hw} ({_devices(records)}); training wall time {hours:.2f} h.
 - command: `{command_line(config)}`
 - log: `log.jsonl` (JSON lines); learning curve: `curve.png`.{history}
@@ -481,6 +492,24 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     plot_curve(val, out / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
     (out / "README.md").write_text(card)
     return out
+
+
+def _check_held_out(run: Path, records: list[dict[str, Any]]) -> None:
+    """Refuse a run that validated (so chose its weights) on Set14 or B100: a card says they were never used."""
+    val = run_config(records).get("val")
+    if val and dataset_name(val) in SETS[1:]:
+        raise ValueError(f"{run} validated on {val}: its card's {' and '.join(SETS[1:])} figures must stay held out "
+                         "(validate on Set5 or on held-out training images)")
+
+
+def _saved_step(model_dir: Path) -> int | None:
+    """The training step a model directory's weights come from, as `dlsr-search train`/`export` wrote it
+    in the safetensors metadata (None: not written by them)."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        step = (f.metadata() or {}).get("dlsr_train_step", "")
+    return int(step) if step.isdigit() else None
 
 
 def _best_pick(records: list[dict[str, Any]]) -> int | None:
@@ -528,6 +557,7 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
             raise ValueError(f"{model} no longer holds the weights the soup averaged (sha256 {ing['sha256'][:12]}): "
                              "the run went on and picked another best; make the soup again")
         records = read_log(model.parent)
+        _check_held_out(model.parent, records)
         starts = {r.get("sha256") for r in records if r["event"] == "warm_start"}
         if starts != {parent}:
             raise ValueError(f"{model.parent} was not warm-started from the weights of {continues} (sha256 "
@@ -667,6 +697,9 @@ def summary_table(weights: Path) -> str:
     models = [(DLSR.from_pretrained(card.parent), card) for card in sorted(weights.glob("*/README.md"))]
     for model, card in sorted(models, key=lambda mc: (mc[0].scale, -mc[0].num_parameters)):
         text = card.read_text()
+        if "| method |" not in text:
+            raise ValueError(f"{card} has no results table: is {card.parent} a model directory written by "
+                             "`python -m dlsr_search.modelcard`? (a soup gets its card from it too)")
         table = text.split("| method |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]  # the results rows only
         for row in table:
             cells = [c.strip() for c in row.strip("|").split("|")]
@@ -688,7 +721,11 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["summary"]:
-        print(summary_table(Path(argv[1]) if len(argv) > 1 else Path("weights")))
+        try:
+            print(summary_table(Path(argv[1]) if len(argv) > 1 else Path("weights")))
+        except (ValueError, FileNotFoundError, ModelLoadError) as exc:
+            print(f"python -m dlsr_search.modelcard summary: error: {exc}", file=sys.stderr)
+            return 2
         return 0
     p = argparse.ArgumentParser(prog="python -m dlsr_search.modelcard", description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="run folder of dlsr-search train (log.jsonl, best/), or a model soup "

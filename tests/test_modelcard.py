@@ -214,6 +214,11 @@ def test_a_best_validation_pick_counts_the_steps_up_to_it_not_the_steps_trained_
             r["best"] = r["step"] == 2
     log.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = chain / "f-card"
+    # best/ still holds the weights of the real pick: the card must not call them step 2's
+    with pytest.raises(ValueError, match=r"holds the weights of step \d \(its metadata\), but .*best validation is step 2"):
+        make_card(chain / "F", out, title="F x2", benchmarks=chain / "bench", earlier=[(chain / "A", 4)])
+    assert not out.exists()
+    DLSR.from_pretrained(chain / "F" / "best").save_pretrained(chain / "F" / "best", metadata={"dlsr_train_step": "2"})
     make_card(chain / "F", out, title="F x2", benchmarks=chain / "bench", earlier=[(chain / "A", 4)])
     card = (out / "README.md").read_text()
     assert "steps: 6 trained, weights from step 2 (its best validation PSNR-Y);" in card
@@ -271,3 +276,28 @@ def test_a_run_without_best_asks_for_a_model(chain, tmp_path, capsys):
                            "--benchmarks", str(chain / "bench")]) == 2
     assert f"no model directory {run / 'best'}" in capsys.readouterr().err
     assert not (tmp_path / "card").exists()
+
+
+def test_a_run_chosen_on_set14_or_b100_is_refused_and_notes_describe_the_picked_weights(chain, capsys):
+    """A card says no Set14/B100 image was used: a run validated on one is refused (so are its soups).
+    The EMA note describes the weights bundled: an --ema added on resume after the best pick is not theirs."""
+    train(_cfg(chain, "S14", steps=2, val=str(chain / "bench" / "Set14" / "HR")))
+    with pytest.raises(ValueError, match=r"validated on .*Set14/HR: its card's Set14 and B100 figures must stay held out"):
+        make_card(chain / "S14", chain / "s14-card", title="T", benchmarks=chain / "bench")
+    assert not (chain / "s14-card").exists()
+
+    train(_cfg(chain, "P", steps=4, val_every=2, export=None))  # best pick at step 2 or 4
+    train(_cfg(chain, "P", steps=6, val_every=0, ema=0.9, resume=True, export=None),
+          explicit={"steps", "val_every", "ema", "resume"})
+    records = read_log(chain / "P")
+    assert any(r["event"] == "ema_start" and r["step"] == 4 for r in records)
+    make_card(chain / "P", chain / "p-card", title="T x2", benchmarks=chain / "bench")
+    card = (chain / "p-card" / "README.md").read_text()
+    assert "moving average" not in card and "steps: 6 trained, weights from step" in card
+
+    # the README summary of a weights folder holding a model directory without a card's results table
+    weights = chain / "summary-weights"
+    shutil.copytree(chain / "p-card", weights / "ok")
+    DLSR.from_pretrained(weights / "ok").save_pretrained(weights / "bare")
+    assert modelcard.main(["summary", str(weights)]) == 2
+    assert "bare/README.md has no results table" in capsys.readouterr().err
