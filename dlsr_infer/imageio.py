@@ -611,11 +611,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
     return path
 
 
+def check_quality(quality: Any) -> int:
+    """JPEG/WebP quality: an int in 1..100 (Pillow accepts more for JPEG and fails late, or oddly, for WebP)."""
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be an integer from 1 to 100, got {quality!r}")
+    return quality
+
+
 def save_image(data: ImageData, path: str | os.PathLike, *, format: str | None = None, quality: int = 95,
                overwrite: bool = False) -> list[str]:
     """Encode and atomically write `data` (format from `format` or the extension). Returns notes about
     anything the format could not hold (alpha in JPEG, 16 bits in WebP, ...), also issued as warnings."""
     fmt = format_for(path, format)
+    check_quality(quality)
     if not overwrite and Path(path).exists():
         raise OutputExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
     blob, notes = encode_image(data, fmt, quality=quality)
@@ -637,6 +645,7 @@ __all__ = [
     "STALE_TEMP_MIN_AGE",
     "TEMP_SUFFIX",
     "atomic_write",
+    "check_quality",
     "can_be_pil",
     "encode_image",
     "encode_png16",

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .imageio import (DEFAULT_MAX_PIXELS, ImageData, OutputExistsError, can_be_pil, format_for, from_pil, load_image,
-                      save_image, to_pil)
+from .imageio import (DEFAULT_MAX_PIXELS, ImageData, OutputExistsError, can_be_pil, check_quality, format_for,
+                      from_pil, load_image, save_image, to_pil)
 from .tiling import DEFAULT_OVERLAP, ProgressFn, TileStats, auto_tile, memory_budget, bytes_per_pixel, run_tiled
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,11 @@ def _check_model(model: Any, scale: int | None) -> int:
     if scale is not None and scale != model_scale:
         raise ValueError(f"the model upscales x{model_scale} but scale={scale} was asked; pass scale={model_scale} "
                          f"or a x{scale} model")
+    if isinstance(model, nn.Module):  # precision is the dtype argument's job: the weights stay float32
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if dtypes - {torch.float32}:
+            raise TypeError(f"the model's weights are {', '.join(sorted(str(d) for d in dtypes))}; upscale() needs "
+                            "float32 weights (call model.float()) and runs reduced precision through dtype=")
     return model_scale
 
 
@@ -541,6 +546,7 @@ def upscale_file(source: str | os.PathLike, destination: str | os.PathLike, scal
     """
     # Everything that would make the write fail is checked before the network runs.
     format_for(destination, format)
+    check_quality(quality)
     if Path(destination).exists():
         if Path(source).exists() and os.path.samefile(source, destination):
             raise ValueError(f"{destination}: is the source image; write the result to another file")

@@ -274,9 +274,22 @@ def test_upscale_file_checks_the_destination_before_running_the_network(model: D
             with pytest.raises(ValueError, match="is the source image"):
                 upscale_file(tmp_path / "in.png", path, model=model, overwrite=True)
         assert (tmp_path / "in.png").read_bytes() == before
+        for quality in (1000, 0, "95", 95.0, True):  # Pillow wrote JPEG q=1000 silently, failed late for WebP
+            for ext in ("jpg", "webp"):
+                with pytest.raises(ValueError, match="quality must be an integer from 1 to 100"):
+                    upscale_file(tmp_path / "in.png", tmp_path / f"out.{ext}", model=model, quality=quality)
         assert seen == [] and sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
     finally:
         handle.remove()
+
+
+def test_a_model_in_reduced_precision_is_refused_by_name(model: DLSR) -> None:
+    """upscale() reduces precision through dtype=; half/bf16/double weights gave a raw torch error."""
+    import copy
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        with pytest.raises(TypeError, match=f"the model's weights are {dtype}; upscale.. needs float32 weights"):
+            upscale(rgb(), model=copy.deepcopy(model).to(dtype), dtype="fp32")
 
 
 def test_path_errors_are_specific(model: DLSR, tmp_path: Path) -> None:
