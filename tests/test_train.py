@@ -375,23 +375,28 @@ def test_a_model_directory_is_never_taken_for_a_run_folder(tmp_path, data_dir, c
     assert {f.name: f.read_bytes() for f in model_dir.iterdir()} == before
 
 
+def _poison_adam(monkeypatch, at_call: int) -> None:
+    """Adam's `at_call`-th step (counted from now) fills the first parameter with NaN."""
+    real = torch.optim.Adam.step
+    calls = [0]
+
+    def poisoned(self, *a, **k):
+        out = real(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == at_call:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+
+
 def test_a_diverged_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
     train(_cfg(tmp_path, data_dir, "run", steps=4, ckpt_every=2))
     good = load_checkpoint(tmp_path / "run" / "last.pt", kind="train")
     assert good["step"] == 4
 
-    real = torch.optim.Adam.step
-
-    def poisoned(self, *a, **k):  # the weights blow up on the 2nd step after the resume
-        out = real(self, *a, **k)
-        poisoned.calls += 1
-        if poisoned.calls == 2:
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].fill_(float("nan"))
-        return out
-
-    poisoned.calls = 0
-    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    _poison_adam(monkeypatch, at_call=2)  # the weights blow up on the 2nd step after the resume
     argv = ["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "10", "--no-progress"]
     assert cli_main(argv) == 1
     err = capsys.readouterr().err
@@ -407,18 +412,7 @@ def test_nan_weights_never_reach_best_and_a_nan_output_never_scores(tmp_path, da
     weights diverged between log steps. Validation now checks the weights first (and a non-finite output
     scores NaN, never "best")."""
     val = write_images(tmp_path / "val", n=2, size=48, seed=5)
-    real = torch.optim.Adam.step
-
-    def poisoned(self, *a, **k):  # the weights blow up at step 3, between log steps (every 100)
-        out = real(self, *a, **k)
-        poisoned.calls += 1
-        if poisoned.calls == 3:
-            with torch.no_grad():
-                self.param_groups[0]["params"][0].fill_(float("nan"))
-        return out
-
-    poisoned.calls = 0
-    monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
+    _poison_adam(monkeypatch, at_call=3)  # the weights blow up at step 3, between log steps (every 100)
     argv = ["train", "--out", str(tmp_path / "run"), "--data", str(data_dir), "--val", str(val), "--val-every", "3",
             "--log-every", "100", "--channels", "8", "--batch", "2", "--patch", "32", "--steps", "10",
             "--threads", "1", "--no-progress"]
