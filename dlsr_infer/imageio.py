@@ -12,7 +12,8 @@ LA, La                LA (8-bit)
 P                     RGB, or RGBA when the palette has transparency (PA too)
 I;16, I;16B, I, ...   L (16-bit); mode I is clipped to 0..65535
 16-bit RGB(A)/LA PNG  RGB / RGBA / LA (16-bit) - Pillow alone would truncate these to 8 bits
-gray/RGB + colour key LA / RGBA (a PNG tRNS value: its pixels get alpha 0, the rest full alpha)
+gray/RGB + colour key LA / RGBA (a PNG tRNS value: its pixels get alpha 0, the rest full alpha;
+                      1/2/4-bit gray included)
 CMYK (and LAB)        RGB, converted through the embedded ICC profile when there is one, with a
                       `ColorConversionWarning` (the CMYK profile is not carried to the output)
 F (32-bit float)      refused: the value range is unknown
@@ -226,6 +227,20 @@ def _png16_rawmode(im: Image.Image) -> str | None:
     return rawmode if rawmode in ("RGB;16B", "RGBA;16B", "LA;16B") else None
 
 
+def _gray_key_scale(im: Image.Image) -> int:
+    """The factor Pillow multiplies a 2- or 4-bit gray PNG's samples by to make them 8-bit (85, 17), else 1.
+
+    The PNG colour key (tRNS) of such a file stays in raw sample units (0..3, 0..15), so it must be scaled
+    the same way to match the pixels. Only the pending tile tells the bit depth: call before `im.load()`.
+    """
+    if im.format != "PNG" or im.mode != "L" or len(getattr(im, "tile", ()) or ()) != 1:
+        return 1
+    rawmode = im.tile[0][3]
+    if isinstance(rawmode, tuple):
+        rawmode = rawmode[0]
+    return {"L;2": 85, "L;4": 17}.get(rawmode, 1) if isinstance(rawmode, str) else 1
+
+
 def _decode_png16(reopen: Callable[[], Image.Image], rawmode: str) -> np.ndarray:
     """Decode a 16-bit RGB/RGBA/LA PNG exactly with Pillow's own (C) inflate and unfilter.
 
@@ -249,8 +264,10 @@ def _decode_png16(reopen: Callable[[], Image.Image], rawmode: str) -> np.ndarray
     return hi << 8 | lo
 
 
-def _pixels_from_pil(im: Image.Image, notes: list[str]) -> tuple[np.ndarray, bytes | None, bool]:
-    """(H x W x C pixels, replacement ICC profile or None, whether the ICC profile still applies)."""
+def _pixels_from_pil(im: Image.Image, notes: list[str],
+                     key_scale: int = 1) -> tuple[np.ndarray, bytes | None, bool]:
+    """(H x W x C pixels, replacement ICC profile or None, whether the ICC profile still applies).
+    `key_scale`: `_gray_key_scale(im)`, taken before `im` was loaded."""
     mode = im.mode
     icc_ok = True
     replacement_icc = None
@@ -286,8 +303,13 @@ def _pixels_from_pil(im: Image.Image, notes: list[str]) -> tuple[np.ndarray, byt
             raise ImageLoadError(f"unsupported image mode {mode!r}: {e}") from None
     if a.ndim == 2:
         a = a[:, :, None]
-    if mode in ("L", "RGB") or mode.startswith("I;16"):
-        a = _colour_key_alpha(a, im.info.get("transparency"))
+    if mode in ("1", "L", "RGB") or mode.startswith("I;16"):
+        key = im.info.get("transparency")
+        if isinstance(key, int) and mode == "1":  # pixels are 0/255 here; older Pillows gave a 1-bit key raw (1)
+            key = 255 if key else 0
+        elif isinstance(key, int) and mode == "L":
+            key *= key_scale
+        a = _colour_key_alpha(a, key)
     return np.ascontiguousarray(a), replacement_icc, icc_ok
 
 
@@ -305,16 +327,37 @@ def _colour_key_alpha(a: np.ndarray, key: Any) -> np.ndarray:
 
 
 def from_pil(im: Image.Image, *, apply_exif_orientation: bool = True) -> ImageData:
-    """Normalise a PIL image (see the module table); EXIF orientation applied unless told otherwise."""
+    """Normalise a PIL image (see the module table); EXIF orientation applied unless told otherwise.
+
+    A 16-bit RGB/RGBA/LA PNG still lazy (opened, not yet loaded, first frame) from a file name is decoded
+    from that file with all its 16 bits, as `load_image` does: Pillow alone keeps only the high byte. Any
+    other 16-bit colour image that Pillow decodes to 8 bits gets a note and a `ColorConversionWarning`.
+    """
     if not isinstance(im, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image, got {type(im).__name__}")
     notes: list[str] = []
+    # Loading drops the pending tile, which alone tells a 16-bit PNG and a low-bit gray PNG's key scale.
+    filename = getattr(im, "filename", "") or ""
+    rawmode16 = _png16_rawmode(im) if filename and os.path.isfile(filename) and im.tell() == 0 else None
+    key_scale = _gray_key_scale(im)
+    if rawmode16 is None and decodes_to_8_bits(im):
+        msg = f"Pillow decodes this 16-bit {im.format} {im.mode} image to 8 bits per channel"
+        notes.append(msg)
+        warnings.warn(f"{filename}: {msg}" if filename else msg, ColorConversionWarning, stacklevel=2)
     try:  # decode first, so that getexif() (which may decode, swallowing errors) cannot hide corrupt pixel data
         im.load()
     except (OSError, EOFError, SyntaxError, zlib.error, struct.error) as e:
         raise ImageLoadError(f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
     orientation, exif = _exif_without_orientation(im)
-    pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes)
+    if rawmode16 is not None:
+        try:
+            pixels = _colour_key_alpha(_decode_png16(lambda: _open_unchecked(filename), rawmode16),
+                                       im.info.get("transparency"))
+        except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, IndexError) as e:
+            raise ImageLoadError(f"{filename}: truncated or corrupt image data ({type(e).__name__}: {e})") from None
+        replacement_icc, icc_ok = None, True
+    else:
+        pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes, key_scale)
     if apply_exif_orientation and orientation != 1:
         pixels = _orient(pixels, orientation)
     icc = im.info.get("icc_profile") if icc_ok else replacement_icc
@@ -361,6 +404,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
             notes.append(f"only the first of {frames} frames was read")
         try:
             rawmode16 = _png16_rawmode(im)  # before anything (getexif on a PNG) loads the 8-bit pixels
+            key_scale = _gray_key_scale(im)  # likewise
             if rawmode16 is None:
                 if decodes_to_8_bits(im):
                     msg = f"Pillow decodes this 16-bit {im.format} {im.mode} image to 8 bits per channel"
@@ -375,7 +419,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
                                            im.info.get("transparency"))
                 replacement_icc, icc_ok = None, True
             else:
-                pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes)
+                pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes, key_scale)
         except ImageLoadError as e:
             raise ImageLoadError(f"{path}: {e}") from None
         except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, IndexError) as e:

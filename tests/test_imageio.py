@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -149,6 +150,66 @@ def test_a_png_colour_key_becomes_alpha(tmp_path: Path) -> None:
     data = load_image(tmp_path / "g16.png")
     assert data.mode == "LA" and data.pixels.dtype == np.uint16
     assert np.array_equal(data.pixels[:, :, 1] == 0, g16[:, :, 0] == 1000)
+
+
+def _gray_png(samples: np.ndarray, bits: int, key: int) -> bytes:
+    """A gray PNG (colour type 0) of `bits` per sample, from H x W raw samples, with tRNS colour key `key`."""
+    h, w = samples.shape
+    per_byte = 8 // bits
+    padded = np.zeros((h, -(-w // per_byte) * per_byte), np.uint8)
+    padded[:, :w] = samples
+    packed = np.zeros((h, padded.shape[1] // per_byte), np.uint8)
+    for j in range(per_byte):  # the first pixel in the high bits
+        packed |= padded[:, j::per_byte] << (8 - bits * (j + 1))
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), packed], axis=1).tobytes()  # filter 0 on every row
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 0, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(">H", key)) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("bits,key", [(1, 0), (1, 1), (2, 2), (4, 11), (8, 184)])
+def test_a_low_bit_gray_pngs_colour_key_becomes_alpha(tmp_path: Path, bits: int, key: int) -> None:
+    # A 1-bit gray PNG (Pillow mode 1) skipped the colour-key step, and a 2/4-bit one's key (raw samples:
+    # 0..3, 0..15) was compared with the pixels scaled to 8 bits (x85, x17), so it never matched.
+    samples = np.random.default_rng(bits).integers(0, 2 ** bits, (9, 13)).astype(np.uint8)
+    samples[0, :2] = key, (key + 1) % 2 ** bits  # both kinds present
+    (tmp_path / "g.png").write_bytes(_gray_png(samples, bits, key))
+    gray = samples * (255 // (2 ** bits - 1))
+    expected_alpha = np.where(samples == key, 0, 255).astype(np.uint8)
+    with Image.open(tmp_path / "g.png") as im:
+        pillow = np.asarray(im.convert("LA"))
+    assert np.array_equal(pillow[:, :, 0], gray)  # the file is what we meant
+    if bits in (1, 8):  # Pillow gets the alpha right here (and wrong for 2 and 4 bits)
+        assert np.array_equal(pillow[:, :, 1], expected_alpha)
+    for data in (load_image(tmp_path / "g.png"), from_pil(Image.open(tmp_path / "g.png"))):
+        assert data.mode == "LA" and data.bits == 8
+        assert np.array_equal(data.pixels[:, :, 0], gray) and np.array_equal(data.pixels[:, :, 1], expected_alpha)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_from_pil_reads_a_sixteen_bit_colour_png_as_load_image_does(tmp_path: Path, channels: int) -> None:
+    # from_pil(Image.open("rgb16.png")) kept Pillow's high bytes without the note and warning load_image gives.
+    a = np.random.default_rng(channels).integers(0, 65536, (7, 9, channels), dtype=np.uint16)
+    (tmp_path / "c.png").write_bytes(encode_png16(a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Image.open(tmp_path / "c.png") as im:  # lazy, from a file name: decoded from the file
+            data = from_pil(im)
+    assert data.pixels.dtype == np.uint16 and np.array_equal(data.pixels, a) and not data.notes
+    assert np.array_equal(data.pixels, load_image(tmp_path / "c.png").pixels)
+    # No file name to decode from: Pillow's 8 bits, said as load_image says it.
+    with pytest.warns(ColorConversionWarning, match="16-bit PNG .* to 8 bits"):
+        data = from_pil(Image.open(io.BytesIO((tmp_path / "c.png").read_bytes())))
+    high = (a >> 8).astype(np.uint8)  # Pillow 13 decodes 16-bit LA as RGBA: compare the first and last channels
+    assert data.bits == 8 and np.array_equal(data.pixels[:, :, [0, -1]], high[:, :, [0, -1]])
+    assert any("8 bits" in n for n in data.notes)
+    Image.fromarray(rgb()).save(tmp_path / "rgb8.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = from_pil(Image.open(tmp_path / "rgb8.png"))
+    assert data.bits == 8 and np.array_equal(data.pixels, rgb()) and not data.notes
 
 
 def test_a_tiffs_layout_tags_are_not_carried_as_exif(tmp_path: Path) -> None:
