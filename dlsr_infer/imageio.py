@@ -30,6 +30,7 @@ interrupted write never leaves a truncated image under the final name.
 from __future__ import annotations
 
 import io
+import numbers
 import os
 import re
 import stat
@@ -336,32 +337,46 @@ def from_pil(im: Image.Image, *, apply_exif_orientation: bool = True) -> ImageDa
     if not isinstance(im, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image, got {type(im).__name__}")
     notes: list[str] = []
-    # Loading drops the pending tile, which alone tells a 16-bit PNG and a low-bit gray PNG's key scale.
     filename = getattr(im, "filename", "") or ""
-    rawmode16 = _png16_rawmode(im) if filename and os.path.isfile(filename) and im.tell() == 0 else None
+    lazy_file = bool(filename) and os.path.isfile(filename) and im.tell() == 0
+    try:
+        pixels, orientation, exif, icc = _decode_opened(im, notes, (lambda: _open_unchecked(filename)) if lazy_file
+                                                        else None, filename)
+    except (ImageLoadError, OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, IndexError) as e:
+        what = str(e) if isinstance(e, ImageLoadError) else f"truncated or corrupt image data ({type(e).__name__}: {e})"
+        raise ImageLoadError(f"{filename}: {what}" if filename else what) from None
+    if apply_exif_orientation and orientation != 1:
+        pixels = _orient(pixels, orientation)
+    return ImageData(pixels, icc_profile=icc or None, exif=exif, source_format=im.format, notes=tuple(notes))
+
+
+def _decode_opened(im: Image.Image, notes: list[str], reopen: Callable[[], Image.Image] | None,
+                   where: str) -> tuple[np.ndarray, int, bytes | None, bytes | None]:
+    """Decode an opened, not yet loaded image: (pixels, EXIF orientation, EXIF without it, ICC profile).
+
+    Loading drops the pending tile, which alone tells a 16-bit colour PNG (decoded again from `reopen`,
+    the same file, with all 16 bits) and a low-bit gray PNG's colour-key scale: both are read first.
+    Without `reopen`, a 16-bit colour image that Pillow decodes to 8 bits gets a note and a warning."""
+    rawmode16 = _png16_rawmode(im) if reopen is not None else None
     key_scale = _gray_key_scale(im)
-    if rawmode16 is None and decodes_to_8_bits(im):
-        msg = f"Pillow decodes this 16-bit {im.format} {im.mode} image to 8 bits per channel"
-        notes.append(msg)
-        warnings.warn(f"{filename}: {msg}" if filename else msg, ColorConversionWarning, stacklevel=2)
-    try:  # decode first, so that getexif() (which may decode, swallowing errors) cannot hide corrupt pixel data
+    if rawmode16 is None:
+        if decodes_to_8_bits(im):
+            msg = f"Pillow decodes this 16-bit {im.format} {im.mode} image to 8 bits per channel"
+            notes.append(msg)
+            warnings.warn(f"{where}: {msg}" if where else msg, ColorConversionWarning, stacklevel=3)
+        # Decode before getexif(): on a PNG getexif() decodes the pixels itself, and as its errors are
+        # swallowed (malformed EXIF must not stop an upscale) a corrupt IDAT would then load silently.
         im.load()
-    except (OSError, EOFError, SyntaxError, zlib.error, struct.error) as e:
-        raise ImageLoadError(f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
     orientation, exif = _exif_without_orientation(im)
-    if rawmode16 is not None:
-        try:
-            pixels = _colour_key_alpha(_decode_png16(lambda: _open_unchecked(filename), rawmode16),
-                                       im.info.get("transparency"))
-        except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, IndexError) as e:
-            raise ImageLoadError(f"{filename}: truncated or corrupt image data ({type(e).__name__}: {e})") from None
+    if rawmode16 is not None and reopen is not None:
+        pixels = _colour_key_alpha(_decode_png16(reopen, rawmode16), im.info.get("transparency"))
+        if pixels.shape[:2] != (im.height, im.width):  # the file was replaced since `im` was opened
+            raise ImageLoadError(f"the file changed since it was opened ({pixels.shape[1]}x{pixels.shape[0]}, not "
+                                 f"{im.width}x{im.height})")
         replacement_icc, icc_ok = None, True
     else:
         pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes, key_scale)
-    if apply_exif_orientation and orientation != 1:
-        pixels = _orient(pixels, orientation)
-    icc = im.info.get("icc_profile") if icc_ok else replacement_icc
-    return ImageData(pixels, icc_profile=icc or None, exif=exif, source_format=im.format, notes=tuple(notes))
+    return pixels, orientation, exif, im.info.get("icc_profile") if icc_ok else replacement_icc
 
 
 def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageData:
@@ -403,30 +418,13 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
         if frames > 1:
             notes.append(f"only the first of {frames} frames was read")
         try:
-            rawmode16 = _png16_rawmode(im)  # before anything (getexif on a PNG) loads the 8-bit pixels
-            key_scale = _gray_key_scale(im)  # likewise
-            if rawmode16 is None:
-                if decodes_to_8_bits(im):
-                    msg = f"Pillow decodes this 16-bit {im.format} {im.mode} image to 8 bits per channel"
-                    notes.append(msg)
-                    warnings.warn(f"{path}: {msg}", ColorConversionWarning, stacklevel=2)
-                # Decode before getexif(): on a PNG getexif() decodes the pixels itself, and as its errors are
-                # swallowed (malformed EXIF must not stop an upscale) a corrupt IDAT would then load silently.
-                im.load()
-            orientation, exif = _exif_without_orientation(im)
-            if rawmode16 is not None:
-                pixels = _colour_key_alpha(_decode_png16(lambda: _open_unchecked(path), rawmode16),
-                                           im.info.get("transparency"))
-                replacement_icc, icc_ok = None, True
-            else:
-                pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes, key_scale)
+            pixels, orientation, exif, icc = _decode_opened(im, notes, lambda: _open_unchecked(path), str(path))
         except ImageLoadError as e:
             raise ImageLoadError(f"{path}: {e}") from None
         except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, IndexError) as e:
             raise ImageLoadError(f"{path}: truncated or corrupt image data ({type(e).__name__}: {e})") from None
         if orientation != 1:
             pixels = _orient(pixels, orientation)
-        icc = im.info.get("icc_profile") if icc_ok else replacement_icc
         return ImageData(pixels, icc_profile=icc or None, exif=exif, source_format=im.format, notes=tuple(notes))
 
 
@@ -657,9 +655,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
 
 def check_quality(quality: Any) -> int:
     """JPEG/WebP quality: an int in 1..100 (Pillow accepts more for JPEG and fails late, or oddly, for WebP)."""
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+    if isinstance(quality, bool) or not isinstance(quality, numbers.Integral) or not 1 <= quality <= 100:
         raise ValueError(f"quality must be an integer from 1 to 100, got {quality!r}")
-    return quality
+    return int(quality)
 
 
 def save_image(data: ImageData, path: str | os.PathLike, *, format: str | None = None, quality: int = 95,

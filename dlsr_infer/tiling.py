@@ -328,6 +328,14 @@ class Runner:
         return y
 
 
+def pass_pixels(height: int, width: int, *, tile: int, overlap: int, align: int, count: int = 1,
+                batch_size: int = 1) -> int:
+    """LR pixels in the biggest pass `run_tiled` makes over `count` images of `height` x `width`: the
+    tiles of one row of the grid, across the images, go `batch_size` at a time."""
+    grid = plan_tiles(max(height, MIN_INPUT_SIZE), max(width, MIN_INPUT_SIZE), tile=tile, overlap=overlap, align=align)
+    return min(batch_size, len(grid.xs) * count) * grid.tile_h * grid.tile_w
+
+
 def pad_small(x: torch.Tensor) -> torch.Tensor:
     """`x` replicate-padded on the bottom/right to the network's minimum input size (crop the output back)."""
     h, w = x.shape[-2:]
@@ -492,6 +500,7 @@ __all__ = [
     "least_tile",
     "memory_budget",
     "pad_small",
+    "pass_pixels",
     "plan_tiles",
     "run_tiled",
 ]

@@ -26,7 +26,8 @@ from torch import nn
 
 from .imageio import (DEFAULT_MAX_PIXELS, ImageData, OutputExistsError, can_be_pil, check_quality, format_for,
                       from_pil, load_image, save_image, to_pil)
-from .tiling import DEFAULT_OVERLAP, ProgressFn, TileStats, auto_tile, memory_budget, bytes_per_pixel, run_tiled
+from .tiling import (DEFAULT_OVERLAP, ProgressFn, TileStats, auto_tile, bytes_per_pixel, context_alignment, memory_budget,
+                     pass_pixels, run_tiled)
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 CUDA_FP16_MIN_PIXELS = 160_000
 
 
-def cuda_auto_dtype(height: int, width: int, *, count: int = 1, tile: int = 0, batch_size: int = 1) -> torch.dtype:
-    """What dtype='auto' runs `count` LR images of `height` x `width` in on CUDA, given the tiling:
-    fp16 where one pass holds at least `CUDA_FP16_MIN_PIXELS` LR pixels, else fp32."""
-    th, tw = (min(tile, height), min(tile, width)) if tile else (height, width)
-    tiles = count * -(-height // th) * -(-width // tw)  # at least this many: overlaps only add tiles
-    return torch.float16 if min(batch_size, tiles) * th * tw >= CUDA_FP16_MIN_PIXELS else torch.float32
+def cuda_auto_dtype(pass_pixels: int) -> torch.dtype:
+    """What dtype='auto' runs a CUDA pass of `pass_pixels` LR pixels in (`tiling.pass_pixels` gives it):
+    fp16 from `CUDA_FP16_MIN_PIXELS` on, else fp32."""
+    return torch.float16 if pass_pixels >= CUDA_FP16_MIN_PIXELS else torch.float32
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -297,7 +296,8 @@ def _super_resolve(x: torch.Tensor, write: Callable[[int, int, torch.Tensor], No
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if auto_by_size:  # fp32 needs more memory per pixel, but only passes too small to matter get it
-        compute_dtype = cuda_auto_dtype(h, w, count=count, tile=tile, batch_size=batch_size)
+        compute_dtype = cuda_auto_dtype(pass_pixels(h, w, tile=tile, overlap=overlap, align=context_alignment(eager),
+                                                    count=count, batch_size=batch_size))
 
     def sink(r0: int, r1: int, band: torch.Tensor) -> None:
         band = band.clamp(0.0, 1.0)

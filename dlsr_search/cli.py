@@ -200,8 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dlsr-search {args.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # disk full, permissions: checkpoints are atomic, so the last one is intact
-        print(f"dlsr-search {args.command}: error: {e} (the last checkpoint is intact; fix this and --resume)",
-              file=sys.stderr)
+        hint = " (the last checkpoint is intact; fix this and --resume)" if args.command in ("train", "search") else ""
+        print(f"dlsr-search {args.command}: error: {e}{hint}", file=sys.stderr)
         return 1
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dlsr_infer.genotype import Genotype, loads
+from dlsr_infer.imageio import TEMP_SUFFIX
 from dlsr_infer.model import DLSR
 
 from .checkpoint import config_of, load_checkpoint
@@ -22,7 +23,8 @@ def check_export_dir(directory: str | os.PathLike, option: str = "the destinatio
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise ConfigError(f"{option} {d} is a file; give a model directory")
-    other = sorted(p.name for p in d.iterdir() if p.name not in MODEL_FILES) if d.is_dir() else []
+    other = sorted(p.name for p in d.iterdir()  # (a killed export's hidden temp files are its own)
+                   if p.name not in MODEL_FILES and not p.name.endswith(TEMP_SUFFIX)) if d.is_dir() else []
     if other:
         raise ConfigError(f"{option} {d} holds {', '.join(other[:4])}{' ...' if len(other) > 4 else ''}, which would "
                           "stay beside the new weights and describe others: export to a new folder")

@@ -442,7 +442,7 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     if until is not None:
         model_step = until
     else:  # an export of last.pt (or a best/ of a run that never validated): its last checkpoint
-        saved = [r["step"] for r in records if r["event"] == "checkpoint" or (r["event"] == "val" and r.get("best"))]
+        saved = [r["step"] for r in records if r["event"] == "checkpoint"]
         model_step = saved[-1] if saved else steps
     written = _saved_step(src)
     if written is not None and written != model_step:

@@ -79,6 +79,8 @@ def make_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *,
         raise SoupError(f"{out} exists and is not an empty directory: write the soup to a new one")
     if out.exists() and out.resolve() == Path.cwd().resolve():  # it is replaced by a renamed folder
         raise SoupError(f"{out} is the current directory: write the soup to a new directory")
+    if out.is_symlink():
+        raise SoupError(f"{out} is a symbolic link: write the soup to a new directory")
     loaded = [DLSR.from_pretrained(d) for d in dirs]
     for m, model in zip(models[1:], loaded[1:]):
         if not model.genotype.architecture_equals(loaded[0].genotype):

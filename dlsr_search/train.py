@@ -115,6 +115,10 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     if cfg.export:  # checked now, not after training
         from .export import check_export_dir
 
+        exported, out = Path(cfg.export).resolve(), Path(cfg.out).resolve()
+        if exported in (out, out / "best") or out / "best" in exported.parents:  # its config.json; best/ onto itself
+            raise ConfigError(f"--export {cfg.export} is the run folder {cfg.out} or its best/: export to a folder "
+                              "of its own")
         check_export_dir(cfg.export, "--export")
 
 

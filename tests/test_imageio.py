@@ -210,6 +210,11 @@ def test_from_pil_reads_a_sixteen_bit_colour_png_as_load_image_does(tmp_path: Pa
         warnings.simplefilter("error")
         data = from_pil(Image.open(tmp_path / "rgb8.png"))
     assert data.bits == 8 and np.array_equal(data.pixels, rgb()) and not data.notes
+    # the file replaced by another image since it was opened: refused, never another file's pixels
+    with Image.open(tmp_path / "c.png") as im:
+        (tmp_path / "c.png").write_bytes(encode_png16(np.zeros((5, 4, channels), np.uint16)))
+        with pytest.raises(ImageLoadError, match=r"c.png: the file changed since it was opened \(4x5, not 9x7\)"):
+            from_pil(im)
 
 
 def test_a_tiffs_layout_tags_are_not_carried_as_exif(tmp_path: Path) -> None:

@@ -301,3 +301,17 @@ def test_a_run_chosen_on_set14_or_b100_is_refused_and_notes_describe_the_picked_
     DLSR.from_pretrained(weights / "ok").save_pretrained(weights / "bare")
     assert modelcard.main(["summary", str(weights)]) == 2
     assert "bare/README.md has no results table" in capsys.readouterr().err
+
+
+def test_an_export_of_last_pt_is_its_last_checkpoint_even_after_a_later_best_validation(chain):
+    """A run killed after a best validation that came after its last checkpoint: the export of last.pt
+    holds the checkpoint's step, and the card says so (it was refused as 'step 6' against metadata 4)."""
+    from dlsr_search.export import export_checkpoint
+
+    train(_cfg(chain, "K", steps=4, val_every=2, ckpt_every=2, export=None))
+    log = chain / "K" / "log.jsonl"
+    log.write_text(log.read_text() + json.dumps({"event": "val", "step": 6, "time": 0.0, "psnr_y": 99.0,
+                                                 "best": True}) + "\n")
+    export_checkpoint(chain / "K" / "last.pt", chain / "K-last")
+    make_card(chain / "K", chain / "k-card", title="T x2", benchmarks=chain / "bench", model_dir=chain / "K-last")
+    assert "weights from step 4;" in (chain / "k-card" / "README.md").read_text()

@@ -83,6 +83,9 @@ def test_soup_round_trip_and_its_refusals(tmp_path, capsys):
         mp.chdir(tmp_path / "here")
         assert cli.main(["soup", ".", str(dirs[0]), str(dirs[1])]) == 2
     assert "is the current directory" in capsys.readouterr().err and not any((tmp_path / "here").iterdir())
+    (tmp_path / "link").symlink_to(tmp_path / "here")
+    assert cli.main(["soup", str(tmp_path / "link"), str(dirs[0]), str(dirs[1])]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err and not any((tmp_path / "here").iterdir())
     assert cli.main(["soup", str(tmp_path / "new4"), str(dirs[0]), str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err and not (tmp_path / "new4").exists()
 

@@ -331,6 +331,14 @@ def test_an_export_over_another_models_files_is_refused(tmp_path, data_dir, caps
     assert cli_main(_tiny_argv(tmp_path / "run2", data_dir, "--export", str(tmp_path / "exp"))) == 2
     assert "--export" in capsys.readouterr().err and not (tmp_path / "run2").exists()
     assert {f.name: f.read_bytes() for f in (tmp_path / "exp").iterdir()} == before
+    (tmp_path / "exp" / ".model.safetensors.x1y2.partial").write_bytes(b"")  # a killed export's temp file
+    (tmp_path / "exp" / "soup.json").unlink()
+    assert cli_main(["export", ckpt, str(tmp_path / "exp")]) == 0
+    # the run's own folder, or a folder inside it (its best/): the export would overwrite the run's
+    # config.json or copy best/ onto itself, after the whole training
+    for target in ("run3", "run3/best", "run3/best/x"):
+        assert cli_main(_tiny_argv(tmp_path / "run3", data_dir, "--export", str(tmp_path / target))) == 2
+        assert "is the run folder" in capsys.readouterr().err and not (tmp_path / "run3").exists()
 
 
 def test_search_checks_the_shared_options_too(tmp_path, data_dir, capsys):

@@ -426,21 +426,32 @@ def test_upscale_name_is_the_function_in_any_import_order() -> None:
     assert callable(dlsr_infer.upscale)
 
 
-def test_cuda_auto_dtype_is_fp16_only_for_big_passes() -> None:
+def test_cuda_auto_dtype_is_fp16_only_for_big_passes(model: DLSR, monkeypatch) -> None:
     """dtype='auto' on CUDA: fp32 below CUDA_FP16_MIN_PIXELS LR pixels per pass (fp16 measured slower
-    there), fp16 from it; the tiling and batch decide what one pass holds."""
+    there), fp16 from it; `pass_pixels` is the biggest pass run_tiled really makes."""
+    from dlsr_infer import tiling
     from dlsr_infer.upscaling import CUDA_FP16_MIN_PIXELS, cuda_auto_dtype
 
     f16, f32 = torch.float16, torch.float32
-    assert cuda_auto_dtype(180, 320) == f32 and cuda_auto_dtype(240, 427) == f32  # measured slower in fp16
-    assert cuda_auto_dtype(360, 640) == f16 and cuda_auto_dtype(1080, 1920) == f16  # measured faster
-    assert cuda_auto_dtype(400, 400) == f16 and cuda_auto_dtype(399, 400) == f32 == cuda_auto_dtype(1, 10**5 + 1)
-    assert 399 * 400 < CUDA_FP16_MIN_PIXELS <= 400 * 400
-    assert cuda_auto_dtype(200, 200, count=4, batch_size=4) == f16  # four images in one pass
-    assert cuda_auto_dtype(200, 200, count=4, batch_size=1) == f32
-    assert cuda_auto_dtype(2000, 2000, tile=256, batch_size=8) == f16  # 8 tiles of 256 x 256 per pass
-    assert cuda_auto_dtype(2000, 2000, tile=256, batch_size=1) == f32
-    assert cuda_auto_dtype(200, 300, tile=256, batch_size=8) == f32  # only 2 tiles, 200 x 256 at most
+    assert cuda_auto_dtype(CUDA_FP16_MIN_PIXELS) == f16 and cuda_auto_dtype(CUDA_FP16_MIN_PIXELS - 1) == f32
+    whole = dict(tile=0, overlap=8, align=4)
+    assert cuda_auto_dtype(tiling.pass_pixels(180, 320, **whole)) == f32  # x4 720p: measured slower in fp16
+    assert cuda_auto_dtype(tiling.pass_pixels(240, 427, **whole)) == f32  # x3 720p: likewise
+    assert cuda_auto_dtype(tiling.pass_pixels(360, 640, **whole)) == f16  # x2 720p: measured faster
+    assert cuda_auto_dtype(tiling.pass_pixels(200, 200, **whole, count=4, batch_size=4)) == f16  # 4 images a pass
+    assert cuda_auto_dtype(tiling.pass_pixels(200, 200, **whole, count=4, batch_size=1)) == f32
+
+    # the rule's pass size is the biggest batch of tiles run_tiled hands the network, whatever the layout
+    seen: list[int] = []
+    real = tiling.Runner.__call__
+    monkeypatch.setattr(tiling.Runner, "__call__", lambda self, x, stats: seen.append(x.shape[0] * x.shape[2] * x.shape[3])
+                        or real(self, x, stats))
+    align = tiling.context_alignment(model)
+    for h, w, n, tile, batch in ((60, 90, 1, 32, 8), (70, 50, 2, 24, 3), (10, 13, 3, 0, 2), (90, 40, 1, 40, 1),
+                                 (33, 120, 2, 48, 4)):
+        seen.clear()
+        tiling.run_tiled(model, torch.rand(n, 3, h, w), scale=2, tile=tile, overlap=6, batch_size=batch)
+        assert max(seen) == tiling.pass_pixels(h, w, tile=tile, overlap=6, align=align, count=n, batch_size=batch)
 
 
 def test_auto_by_size_runs_the_tiles_in_the_dtype_the_size_picks(model: DLSR, monkeypatch) -> None:
@@ -479,7 +490,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def test_cuda_tensor_batch_fp16_round_trip(model: DLSR) -> None:
     x = torch.rand(3, 3, 40, 50, generator=torch.Generator().manual_seed(0))
     ref = upscale(x, model=model, device="cpu")
-    out = upscale(x.cuda().half(), model=model, tile=24, tile_overlap=8)  # auto: channels_last (fp32: a small pass)
+    out = upscale(x.cuda().half(), model=model, tile=24, tile_overlap=8, dtype="fp16")  # channels_last by default
     assert out.device.type == "cuda" and out.dtype == torch.float16 and out.shape == (3, 3, 80, 100)
     assert 10 * math.log10(1 / float(((out.float().cpu() - ref) ** 2).mean())) > 35
     assert next(model.parameters()).device.type == "cpu"  # the CPU model was copied, not moved
