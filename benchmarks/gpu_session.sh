@@ -45,8 +45,10 @@ shutil.copytree(src, dst, dirs_exist_ok=True)
 print(f"{sum(f.is_file() for f in dst.rglob('*'))} files in {dst}")
 EOF
 
-# x4 and x2-s by default: they are furthest from their floors and gained in both GPU sessions; x2 lost
-# 0.03 dB in the first and x3 has met its floor. Two runs fill the GPU as well as four (~2,000 patches/s).
+# x4 and x2-s by default: they are furthest from their floors; x2 lost on Set5 in the first and third
+# sessions (-0.03, then -0.009 at lr 3e-5 from its soup) and x3 has met its floor. Two runs fill the GPU as
+# well as three or four (~2,000 patches/s together). Third session (2026-11-28): x2-s +0.010 / +0.024 /
+# +0.014 (bundled), x4 -0.013 / +0.004 / +0.011 (not bundled: Set5 is its shortfall).
 NAMES=${NAMES:-x4g x2sg}
 if [ "${CHECKS:-1}" != 0 ]; then
 say "CUDA tests"
