@@ -161,15 +161,18 @@ def _run_protocol(
         files = dataset_images(ddir)[:max_images]
         per_image = []
         for f in files:
-            hr = modcrop(load_rgb(f), scale)
-            cache = Path(cache_dir) / name / f"X{scale}" / f"{f.stem}x{scale}.png" if cache_dir else None
-            lr = make_lr(hr, scale, cache)
-            sr = upscale(lr)
-            if sr.shape != hr.shape:
-                raise ValueError(f"{f.name}: SR shape {sr.shape} != HR shape {hr.shape} (scale {scale})")
-            per_image.append(
-                {"image": f.name, "psnr": psnr_y(sr, hr, crop=scale), "ssim": ssim_y(sr, hr, crop=scale)}
-            )
+            try:
+                hr = modcrop(load_rgb(f), scale)
+                cache = Path(cache_dir) / name / f"X{scale}" / f"{f.stem}x{scale}.png" if cache_dir else None
+                lr = make_lr(hr, scale, cache)
+                sr = upscale(lr)
+                if sr.shape != hr.shape:
+                    raise ValueError(f"SR shape {sr.shape} != HR shape {hr.shape} (scale {scale})")
+                per_image.append(
+                    {"image": f.name, "psnr": psnr_y(sr, hr, crop=scale), "ssim": ssim_y(sr, hr, crop=scale)}
+                )
+            except ValueError as e:  # too small for the scale or the SSIM window, unreadable, ...: say which
+                raise ValueError(f"{f}: {e}" if str(f) not in str(e) else str(e)) from None
         results.append(
             {
                 "dataset": name,
@@ -196,7 +199,15 @@ def _model_upscaler(model: Any, scale: int, device: str) -> Upscaler:
             x = x.to(device=device, dtype=torch.float32).div_(255.0).unsqueeze(0)
             xp = pad_small(x)  # an LR under the network's 15 px minimum: padded, and the output cropped back
             full = (1, 3, xp.shape[-2] * scale, xp.shape[-1] * scale)
-            y = model(xp)
+            # fp32 is fp32 whatever the model was set to run in (`DLSR.inference_precision` may say bf16)
+            precision = getattr(model, "inference_precision", None)
+            if precision not in (None, "fp32"):
+                model.inference_precision = "fp32"
+            try:
+                y = model(xp)
+            finally:
+                if precision not in (None, "fp32"):
+                    model.inference_precision = precision
             if not isinstance(y, torch.Tensor) or tuple(y.shape) != full:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(f"model output shape {got} is not {full}")
@@ -235,6 +246,9 @@ def evaluate(
     scale = _check_scale(scale)
     if model_scale is not None and int(model_scale) != scale:
         raise ValueError(f"scale {scale} does not match the model's scale {model_scale}")
+    from .upscaling import resolve_device
+
+    device = str(resolve_device(device))  # a clear ValueError for 'cuda' without CUDA or a bogus name
     if hasattr(model, "to"):
         model = model.to(device)
     if hasattr(model, "eval"):
@@ -367,7 +381,7 @@ def _load_model(name: str) -> Any:
         raise ValueError(f"cannot import dlsr_infer.model.DLSR: {exc}") from exc
     try:
         return DLSR.from_pretrained(name)
-    except ModelLoadError as exc:
+    except (ModelLoadError, TypeError) as exc:  # TypeError: e.g. an empty name
         raise ValueError(f"cannot load model {name!r}: {exc}") from exc
 
 
@@ -385,6 +399,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"{opt} {path} is a folder; give the path of a file to write")
     if len(outputs) == 2 and Path(args.json).resolve() == Path(args.markdown).resolve():
         ap.error("--json and --markdown name the same file")
+    folders = [(opt, Path(path).parent) for opt, path in outputs]
+    if args.cache_dir:
+        folders.append(("--cache-dir", Path(args.cache_dir)))
+    for opt, folder in folders:  # a file where a folder must be (or be made): refused now, not after the run
+        blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            ap.error(f"{opt}: {blocked} is a file, so the folder {folder} cannot be made")
     try:
         datasets = _resolve_datasets(args.data, args.sets)
         results: list[dict[str, Any]] = []
@@ -399,13 +420,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"dlsr-eval: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the LR cache unwritable or the disk full, mid-run
+        print(f"dlsr-eval: error: {exc}", file=sys.stderr)
+        return 1
     print(format_table(results))
+    payloads = []
     for opt, path in outputs:
         if opt == "--json":
             payload = {"model": args.model, "protocol": "Y (BT.601), border=scale, MATLAB bicubic LR", "results": results}
-            data = (json.dumps(_json_safe(payload), indent=2) + "\n").encode()
+            payloads.append((opt, path, (json.dumps(_json_safe(payload), indent=2) + "\n").encode()))
         else:
-            data = format_markdown(results).encode()
+            payloads.append((opt, path, format_markdown(results).encode()))
+    for opt, path, data in payloads:
         try:  # whole or not at all: a results file is never left half written
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda f: f.write(data), overwrite=True)

@@ -123,8 +123,15 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, loc
             f"no model directory at {name_or_path!r}; it is not a known alias ({', '.join(ALIASES)}) and not a "
             "Hub repo id of the form 'owner/name'"
         )
-    return download(name_or_path, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
-                    token=token)
+    try:
+        return download(name_or_path, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir,
+                        token=token)
+    except ModelLoadError as e:  # 'models/goood' beside a local models/: most likely a typo of a local path
+        owner = Path(name_or_path.split("/", 1)[0]).expanduser()
+        if owner.is_dir():
+            raise ModelLoadError(f"no model directory at {name_or_path!r} (the folder {str(owner)!r} exists here), "
+                                 f"and as a Hub repo id: {e}") from None
+        raise
 
 
 def download(repo_id: str, *, revision: str | None = None, local_files_only: bool = False,

@@ -181,12 +181,26 @@ def test_result_files_that_cannot_be_written(benchmarks_dir: Path, tmp_path: Pat
     with pytest.raises(SystemExit):
         ev.main([*common, "--json", str(tmp_path / "r"), "--markdown", str(tmp_path / "r")])
     assert "name the same file" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")  # a file where a folder must be made: refused before the run too
+    for opt in ("--json", "--markdown", "--cache-dir"):
+        with pytest.raises(SystemExit) as exit_:
+            ev.main([*common, "--json", str(tmp_path / "ok.json"), opt, str(tmp_path / "file" / "sub" / "r")])
+        assert exit_.value.code == 2 and f"{opt}: {tmp_path / 'file'} is a file" in capsys.readouterr().err
     monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
-    (tmp_path / "file").write_text("x")
-    assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "file" / "r.md")]) == 1
+    import dlsr_infer.evaluate as evmod
+    real_write = evmod.atomic_write
+
+    def disk_full_for_markdown(path, write, **kw):
+        if str(path).endswith(".md"):
+            raise OSError(28, "No space left on device")
+        return real_write(path, write, **kw)
+
+    monkeypatch.setattr(evmod, "atomic_write", disk_full_for_markdown)
+    assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "r.md")]) == 1
     out, err = capsys.readouterr()
-    assert "Set5" in out and f"dlsr-eval: error: cannot write --markdown {tmp_path / 'file' / 'r.md'}" in err, err
+    assert "Set5" in out and f"dlsr-eval: error: cannot write --markdown {tmp_path / 'r.md'}" in err, err
     assert "Traceback" not in err and json.loads((tmp_path / "ok.json").read_text())["results"][0]["images"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ok.json"]
 
@@ -207,6 +221,28 @@ def test_errors(benchmarks_dir: Path, tmp_path: Path, capsys) -> None:
         ev.evaluate(torch.nn.Identity(), benchmarks_dir / "Set5")
     with pytest.raises(ValueError, match="output shape"):
         ev.evaluate(torch.nn.Identity(), benchmarks_dir / "Set5", scale=2, max_images=1)
+    # a device that is not there, an empty model name, an image too small: clean errors naming the problem
+    for device in ("bogus", *(() if torch.cuda.is_available() else ("cuda",))):
+        assert ev.main(["x2", "--data", str(benchmarks_dir / "Set5"), "--max-images", "1", "--device", device]) == 2
+        assert "dlsr-eval: error: " in capsys.readouterr().err
+    assert ev.main(["", "--data", str(benchmarks_dir / "Set5")]) == 2
+    assert "cannot load model ''" in capsys.readouterr().err
+    (tmp_path / "tiny").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "tiny" / "t.png")
+    assert ev.main(["--bicubic", "--scale", "4", "--data", str(tmp_path / "tiny")]) == 2
+    assert f"dlsr-eval: error: {tmp_path / 'tiny' / 't.png'}: " in capsys.readouterr().err
+
+
+def test_fp32_is_fp32_whatever_the_model_is_set_to_run_in(benchmarks_dir: Path) -> None:
+    from dlsr_infer import DLSR
+    from dlsr_infer.genotype import builtin
+
+    torch.manual_seed(0)
+    model = DLSR(builtin("dlsr_s_x2").replace(channels=8))
+    ref = ev.evaluate(model, benchmarks_dir / "Set5", max_images=1)[0]["psnr"]
+    model.inference_precision = "bf16"
+    assert ev.evaluate(model, benchmarks_dir / "Set5", max_images=1)[0]["psnr"] == ref
+    assert model.inference_precision == "bf16"
 
 
 def test_unreadable_and_16_bit_images_are_clean_errors(tmp_path: Path, capsys) -> None:

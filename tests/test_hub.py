@@ -296,6 +296,16 @@ def test_local_path_typo_is_a_local_error_and_never_contacts_the_hub(hub, typo):
     assert hub.requests == [] and hub.side_requests == []
 
 
+def test_a_typo_of_a_local_folder_that_looks_like_a_repo_id_says_the_folder_exists(hub, tmp_path, monkeypatch):
+    """'models/goood' beside a local models/ reads as a Hub repo id: the Hub is asked, and its error also
+    says that the local folder exists (it said only 'Hub repo ... does not exist')."""
+    (tmp_path / "models" / "good").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=r"no model directory at 'models/goood' \(the folder 'models' exists "
+                                             r"here\), and as a Hub repo id: "):
+        DLSR.from_pretrained("models/goood")
+
+
 # --- the environment variables, for real (child processes) ------------------------------------------
 _CHILD = """
 import sys, torch
