@@ -34,7 +34,7 @@ def main() -> None:
     hr = modcrop(load_rgb(args.hr), s)
     lr = imresize(hr, 1 / s)
     bicubic = imresize(lr, s)
-    sr = upscale(lr, scale=s, model=args.model or f"x{s}", tile=0)
+    sr = upscale(lr, scale=s, model=args.model or f"x{s}", tile=0, dtype="fp32")  # as dlsr-eval measures
     top, left, h, w = args.crop or ((hr.shape[0] - 96) // 2, (hr.shape[1] - 96) // 2, 96, 96)
     panels = [("bicubic", bicubic), (f"DLSR x{s}", sr), ("HR", hr)]
     tiles = []

@@ -29,10 +29,14 @@ def main() -> None:
         explain_model_error(e)
     args.output.mkdir(parents=True, exist_ok=True)
     failed = []
-    for path in sorted(p for p in args.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+    paths = sorted(p for p in args.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    stems = [p.stem for p in paths]
+    for path in paths:
+        # a.jpg and a.png would both become a.png: such names keep their suffix (a.jpg.png, a.png.png)
+        name = f"{path.stem}.png" if stems.count(path.stem) == 1 else f"{path.name}.png"
         try:
             result = upscaler.image_data(load_image(path))  # keeps 16-bit, alpha, ICC profile, EXIF
-            save_image(result, args.output / f"{path.stem}.png", overwrite=True)  # atomic write
+            save_image(result, args.output / name, overwrite=True)  # atomic write
             print(f"{path.name}: {result.width}x{result.height}")
         except (ImageLoadError, OSError, ValueError) as e:
             failed.append(path)

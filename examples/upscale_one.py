@@ -9,6 +9,7 @@ its profile. For files that must keep 16 bits per channel use `upscale_file` (se
 from __future__ import annotations
 
 import argparse
+import sys
 
 from _common import add_model_args, explain_model_error, model_from_args
 
@@ -26,12 +27,16 @@ def main() -> None:
     try:
         if args.keep_depth:
             notes = upscale_file(args.input, args.output, args.scale, model_from_args(args), overwrite=True)
-            print("\n".join(f"note: {n}" for n in notes))
+            for n in notes:
+                print(f"note: {n}")
         else:
             big = upscale(args.input, scale=args.scale, model=model_from_args(args))
             big.save(args.output, icc_profile=big.info.get("icc_profile"))
     except ModelLoadError as e:
         explain_model_error(e)
+    except (ValueError, TypeError, OSError) as e:  # e.g. --scale 3 with an x2 model, an unreadable input
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {args.output}")
 
 

@@ -41,14 +41,21 @@ def test_upscale_one_and_folder_with_bundled_weights(tmp_path: Path) -> None:
     run(EXAMPLES / "upscale_one.py", EXAMPLES / "sample.png", "-o", tmp_path / "one.png", "--scale", "2",
         "--model", "x2-s")
     assert size_of(tmp_path / "one.png") == (256, 256)
+    err = run(EXAMPLES / "upscale_one.py", EXAMPLES / "sample.png", "-o", tmp_path / "bad.png", "--scale", "3",
+              "--model", "x2-s", ok=False).stderr
+    assert "upscales x2 but scale=3 was asked" in err and not (tmp_path / "bad.png").exists()
 
     (tmp_path / "in").mkdir()
     Image.open(EXAMPLES / "sample.png").crop((0, 0, 40, 30)).save(tmp_path / "in" / "a.png")
+    Image.open(EXAMPLES / "sample.png").crop((0, 0, 20, 24)).convert("RGB").save(tmp_path / "in" / "b.jpg")
+    Image.open(EXAMPLES / "sample.png").crop((0, 0, 30, 20)).save(tmp_path / "in" / "b.png")
     (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
     proc = run(EXAMPLES / "upscale_folder.py", tmp_path / "in", tmp_path / "out", "--scale", "2", "--model", "x2-s",
                rc=1)  # 1: some file failed
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]  # the broken file is skipped
+    # the broken file is skipped; b.jpg and b.png keep their suffixes rather than both writing b.png
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.jpg.png", "b.png.png"]
     assert size_of(tmp_path / "out" / "a.png") == (80, 60) and "broken.png: FAILED" in proc.stdout
+    assert size_of(tmp_path / "out" / "b.jpg.png") == (40, 48) and size_of(tmp_path / "out" / "b.png.png") == (60, 40)
 
 
 def test_tiled_and_tensor_batch_examples_with_random_weights(tmp_path: Path) -> None:
