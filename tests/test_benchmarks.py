@@ -52,3 +52,10 @@ def test_bench_cuda_runs_on_the_cpu(tmp_path: Path) -> None:
         "--no-compile", "--upscale-repeats", "1", "--json", tmp_path / "c.json")
     result = json.loads((tmp_path / "c.json").read_text())
     assert result["scales"] and set(result["upscale_4k_x4"]) == {"auto", "tile256"}
+
+
+def test_bench_calls_one_round(tmp_path: Path) -> None:
+    run(BENCH / "bench_calls.py", "--model", "x2-s", "--sizes", "16", "--repeats", "1", "--warmup", "0",
+        "--json", tmp_path / "c.json")
+    (row,) = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert row["size"] == 16 and row["upscale()"]["cpu_ms"] > 0 and row["Upscaler"]["cpu_ms"] > 0
