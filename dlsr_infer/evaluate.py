@@ -188,9 +188,17 @@ def _run_protocol(
 
 
 def _model_upscaler(model: Any, scale: int, device: str) -> Upscaler:
+    import copy
+
     import torch
 
     from .tiling import pad_small
+
+    if getattr(model, "inference_precision", "fp32") != "fp32":
+        # fp32 is fp32 whatever the model was set to run in: a shallow copy (the same parameters) set to
+        # fp32, so that the caller's model, perhaps in use by other threads, is never changed
+        model = copy.copy(model)
+        model.inference_precision = "fp32"
 
     def upscale(lr: np.ndarray) -> np.ndarray:
         expected = (1, 3, lr.shape[0] * scale, lr.shape[1] * scale)
@@ -199,15 +207,7 @@ def _model_upscaler(model: Any, scale: int, device: str) -> Upscaler:
             x = x.to(device=device, dtype=torch.float32).div_(255.0).unsqueeze(0)
             xp = pad_small(x)  # an LR under the network's 15 px minimum: padded, and the output cropped back
             full = (1, 3, xp.shape[-2] * scale, xp.shape[-1] * scale)
-            # fp32 is fp32 whatever the model was set to run in (`DLSR.inference_precision` may say bf16)
-            precision = getattr(model, "inference_precision", None)
-            if precision not in (None, "fp32"):
-                model.inference_precision = "fp32"
-            try:
-                y = model(xp)
-            finally:
-                if precision not in (None, "fp32"):
-                    model.inference_precision = precision
+            y = model(xp)
             if not isinstance(y, torch.Tensor) or tuple(y.shape) != full:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(f"model output shape {got} is not {full}")
@@ -395,7 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--bicubic without MODEL needs --scale")
     outputs = [(opt, path) for opt, path in (("--json", args.json), ("--markdown", args.markdown)) if path]
     for opt, path in outputs:  # refused before an evaluation that may take minutes, not after it
-        if Path(path).is_dir():
+        try:
+            is_dir = Path(path).is_dir()
+        except OSError as exc:
+            ap.error(f"{opt} {path}: {exc.strerror or exc}")
+        if is_dir:
             ap.error(f"{opt} {path} is a folder; give the path of a file to write")
     if len(outputs) == 2 and Path(args.json).resolve() == Path(args.markdown).resolve():
         ap.error("--json and --markdown name the same file")
@@ -403,7 +407,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cache_dir:
         folders.append(("--cache-dir", Path(args.cache_dir)))
     for opt, folder in folders:  # a file where a folder must be (or be made): refused now, not after the run
-        blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        try:
+            blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        except OSError as exc:  # a name too long, a folder we may not look into
+            ap.error(f"{opt}: {folder}: {exc.strerror or exc}")
         if blocked is not None:
             ap.error(f"{opt}: {blocked} is a file, so the folder {folder} cannot be made")
     try:

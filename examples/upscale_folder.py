@@ -31,9 +31,14 @@ def main() -> None:
     failed = []
     paths = sorted(p for p in args.folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     stems = [p.stem for p in paths]
-    for path in paths:
-        # a.jpg and a.png would both become a.png: such names keep their suffix (a.jpg.png, a.png.png)
-        name = f"{path.stem}.png" if stems.count(path.stem) == 1 else f"{path.name}.png"
+    # a.jpg and a.png would both become a.png: such names keep their suffix (a.jpg.png, a.png.png)
+    names = [f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.name}.png" for p in paths]
+    clashes = {n for n in names if names.count(n) > 1}  # a.jpg.png as an input beside a.jpg and a.png
+    for path, name in zip(paths, names):
+        if name in clashes:
+            failed.append(path)
+            print(f"{path.name}: FAILED: its output {name} is also another input's; rename one")
+            continue
         try:
             result = upscaler.image_data(load_image(path))  # keeps 16-bit, alpha, ICC profile, EXIF
             save_image(result, args.output / name, overwrite=True)  # atomic write

@@ -186,6 +186,9 @@ def test_result_files_that_cannot_be_written(benchmarks_dir: Path, tmp_path: Pat
         with pytest.raises(SystemExit) as exit_:
             ev.main([*common, "--json", str(tmp_path / "ok.json"), opt, str(tmp_path / "file" / "sub" / "r")])
         assert exit_.value.code == 2 and f"{opt}: {tmp_path / 'file'} is a file" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_:  # a name the file system refuses: a usage error, no traceback
+            ev.main([*common, opt, str(tmp_path / ("d" * 300) / "r")])
+        assert exit_.value.code == 2 and "File name too long" in capsys.readouterr().err
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
@@ -241,8 +244,11 @@ def test_fp32_is_fp32_whatever_the_model_is_set_to_run_in(benchmarks_dir: Path) 
     model = DLSR(builtin("dlsr_s_x2").replace(channels=8))
     ref = ev.evaluate(model, benchmarks_dir / "Set5", max_images=1)[0]["psnr"]
     model.inference_precision = "bf16"
+    during: list[str] = []  # the caller's model is never switched, not even for the call (other threads)
+    handle = model.register_forward_pre_hook(lambda m, args: during.append(model.inference_precision))
     assert ev.evaluate(model, benchmarks_dir / "Set5", max_images=1)[0]["psnr"] == ref
-    assert model.inference_precision == "bf16"
+    handle.remove()
+    assert during == ["bf16"] and model.inference_precision == "bf16"
 
 
 def test_unreadable_and_16_bit_images_are_clean_errors(tmp_path: Path, capsys) -> None:

@@ -56,6 +56,14 @@ def test_upscale_one_and_folder_with_bundled_weights(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.jpg.png", "b.png.png"]
     assert size_of(tmp_path / "out" / "a.png") == (80, 60) and "broken.png: FAILED" in proc.stdout
     assert size_of(tmp_path / "out" / "b.jpg.png") == (40, 48) and size_of(tmp_path / "out" / "b.png.png") == (60, 40)
+    (tmp_path / "in2").mkdir()  # c.jpg -> c.jpg.png, which is also what the input c.jpg.png maps to
+    for name in ("c.jpg", "c.png", "c.jpg.png"):
+        Image.open(EXAMPLES / "sample.png").crop((0, 0, 20, 20)).convert("RGB").save(tmp_path / "in2" / name,
+                                                                                    format="JPEG" if name == "c.jpg" else "PNG")
+    proc = run(EXAMPLES / "upscale_folder.py", tmp_path / "in2", tmp_path / "out2", "--scale", "2", "--model", "x2-s",
+               rc=1)
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["c.png.png"]
+    assert proc.stdout.count("is also another input's") == 2
 
 
 def test_tiled_and_tensor_batch_examples_with_random_weights(tmp_path: Path) -> None:
