@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .imageio import (DEFAULT_MAX_PIXELS, FORMATS, IMAGE_EXTENSIONS, ImageLoadError, OutputExistsError,
-                      format_for, load_image, remove_stale_temps, save_image)
+                      check_quality, format_for, load_image, remove_stale_temps, save_image)
 
 PROG = "dlsr-upscale"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -206,8 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         v = getattr(args, name)
         if v is not None and (v < 0 or (name == "batch_size" and v == 0)):
             return usage(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'batch_size' else '>= 0'}")
-    if not 1 <= args.quality <= 100:
-        return usage("--quality must be between 1 and 100")
+    try:
+        check_quality(args.quality)
+    except ValueError as e:
+        return usage(f"--{e}")
 
     sources = expand_inputs(args.inputs, recursive=args.recursive)
     # -o is a folder when it says so (trailing /), exists as one, has no extension, or must be one.

@@ -195,7 +195,7 @@ def _cmyk_to_rgb(im: Image.Image, notes: list[str]) -> tuple[Image.Image, bytes 
             srgb_bytes = ImageCms.ImageCmsProfile(srgb).tobytes()
             msg = f"{im.mode} image converted to RGB through its embedded ICC profile (output tagged sRGB)"
             notes.append(msg)
-            warnings.warn(msg, ColorConversionWarning, stacklevel=4)
+            warnings.warn(msg, ColorConversionWarning, stacklevel=5)
             return out, srgb_bytes
         except Exception:  # noqa: BLE001 - fall back to the plain conversion below
             pass
@@ -206,7 +206,7 @@ def _cmyk_to_rgb(im: Image.Image, notes: list[str]) -> tuple[Image.Image, bytes 
     msg = (f"{im.mode} image converted to RGB with Pillow's plain formula (no ICC profile to convert through); "
            "colours may shift")
     notes.append(msg)
-    warnings.warn(msg, ColorConversionWarning, stacklevel=4)
+    warnings.warn(msg, ColorConversionWarning, stacklevel=5)
     return out, None
 
 
@@ -342,9 +342,8 @@ def from_pil(im: Image.Image, *, apply_exif_orientation: bool = True) -> ImageDa
     try:
         pixels, orientation, exif, icc = _decode_opened(im, notes, (lambda: _open_unchecked(filename)) if lazy_file
                                                         else None, filename)
-    except (ImageLoadError, OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, IndexError) as e:
-        what = str(e) if isinstance(e, ImageLoadError) else f"truncated or corrupt image data ({type(e).__name__}: {e})"
-        raise ImageLoadError(f"{filename}: {what}" if filename else what) from None
+    except ImageLoadError as e:
+        raise ImageLoadError(f"{filename}: {e}" if filename else str(e)) from None
     if apply_exif_orientation and orientation != 1:
         pixels = _orient(pixels, orientation)
     return ImageData(pixels, icc_profile=icc or None, exif=exif, source_format=im.format, notes=tuple(notes))
@@ -356,27 +355,33 @@ def _decode_opened(im: Image.Image, notes: list[str], reopen: Callable[[], Image
 
     Loading drops the pending tile, which alone tells a 16-bit colour PNG (decoded again from `reopen`,
     the same file, with all 16 bits) and a low-bit gray PNG's colour-key scale: both are read first.
-    Without `reopen`, a 16-bit colour image that Pillow decodes to 8 bits gets a note and a warning."""
-    rawmode16 = _png16_rawmode(im) if reopen is not None else None
-    key_scale = _gray_key_scale(im)
-    if rawmode16 is None:
-        if decodes_to_8_bits(im):
-            msg = f"Pillow decodes this 16-bit {im.format} {im.mode} image to 8 bits per channel"
-            notes.append(msg)
-            warnings.warn(f"{where}: {msg}" if where else msg, ColorConversionWarning, stacklevel=3)
-        # Decode before getexif(): on a PNG getexif() decodes the pixels itself, and as its errors are
-        # swallowed (malformed EXIF must not stop an upscale) a corrupt IDAT would then load silently.
-        im.load()
-    orientation, exif = _exif_without_orientation(im)
-    if rawmode16 is not None and reopen is not None:
-        pixels = _colour_key_alpha(_decode_png16(reopen, rawmode16), im.info.get("transparency"))
-        if pixels.shape[:2] != (im.height, im.width):  # the file was replaced since `im` was opened
-            raise ImageLoadError(f"the file changed since it was opened ({pixels.shape[1]}x{pixels.shape[0]}, not "
-                                 f"{im.width}x{im.height})")
-        replacement_icc, icc_ok = None, True
-    else:
-        pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes, key_scale)
-    return pixels, orientation, exif, im.info.get("icc_profile") if icc_ok else replacement_icc
+    Without `reopen`, a 16-bit colour image that Pillow decodes to 8 bits gets a note and a warning.
+    Every decoding failure is an `ImageLoadError` (without the file name: the caller knows it)."""
+    try:
+        rawmode16 = _png16_rawmode(im) if reopen is not None else None
+        key_scale = _gray_key_scale(im)
+        if rawmode16 is None:
+            if decodes_to_8_bits(im):
+                msg = f"Pillow decodes this 16-bit {im.format} {im.mode} image to 8 bits per channel"
+                notes.append(msg)
+                warnings.warn(f"{where}: {msg}" if where else msg, ColorConversionWarning, stacklevel=3)
+            # Decode before getexif(): on a PNG getexif() decodes the pixels itself, and as its errors are
+            # swallowed (malformed EXIF must not stop an upscale) a corrupt IDAT would then load silently.
+            im.load()
+        orientation, exif = _exif_without_orientation(im)
+        if rawmode16 is not None and reopen is not None:
+            pixels = _colour_key_alpha(_decode_png16(reopen, rawmode16), im.info.get("transparency"))
+            if pixels.shape[:2] != (im.height, im.width):  # the file was replaced since `im` was opened
+                raise ImageLoadError(f"the file changed since it was opened ({pixels.shape[1]}x{pixels.shape[0]}, not "
+                                     f"{im.width}x{im.height})")
+            replacement_icc, icc_ok = None, True
+        else:
+            pixels, replacement_icc, icc_ok = _pixels_from_pil(im, notes, key_scale)
+        return pixels, orientation, exif, im.info.get("icc_profile") if icc_ok else replacement_icc
+    except ImageLoadError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, IndexError) as e:
+        raise ImageLoadError(f"truncated or corrupt image data ({type(e).__name__}: {e})") from None
 
 
 def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageData:
@@ -421,8 +426,6 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
             pixels, orientation, exif, icc = _decode_opened(im, notes, lambda: _open_unchecked(path), str(path))
         except ImageLoadError as e:
             raise ImageLoadError(f"{path}: {e}") from None
-        except (OSError, SyntaxError, ValueError, EOFError, zlib.error, struct.error, IndexError) as e:
-            raise ImageLoadError(f"{path}: truncated or corrupt image data ({type(e).__name__}: {e})") from None
         if orientation != 1:
             pixels = _orient(pixels, orientation)
         return ImageData(pixels, icc_profile=icc or None, exif=exif, source_format=im.format, notes=tuple(notes))

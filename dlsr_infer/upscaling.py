@@ -560,5 +560,5 @@ def upscale_file(source: str | os.PathLike, destination: str | os.PathLike, scal
     return list(data.notes) + save_image(out, destination, format=format, quality=quality, overwrite=overwrite)
 
 
-__all__ = ["CUDA_FP16_MIN_PIXELS", "LUMA", "Upscaler", "auto_dtype", "cuda_auto_dtype", "clear_model_cache", "get_model", "resolve_device", "resolve_dtype",
-           "upscale", "upscale_file"]
+__all__ = ["CUDA_FP16_MIN_PIXELS", "LUMA", "Upscaler", "auto_dtype", "clear_model_cache", "cuda_auto_dtype", "get_model",
+           "resolve_device", "resolve_dtype", "upscale", "upscale_file"]

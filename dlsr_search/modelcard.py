@@ -126,16 +126,17 @@ def _soup_stage(card: Path, members: list[dict[str, Any]]) -> SoupStage:
     return SoupStage(members, [(Path(m["run"]), _read_listed(card, m["log"])) for m in members if "run" in m])
 
 
+def _stage_runs(stage: Any) -> list[tuple[Path, list[dict[str, Any]]]]:
+    """The runs that trained a stage: its fine-tunes for a soup, else the stage's one run."""
+    return stage.fine_tunes if isinstance(stage, SoupStage) else [stage]
+
+
 def _stage_steps(stage: Any) -> int:
-    if isinstance(stage, SoupStage):
-        return sum(max(r.get("step", 0) for r in rs) for _, rs in stage.fine_tunes)
-    return max(r.get("step", 0) for r in stage[1])
+    return sum(max(r.get("step", 0) for r in rs) for _, rs in _stage_runs(stage))
 
 
 def _stage_seconds(stage: Any) -> float:
-    if isinstance(stage, SoupStage):
-        return sum(wall_time_s(rs) for _, rs in stage.fine_tunes)
-    return wall_time_s(stage[1])
+    return sum(wall_time_s(rs) for _, rs in _stage_runs(stage))
 
 
 def _chain_line(i: int, stage: Any, out: Path, note: str | None) -> str:
@@ -408,13 +409,12 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
     stages, notes = card_stages(continues) if continues is not None else ([], [])
     stages += [(r, stage_records(r, until)) for r, until in earlier]
     records = read_log(run)
-    for name, recs in [s for stage in stages for s in (stage.fine_tunes if isinstance(stage, SoupStage) else [stage])]:
+    for name, recs in [r for stage in stages for r in _stage_runs(stage)]:
         _check_held_out(name, recs)
     _check_held_out(run, records)
     notes += [_noted_data(run_config(recs).get("data"), data_notes) for _, recs in [*stages[len(notes):], (run, records)]]
     for i, stage in enumerate(stages, start=1):  # e.g. a card rewritten in place by the same command twice
-        runs = stage.fine_tunes if isinstance(stage, SoupStage) else [stage]
-        for name, recs in runs:
+        for name, recs in _stage_runs(stage):
             if recs[:1] == records[:1]:
                 raise ValueError(f"{run} is already {'a fine-tune in ' if isinstance(stage, SoupStage) else ''}"
                                  f"stage {i} ({name}) of the chain; restore {continues or out} from git before "
@@ -497,9 +497,14 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
 def _check_held_out(run: Path, records: list[dict[str, Any]]) -> None:
     """Refuse a run that validated (so chose its weights) on Set14 or B100: a card says they were never used."""
     val = run_config(records).get("val")
-    if val and dataset_name(val) in SETS[1:]:
+    if val and _held_out(val):
         raise ValueError(f"{run} validated on {val}: its card's {' and '.join(SETS[1:])} figures must stay held out "
                          "(validate on Set5 or on held-out training images)")
+
+
+def _held_out(folder: str) -> bool:
+    """Whether `folder` is one of the sets a card reports as held out (Set14, B100)."""
+    return dataset_name(folder) in SETS[1:]
 
 
 def _saved_step(model_dir: Path) -> int | None:
@@ -537,7 +542,7 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
     record = read_soup(soup)
     ingredients = record["ingredients"]
     greedy = record.get("greedy")
-    if greedy and dataset_name(greedy["val"]) in SETS[1:]:
+    if greedy and _held_out(greedy["val"]):
         raise ValueError(f"{soup} was chosen on {greedy['val']}: the card's {' and '.join(SETS[1:])} figures must "
                          "stay held out (choose a soup on Set5 or held-out training images)")
     stages, notes = card_stages(continues)
