@@ -14,7 +14,8 @@ default what one call leaves beside the working tree as it is when packing: pack
 writes PNG back into one folder (`.gpu_data/` is git-ignored, so the device keeps it between calls on
 the same warm machine) and checks each image's RGB pixels against the sha256 taken here, so the trainer
 sees exactly the pixels it would see from ../shared. `--require-complete` fails while a part is missing
-(the machine was given back between the calls: unpack part 1 again).
+(the machine was given back between the calls: unpack part 1 again) or while the folder holds files that
+are not in the pack; a part of a new pack clears a folder that holds another pack's images.
 """
 from __future__ import annotations
 
@@ -162,19 +163,21 @@ def unpack(part: Path, dest: Path, jobs: int, require_complete: bool) -> int:
     missing = [f["stored"] for f in manifest["files"] if not (part / f["stored"]).is_file()]
     if missing:
         raise SystemExit(f"gpu_data: {part} lacks {len(missing)} of its files, e.g. {missing[0]}")
+    done = {}  # part number -> manifest, of this pack's parts unpacked here, each record read once
+    for record in sorted((dest / DONE).glob("part*.json")):
+        m = json.loads(record.read_text())
+        if m.get("pack") != manifest["pack"]:  # another pack's images (a warm machine keeps dest): the
+            shutil.rmtree(dest)                # trainer would train on them too, so none of them stays
+            print(f"{dest}: held images of another pack; removed")
+            done = {}
+            break
+        done[int(record.stem[4:])] = m
     jobs_ = [(str(part / f["stored"]), str(dest), f["path"], f["rgb_sha256"]) for f in manifest["files"]]
     with ProcessPoolExecutor(jobs) as pool:
         problems = [p for p in pool.map(_restore, jobs_) if p]
     if problems:
         raise SystemExit(f"gpu_data: {len(problems)} images of {part} are corrupt, e.g. {problems[0]}")
     (dest / DONE).mkdir(parents=True, exist_ok=True)
-    done = {}  # part number -> manifest, of this pack's parts unpacked here, each record read once
-    for record in (dest / DONE).glob("part*.json"):
-        m = json.loads(record.read_text())
-        if m.get("pack") != manifest["pack"]:
-            record.unlink()  # a part of another pack: it does not count towards this one
-        else:
-            done[int(record.stem[4:])] = m
     (dest / DONE / f"part{manifest['part']}.json").write_text(json.dumps(manifest))
     done[manifest["part"]] = manifest
     have = sum(len(m["files"]) for m in done.values())
@@ -185,6 +188,16 @@ def unpack(part: Path, dest: Path, jobs: int, require_complete: bool) -> int:
     if lacking and require_complete:
         print(f"gpu_data: {dest} is incomplete: unpack parts {lacking} first", file=sys.stderr)
         return 1
+    if require_complete:  # exactly the pack's images: nothing else in dest that a trainer would also read
+        listed = {f["path"] for m in done.values() for f in m["files"]}
+        present = {p.relative_to(dest).as_posix() for p in dest.rglob("*")
+                   if p.is_file() and DONE not in p.relative_to(dest).parts}
+        extra = sorted(present - listed)
+        if extra or listed - present:
+            print(f"gpu_data: {dest} holds {len(extra)} file(s) that are not in this pack (e.g. "
+                  f"{(extra or ['-'])[0]}) and lacks {len(listed - present)} of its images: remove {dest} and "
+                  "unpack every part again", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Upscale images with a DLSR super-resolution network (tiled; CPU or CUDA).",
-        epilog="Exit status: 0 all done, 1 some inputs failed (listed), 2 bad usage, 130 interrupted.")
+        epilog="Exit status: 0 all done, 1 some inputs failed (listed), 2 bad usage, 130 interrupted, 143 terminated (SIGTERM).")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="image files, folders (their images; see --recursive) or glob patterns ('*.png')")
     p.add_argument("-o", "--output", metavar="PATH",
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="compute precision (auto: on CUDA fp16 for passes of 160k+ LR pixels, else fp32; on CPU bf16 "
-                        "where native and parity holds, else fp32)")
+                        "where native and parity holds, else fp32; with --compile: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--alpha", default="model", choices=("model", "bicubic"), help="how alpha channels are upscaled")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it for many images)")
     p.add_argument("--suffix", help="added to output file names (default: _x<scale> next to the inputs, none with -o)")

@@ -30,10 +30,13 @@ def count_multi_adds(model: nn.Module, input_size: tuple[int, int], in_channels:
         kh, kw = module.kernel_size
         total += output.numel() * (module.in_channels // module.groups) * kh * kw
 
+    weight = next(model.parameters(), None)  # the probe goes where the model is, in its precision
+    probe = torch.zeros(1, in_channels, *input_size, device=weight.device if weight is not None else None,
+                        dtype=weight.dtype if weight is not None else None)
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, in_channels, *input_size))
+            model(probe)
     finally:
         for h in handles:
             h.remove()

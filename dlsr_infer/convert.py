@@ -20,7 +20,7 @@ import torch
 
 from .genotype import BUILTIN, Genotype, GenotypeError, builtin, load as load_genotype
 from .model import DLSR
-from .pretrained import ModelLoadError, check_state_dict
+from .pretrained import MODEL_FILES, ModelLoadError, check_state_dict
 
 _CELL_RENAMES = (
     (re.compile(r"^B(\d+)\.c([123])_d\.(.*)$"), lambda m: f"cells.{int(m[1]) - 1}.distill.{int(m[2]) - 1}.{m[3]}"),
@@ -97,7 +97,12 @@ def convert_authors_checkpoint(path: str | Path, genotype: Genotype, *, input_ra
         state[ours], source_of[ours] = v, k
     model = DLSR(genotype)
     check_state_dict(model.state_dict(), state, source=f"{path} (genotype {genotype.name or 'given'})")
-    model.load_state_dict(rescale_for_unit_range(state, input_range), strict=True)
+    state = rescale_for_unit_range(state, input_range)
+    bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v.float()).all()))
+    if bad:  # NaN in the file, or a value that x input_range pushes past float32: a model nothing can load
+        raise ModelLoadError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values after conversion "
+                             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+    model.load_state_dict(state, strict=True)
     return model.eval()
 
 
@@ -128,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", required=True, help="model directory to write")
     parser.add_argument("--input-range", type=_input_range_arg, default=255.0,
                         help="pixel range the checkpoint was trained on (default 255)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model files in an existing -o directory")
     args = parser.parse_args(argv)
     if Path(args.output).exists() and not Path(args.output).is_dir():
         parser.error(f"-o {args.output} is a file; give a model directory")
+    held = [name for name in MODEL_FILES if (Path(args.output) / name).exists()]
+    if held and not args.overwrite:
+        parser.error(f"-o {args.output} holds a model already ({', '.join(held)}); pass --overwrite to replace it")
     try:
         model = convert_authors_checkpoint(args.checkpoint, args.genotype, input_range=args.input_range)
     except (ModelLoadError, FileNotFoundError) as e:

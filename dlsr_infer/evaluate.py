@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .imageio import atomic_write, decodes_to_8_bits
+from .imageio import atomic_write, atomic_write_all, decodes_to_8_bits
 from .imresize import imresize, modcrop
 from .metrics import psnr_y, ssim_y
 
@@ -345,9 +345,9 @@ def _resolve_datasets(data: Sequence[str] | None, sets: Sequence[str]) -> list[P
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "dlsr-eval") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="dlsr-eval",
+        prog=prog,
         description="PSNR/SSIM (Y channel, border = scale) of a DLSR model on SR benchmarks, with "
         "MATLAB-bicubic LR images generated from the HR images.",
     )
@@ -385,9 +385,9 @@ def _load_model(name: str) -> Any:
         raise ValueError(f"cannot load model {name!r}: {exc}") from exc
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``dlsr-eval`` entry point; returns the process exit status (0 ok, 2 bad input)."""
-    ap = _parser()
+def main(argv: Sequence[str] | None = None, *, prog: str = "dlsr-eval") -> int:
+    """``dlsr-eval`` entry point (also ``dlsr-search eval``: `prog`); returns the exit status (0 ok, 2 bad input)."""
+    ap = _parser(prog)
     args = ap.parse_args(argv)
     if args.model is None and not args.bicubic:
         ap.error("MODEL is required unless --bicubic is given")
@@ -425,10 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.bicubic:
             results += evaluate_bicubic(datasets, scale=scale, max_images=args.max_images, cache_dir=args.cache_dir)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"dlsr-eval: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. the LR cache unwritable or the disk full, mid-run
-        print(f"dlsr-eval: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     print(format_table(results))
     payloads = []
@@ -438,14 +438,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             payloads.append((opt, path, (json.dumps(_json_safe(payload), indent=2) + "\n").encode()))
         else:
             payloads.append((opt, path, format_markdown(results).encode()))
-    for opt, path, data in payloads:
-        try:  # whole or not at all: a results file is never left half written
+    try:  # both whole or neither written: a results file is never left half written or beside a stale other
+        for _, path, _ in payloads:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda f: f.write(data), overwrite=True)
-        except OSError as exc:
-            print(f"dlsr-eval: error: cannot write {opt} {path}: {exc.strerror or exc} (the table above is the "
-                  "result)", file=sys.stderr)
-            return 1
+        atomic_write_all([(path, lambda f, data=data: f.write(data)) for _, path, data in payloads], overwrite=True)
+    except OSError as exc:
+        what = " and ".join(f"{opt} {path}" for opt, path, _ in payloads)
+        print(f"{prog}: error: cannot write {what}: {exc.strerror or exc} (neither was written; the table "
+              "above is the result)", file=sys.stderr)
+        return 1
     return 0
 
 

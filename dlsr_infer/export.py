@@ -7,8 +7,8 @@ convolutions, no autograd, dynamic batch, height and width. Inputs are N x 3 x H
     dlsr-export x4 --onnx dlsr_x4.onnx             # bundled / Hub / directory model
     dlsr-export --genotype dlsr_x4 --onnx r.onnx   # random weights (for testing the toolchain)
 
-`onnx` and `onnxruntime` are an optional extra (`pip install dlsr[onnx]`); export needs only torch,
-`--check` and `OnnxUpscaler` need onnxruntime.
+`onnx` and `onnxruntime` are an optional extra (`pip install dlsr[onnx]`): torch's exporter needs
+`onnx`; `--check` and `OnnxUpscaler` need onnxruntime too.
 """
 from __future__ import annotations
 
@@ -28,10 +28,19 @@ from .fast import build
 from .imageio import atomic_write
 from .model import DLSR, MIN_INPUT_SIZE
 
-__all__ = ["DEFAULT_OPSET", "OnnxUpscaler", "export_onnx", "main", "onnxruntime_available"]
+__all__ = ["DEFAULT_OPSET", "OnnxUpscaler", "export_onnx", "main", "onnx_available", "onnxruntime_available"]
 
 DEFAULT_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "lr", "sr"
+
+
+ONNX_MISSING = "ONNX export needs the onnx package: pip install 'dlsr[onnx]' (or pip install onnx)"
+
+
+def onnx_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnx") is not None
 
 
 def onnxruntime_available() -> bool:
@@ -51,13 +60,14 @@ def export_onnx(model: DLSR, path: str | os.PathLike, *, opset: int = DEFAULT_OP
     """
     if not isinstance(model, DLSR):
         raise TypeError(f"export_onnx needs a DLSR, got {type(model).__name__}")
+    if not onnx_available():
+        raise ImportError(ONNX_MISSING)
     h, w = example_size
     if min(h, w) < MIN_INPUT_SIZE:
         raise ValueError(f"example_size must be at least {MIN_INPUT_SIZE} on each side, got {example_size}")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give the path of the .onnx file to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
     p = next(model.parameters())
     src = model if (p.device.type == "cpu" and p.dtype == torch.float32) else copy.deepcopy(model).float().cpu()
     fused = build(src, precision="fp32", backend="aten")  # never changes `model` itself
@@ -72,6 +82,7 @@ def export_onnx(model: DLSR, path: str | os.PathLike, *, opset: int = DEFAULT_OP
         torch.onnx.export(fused, (x,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True,
                           dynamo=False)
+    path.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed export leaves no empty folders
     atomic_write(path, lambda f: f.write(buf.getbuffer()), overwrite=True)
     return path
 
@@ -121,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--genotype", metavar="NAME_OR_JSON",
                     help="instead of MODEL: a built-in genotype name or genotype JSON, with random weights")
     ap.add_argument("--onnx", required=True, metavar="PATH", help="where to write the .onnx file")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing file at --onnx")
     ap.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
     ap.add_argument("--static", nargs=2, type=int, metavar=("H", "W"),
                     help="export for this one input size instead of dynamic height/width")
@@ -145,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if (args.model is None) == (args.genotype is None):
         ap.error("give exactly one of MODEL or --genotype")
+    if not onnx_available():  # before loading (or downloading) a model it cannot export
+        print(f"dlsr-export: error: {ONNX_MISSING}", file=sys.stderr)
+        return 2
+    if Path(args.onnx).is_file() and not args.overwrite:
+        print(f"dlsr-export: error: {args.onnx} already exists (pass --overwrite to replace it)", file=sys.stderr)
+        return 2
     try:
         model = _load(args)
     except Exception as e:  # noqa: BLE001 - any load failure is a user-facing error here

@@ -79,6 +79,17 @@ class Genotype:
     provenance: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        # held as tuples, whatever sequences were passed: validated once, it cannot be changed afterwards
+        cells = self.cells
+        if isinstance(cells, (str, bytes)) or not isinstance(cells, Sequence) \
+                or not all(isinstance(c, CellSpec) for c in cells):
+            raise GenotypeError("Genotype(cells=...) takes a sequence of CellSpec (for JSON-style dicts use "
+                                f"Genotype.from_dict), got {cells!r:.80}")
+        for j, c in enumerate(cells, start=1):
+            for what, value in (("ops", c.ops), ("inputs", c.inputs)):
+                if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+                    raise GenotypeError(f"cell {j}: {what} must be a list, got {value!r:.80}")
+        object.__setattr__(self, "cells", tuple(CellSpec(tuple(c.ops), tuple(c.inputs)) for c in cells))
         validate(self.to_dict())
 
     # --- conversion -------------------------------------------------------------------------
@@ -235,12 +246,22 @@ def validate(data: Mapping[str, Any]) -> None:
 
 
 # --- files ---------------------------------------------------------------------------------------
+def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise GenotypeError(f"genotype JSON gives the field {key!r} twice")
+        data[key] = value
+    return data
+
+
 def loads(text: str | bytes) -> Genotype:
     """Parse and validate genotype JSON text."""
-    if len(text) > MAX_CONFIG_BYTES:
-        raise GenotypeError(f"genotype JSON is {len(text)} bytes, over the {MAX_CONFIG_BYTES} byte limit")
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)  # NaN / Infinity are not JSON
+    size = len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else len(text)
+    if size > MAX_CONFIG_BYTES:
+        raise GenotypeError(f"genotype JSON is {size} bytes, over the {MAX_CONFIG_BYTES} byte limit")
+    try:  # NaN / Infinity are not JSON; a field given twice would silently keep its last value
+        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_fields)
     except RecursionError:
         raise GenotypeError("genotype JSON is nested too deeply") from None
     except GenotypeError:

@@ -603,6 +603,53 @@ def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = 
     return removed
 
 
+def _stage_temp(path: Path, write: Callable[[BinaryIO], None], suffix: str) -> tuple[Path, int | None]:
+    """Fill and fsync `path`'s hidden temporary file (`.<name>.<random><suffix>`, locked: see
+    `remove_stale_temps`); returns it and the lock, which the caller releases once it is renamed."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    tmp = Path(tmp_name)
+    lock_fd = None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            lock_fd = _lock_temp(f.fileno())  # held until renamed
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise
+    return tmp, lock_fd
+
+
+def _commit_temp(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Give a staged temporary file its name: renamed over `path`, or hard-linked so that a `path` that
+    appeared meanwhile is never clobbered; then the folder is fsynced."""
+    if overwrite:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)  # atomic and never clobbers
+        except FileExistsError:
+            raise OutputExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace "
+                                    "it)") from None
+        except OSError:  # filesystems without hard links
+            if path.exists():
+                raise OutputExistsError(f"{path}: already exists") from None
+            os.replace(tmp, path)
+        tmp.unlink(missing_ok=True)
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # pragma: no cover - some filesystems refuse to fsync a directory
+        pass
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, overwrite: bool = False,
                  suffix: str = TEMP_SUFFIX) -> Path:
     """Write a file so that it appears whole or not at all.
@@ -616,44 +663,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
     path = Path(path)
     if not overwrite and path.exists():
         raise OutputExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    tmp = Path(tmp_name)
-    lock_fd = None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            lock_fd = _lock_temp(f.fileno())  # held until renamed: see remove_stale_temps
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic and never clobbers
-            except FileExistsError:
-                raise OutputExistsError(f"{path}: already exists (pass overwrite=True / --overwrite to replace "
-                                        "it)") from None
-            except OSError:  # filesystems without hard links
-                if path.exists():
-                    raise OutputExistsError(f"{path}: already exists") from None
-                os.replace(tmp, path)
-            tmp.unlink(missing_ok=True)
-        try:
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:  # pragma: no cover - some filesystems refuse to fsync a directory
-            pass
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if lock_fd is not None:
-            os.close(lock_fd)
+    atomic_write_all([(path, write)], overwrite=overwrite, suffix=suffix)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """`atomic_write` of UTF-8 text over whatever `path` held (configs, genotypes, logs' companions)."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data), overwrite=True)
+
+
+def atomic_write_all(files: Iterable[tuple[str | os.PathLike, Callable[[BinaryIO], None]]], *,
+                     overwrite: bool = False, suffix: str = TEMP_SUFFIX) -> list[Path]:
+    """`atomic_write` for several files that belong together (a results JSON and its Markdown table):
+    every file is written to its temporary file first, and only when all are whole are they renamed, so
+    an error while writing any of them (a full disk, a folder we may not write) leaves none of them
+    changed. The renames themselves are one after another, not one atomic step."""
+    staged: list[tuple[Path, Path, int | None]] = []
+    try:
+        for path, write in files:
+            path = Path(path)
+            tmp, lock_fd = _stage_temp(path, write, suffix)
+            staged.append((tmp, path, lock_fd))
+        for tmp, path, _ in staged:
+            _commit_temp(tmp, path, overwrite)
+    finally:
+        for tmp, _, lock_fd in staged:
+            tmp.unlink(missing_ok=True)  # gone already once committed
+            if lock_fd is not None:
+                os.close(lock_fd)
+    return [path for _, path, _ in staged]
 
 
 def check_quality(quality: Any) -> int:
@@ -690,6 +729,8 @@ __all__ = [
     "STALE_TEMP_MIN_AGE",
     "TEMP_SUFFIX",
     "atomic_write",
+    "atomic_write_all",
+    "atomic_write_text",
     "check_quality",
     "can_be_pil",
     "encode_image",

@@ -1,7 +1,8 @@
 """Model directories (config.json + model.safetensors + README.md) and where to find them.
 
 A name resolves, in order, to: an existing local directory; a bundled alias ('x2', 'x3', 'x4', 'x2-s');
-a Hugging Face Hub repo id. Errors say which of these was tried and why it failed, so a typo in a
+a Hugging Face Hub repo id. A local folder named like an alias is taken only if it holds a config.json: an
+output folder called x4 does not hide the bundled x4. Errors say which of these was tried and why it failed, so a typo in a
 local path is never reported as a Hub 404 and vice versa.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from .genotype import Genotype, GenotypeError, load as load_genotype
-from .imageio import atomic_write
+from .imageio import atomic_write_all
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import DLSR
@@ -92,11 +93,14 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, loc
     """Turn a directory, alias or Hub repo id into a local model directory."""
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
+    revision = revision or None  # "" is no revision: the bundled weights still serve an alias
     if not isinstance(name_or_path, str) or not name_or_path:
         raise TypeError(f"expected a model directory, alias or Hub repo id, got {name_or_path!r}")
     try:
         local = Path(name_or_path).expanduser()
         is_dir, exists = local.is_dir(), local.exists()
+        if is_dir and name_or_path in ALIASES and not (local / CONFIG_NAME).exists():
+            is_dir = exists = False  # a folder named x4 that holds no model (an output folder) hides no alias
     except (RuntimeError, OSError) as e:  # '~nosuchuser/...', a name too long for the file system
         raise ModelLoadError(f"{name_or_path!r} is not a usable model directory path: {e}") from None
     if is_dir:
@@ -330,7 +334,8 @@ def load_model_dir(cls: type["DLSR"], directory: Path, *, map_location: Any = "c
     check_state_dict(expected, read_safetensors_header(weights), source=str(weights))
     state = read_state_dict(weights)
     check_state_dict(expected, state, source=str(weights))  # the file may have changed since
-    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    state = {k: v.float() for k, v in state.items()}  # the network runs in float32: 1e300 in F64 is inf here
+    bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
     if bad:  # such a network gives a black (or NaN) image without a word
         raise ModelLoadError(f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
                              f"{', ...' if len(bad) > 3 else ''}): corrupt weights, or a training run that diverged")
@@ -339,7 +344,7 @@ def load_model_dir(cls: type["DLSR"], directory: Path, *, map_location: Any = "c
             model = model.to_empty(device="cpu")  # uninitialised; every tensor is loaded below
         else:  # pragma: no cover - non-persistent buffers need the real constructor
             model = cls(genotype)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.load_state_dict(state, strict=True)
     model.source = str(directory)  # type: ignore[attr-defined]
     return model.to(map_location).eval()
 
@@ -366,12 +371,15 @@ def save_model_dir(model: "DLSR", directory: str | os.PathLike, *, model_card: s
     meta = {"format": "pt", "dlsr_genotype": json.dumps(genotype.to_dict(), sort_keys=True)}
     meta.update(metadata or {})
     blob = canonical_safetensors(st_save(tensors, metadata=meta))
-    atomic_write(directory / WEIGHTS_NAME, lambda f: f.write(blob), overwrite=True)
-    atomic_write(directory / CONFIG_NAME, lambda f: f.write(genotype.to_json().encode()), overwrite=True)
+    config = genotype.to_json().encode()
+    files = [(directory / WEIGHTS_NAME, lambda f: f.write(blob)), (directory / CONFIG_NAME, lambda f: f.write(config))]
     if model_card is None and not (directory / CARD_NAME).exists():
         model_card = default_model_card(genotype)  # a Hub repo needs a card; never clobber an edited one
     if model_card is not None:
-        atomic_write(directory / CARD_NAME, lambda f: f.write(model_card.encode()), overwrite=True)
+        card = model_card.encode()
+        files.append((directory / CARD_NAME, lambda f: f.write(card)))
+    # all or none: new weights beside the old config.json would be a directory that no longer loads
+    atomic_write_all(files, overwrite=True)
     return directory
 
 

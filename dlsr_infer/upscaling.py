@@ -26,6 +26,7 @@ from torch import nn
 
 from .imageio import (DEFAULT_MAX_PIXELS, ImageData, OutputExistsError, can_be_pil, check_quality, format_for,
                       from_pil, load_image, save_image, to_pil)
+from .pretrained import ALIASES, CONFIG_NAME
 from .tiling import (DEFAULT_OVERLAP, ProgressFn, TileStats, auto_tile, bytes_per_pixel, context_alignment, memory_budget,
                      pass_pixels, run_tiled)
 
@@ -120,7 +121,7 @@ def clear_model_cache() -> None:
 
 def _cache_name(name: str | os.PathLike) -> tuple[Any, ...]:
     path = Path(os.fspath(name)).expanduser()
-    if path.is_dir():
+    if path.is_dir() and (os.fspath(name) not in ALIASES or (path / CONFIG_NAME).exists()):  # as resolve() reads it
         weights = path / "model.safetensors"
         try:
             st = weights.stat()
@@ -506,18 +507,22 @@ def upscale(image: ImageLike, scale: int | None = None, model: ModelLike = None,
     model
         None (the bundled weights for `scale`, alias f"x{scale}"), an alias ('x2', 'x3', 'x4', 'x2-s'),
         a model directory, a Hub repo id, or a loaded `DLSR`. Models loaded by name are cached per
-        process, keyed by (name, device, dtype).
+        process, keyed by (name and its weights file, device, channels_last, compile); the dtype only
+        sets the autocast around the one copy.
     tile, tile_overlap, batch_size
         LR tile side (None: picked from free memory, the whole image when it fits; 0: exact
         whole-image pass), overlap between tiles in LR px (default `tiling.DEFAULT_OVERLAP`), tiles
-        per batch (default: from memory on CUDA, 1 on CPU). On an out-of-memory error the batch,
+        (or whole images of a batch) run together (default: from free memory; 1 on CPU when `tile`
+        is given). On an out-of-memory error the batch,
         then the tile, is halved and retried (`tiling.TileOOMError` once nothing smaller is left).
     device, dtype
         'auto' is CUDA if available, with fp16 autocast for passes of `CUDA_FP16_MIN_PIXELS` (160k) LR
         pixels or more and fp32 below (where fp16 is slower), else CPU: there bf16 when the CPU has native
         bf16 (AVX512-BF16/AMX) and the model passes the bf16 parity probe (`fast.preferred_dtype`),
         else fp32. 'fp32' gives the exact float32 result; 'bf16' works on both; 'fp16' only on CUDA.
-        Tiles that give NaN/Inf in fp16/bf16 are re-run in fp32.
+        Tiles that give NaN/Inf in fp16/bf16 are re-run in fp32. With `compile=True`, 'auto' is one
+        dtype for every pass: fp16 on CUDA (whatever the size), fp32 on CPU (only the eager bf16 form
+        is parity-tested).
     alpha
         how alpha is upscaled: 'model' (the network on the replicated alpha: sharp edges, 2x the
         compute) or 'bicubic'.

@@ -95,10 +95,11 @@ class RunCheckpoints:
     """A run's last.pt, never written from a diverged state (NaN/inf would replace the last good one).
     `check` records "diverged" in the run's `log` and raises `TrainingDiverged`, naming the checkpoint
     left as it was; `save` checks, writes atomically and logs. `saved_step`: the step last.pt holds
-    (None: none written yet)."""
+    (None: none written yet); `hint`: what to change, in the options of the command that trains."""
 
-    def __init__(self, path: Path, log: Any, saved_step: int | None) -> None:
-        self.path, self.log, self.saved_step = path, log, saved_step
+    def __init__(self, path: Path, log: Any, saved_step: int | None, *,
+                 hint: str = "Start a new run with a lower --lr or a --grad-clip") -> None:
+        self.path, self.log, self.saved_step, self.hint = path, log, saved_step, hint
 
     def check(self, tensors: Iterable[torch.Tensor], step: int) -> None:
         if all(bool(torch.isfinite(t).all()) for t in tensors):
@@ -106,8 +107,7 @@ class RunCheckpoints:
         self.log.record("diverged", step)
         kept = (f"{self.path} (step {self.saved_step}) is left as it was" if self.saved_step is not None
                 else "no checkpoint was written")
-        raise TrainingDiverged(f"the loss or the weights are no longer finite at step {step}; {kept}. Start a new "
-                               "run with a lower --lr or a --grad-clip")
+        raise TrainingDiverged(f"the loss or the weights are no longer finite at step {step}; {kept}. {self.hint}")
 
     def save(self, state: Mapping[str, Any], *, finite: Iterable[torch.Tensor], step: int) -> None:
         self.check(finite, step)

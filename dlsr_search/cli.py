@@ -165,8 +165,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         genotype = genotype_from_checkpoint(args.checkpoint)
         from pathlib import Path
 
+        from dlsr_infer.imageio import atomic_write_text
+
         Path(args.dest).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.dest).write_text(genotype.to_json())
+        atomic_write_text(args.dest, genotype.to_json())
         print(f"genotype: {args.dest}")
     else:
         print(f"model directory: {export_checkpoint(args.checkpoint, args.dest)}")
@@ -185,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["eval"]:  # every option (--help included) belongs to dlsr-eval
         from dlsr_infer import evaluate
 
-        return evaluate.main(argv[1:])
+        return evaluate.main(argv[1:], prog="dlsr-search eval")
     args = _parser().parse_args(argv)
     commands = {"train": _cmd_train, "search": _cmd_search, "export": _cmd_export, "soup": _cmd_soup}
     try:

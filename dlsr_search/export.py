@@ -71,7 +71,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, directory: str | os.PathLik
     ema = ckpt.get("ema")
     state = ema["model"] if ema is not None else ckpt["model"]
     model.load_state_dict({k: v.float() for k, v in state.items()})
-    info = {"step": int(ckpt["step"]), "val_psnr_y": ckpt.get("last_val_psnr"), "data": ",".join(config["data"]),
+    # the last validation scored these weights only if it was made at this step (older checkpoints: as saved)
+    scored_now = ckpt.get("last_val_step", ckpt["step"]) == ckpt["step"]
+    info = {"step": int(ckpt["step"]), "val_psnr_y": ckpt.get("last_val_psnr") if scored_now else None,
+            "data": ",".join(config["data"]),
             "seed": config["seed"], "source": Path(checkpoint).name,
             **({"ema_decay": ema["decay"]} if ema is not None else {})}
     return save_model(model, directory, info)

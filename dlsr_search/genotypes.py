@@ -68,7 +68,7 @@ def derive_genotype(alphas: torch.Tensor, betas: Sequence[torch.Tensor], *, scal
             beta = betas[j - 3].detach().float().cpu()
             if beta.shape != (j - 1,):
                 raise ValueError(f"beta of cell {j} must have {j - 1} entries, got {tuple(beta.shape)}")
-            top = torch.topk(beta, 2).indices.tolist()
+            top = torch.argsort(beta, descending=True, stable=True)[:2].tolist()  # ties: the earlier input, as argmax
             inputs = sorted(i + 1 for i in top)  # candidate i is cell i+1 (index 0 is the stem)
         cells.append({"ops": ops, "inputs": inputs})
     def rounded(t: torch.Tensor, digits: int = 6) -> Any:

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 import platform
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -37,7 +38,20 @@ SETS = ("Set5", "Set14", "B100")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a JSON-lines log; a line a killed run left half written is skipped with a warning
+    (`RunLog` ends it on resume), anything else that is not JSON is an error naming the line."""
+    lines = path.read_text().splitlines()
+    records = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if not line.lstrip().startswith("{") or line.rstrip().endswith("}"):
+                raise ValueError(f"{path}, line {n}: not a JSON record ({e})") from None
+            warnings.warn(f"{path}, line {n}: a record cut short (a killed run), skipped", stacklevel=2)
+    return records
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -532,13 +546,11 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
     `continues` is the model directory (written by this tool) that every fine-tune was warm-started from;
     each ingredient must be its weights or a fine-tune's `RUN/best` that still holds the weights the soup
     averaged (listed with its command, up to that pick). `data_notes`: as `make_card`'s, for fine-tunes
-    trained on another machine. Everything is read and evaluated before `out` is written, so `out` may be
-    `continues` itself."""
+    trained on another machine. `continues` may be a soup's card itself (a soup of fine-tunes of a soup):
+    that soup is then a stage of the chain. Everything is read and evaluated before `out` is written, so
+    `out` may be `continues` itself."""
     from .soup import SOUP_NAME, read_soup
 
-    if (continues / SOUP_NAME).is_file():
-        raise ValueError(f"{continues} holds a soup already (its soup.json): a soup's fine-tunes start from a "
-                         "trained model's card; restore it from git before writing this card again")
     record = read_soup(soup)
     ingredients = record["ingredients"]
     greedy = record.get("greedy")
@@ -565,8 +577,11 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
         _check_held_out(model.parent, records)
         starts = {r.get("sha256") for r in records if r["event"] == "warm_start"}
         if starts != {parent}:
+            again = ((f"; {continues} holds a soup now (its soup.json): if this soup's fine-tunes started from the "
+                      "weights bundled before it, restore that card from git first")
+                     if (continues / SOUP_NAME).is_file() else "")
             raise ValueError(f"{model.parent} was not warm-started from the weights of {continues} (sha256 "
-                             f"{parent[:12]}): a soup's card lists fine-tunes of the model it continues")
+                             f"{parent[:12]}): a soup's card lists fine-tunes of the model it continues{again}")
         members.append((ing, model.parent, records_until(records, _best_pick(records))))
     trained = [(run, recs) for _, run, recs in members if run is not None]
     ft_notes = {run: _noted_data(run_config(recs).get("data"), data_notes) for run, recs in trained}
@@ -586,8 +601,11 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
                      for ing, run, _ in members]
     curves = [(run.name, [(r["step"], r["psnr_y"]) for r in recs if r["event"] == "val" and r.get("psnr_y") is not None])
               for run, recs in trained]
-    start = [r["psnr_y"] for r in (stages[-1][1] if stages else []) if r["event"] == "val" and r.get("best")]
-    if start:  # the level the fine-tunes started from: the warm start's own pick
+    # the level the fine-tunes started from: the warm start's own pick (a soup in the chain has no
+    # validation record of its own: its fp32 greedy score is another measure, so no line is drawn)
+    before = stages[-1][1] if stages and not isinstance(stages[-1], SoupStage) else []
+    start = [r["psnr_y"] for r in before if r["event"] == "val" and r.get("best")]
+    if start:
         end = max((x for _, pts in curves for x, _ in pts), default=1)
         curves.append(("warm start", [(0, start[-1]), (end, start[-1])]))
 

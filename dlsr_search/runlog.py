@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,12 @@ def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 class RunLog:
@@ -39,7 +46,11 @@ class RunLog:
             return
         if self.file is None:  # opened at the first record: a run that fails before it leaves no log behind
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.out_dir / "log.jsonl", "a", buffering=1)  # line-buffered: survives a kill
+            path = self.out_dir / "log.jsonl"
+            torn = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
+            self.file = open(path, "a", buffering=1)  # line-buffered: survives a kill
+            if torn:  # a kill mid-line: end that line, so this record is not glued onto it
+                self.file.write("\n")
         rec = {"event": event, "step": step, "time": round(time.time(), 3)}
         rec.update({k: _clean(v) for k, v in fields.items()})
         self.file.write(json.dumps(rec) + "\n")

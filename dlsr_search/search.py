@@ -22,6 +22,7 @@ genotype changes, with alphas/betas in provenance), ``log.jsonl``, ``config.json
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from dlsr_infer.genotype import Genotype, loads as load_genotype_json
+from dlsr_infer.genotype import MAX_CELLS, MAX_CHANNELS, Genotype, loads as load_genotype_json
+from dlsr_infer.imageio import atomic_write_text
 
 from . import distributed as D
 from .checkpoint import (CHECKPOINT_FORMAT, RunCheckpoints, load_checkpoint, resume_or_start, rng_state, seed_everything,
@@ -96,10 +98,22 @@ def check_config(cfg: SearchConfig, world: int) -> None:
         raise ConfigError(f"--patch {cfg.patch} must be a multiple of the scale and give an LR patch >= 15 px")
     if cfg.batch < 1 or cfg.batch % world:
         raise ConfigError(f"--batch {cfg.batch} must be a positive multiple of the number of processes ({world})")
-    if cfg.channels < 4 or cfg.channels % 4:
-        raise ConfigError(f"--channels must be a positive multiple of 4 (ESA uses a quarter), got {cfg.channels}")
-    if cfg.val_holdout <= 0:
+    if cfg.channels < 4 or cfg.channels % 4 or cfg.channels > MAX_CHANNELS:
+        raise ConfigError(f"--channels must be a multiple of 4 (ESA uses a quarter) from 4 to {MAX_CHANNELS}, got "
+                          f"{cfg.channels}")
+    if not 3 <= cfg.cells <= MAX_CELLS:  # links are searched from cell 3 on; a genotype holds at most MAX_CELLS
+        raise ConfigError(f"--cells must be from 3 to {MAX_CELLS}, got {cfg.cells}")
+    if not (math.isfinite(cfg.val_holdout) and cfg.val_holdout > 0):
         raise ConfigError("--val-holdout must be > 0: the architecture needs held-out images")
+    if cfg.val_holdout >= 1 and cfg.val_holdout != int(cfg.val_holdout):
+        raise ConfigError(f"--val-holdout {cfg.val_holdout:g}: a fraction below 1 or a whole number of images")
+    if cfg.warmup < 0 or cfg.steps <= cfg.warmup:
+        raise ConfigError(f"--steps {cfg.steps} must be more than --warmup {cfg.warmup} (>= 0): the architecture is "
+                          "trained only after the warm-up, so the genotype would be the random initial one")
+    for name in ("lam", "gamma"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ConfigError(f"--{name} must be a finite number >= 0, got {v}")
     check_common(cfg)
 
 
@@ -206,7 +220,7 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
     resumed_from = step if ckpt is not None else None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(to_json(cfg) + "\n")
+        atomic_write_text(out / "config.json", to_json(cfg) + "\n")
         log.record("start", step, config=to_json(cfg), world=info.world, device=str(device))
         log.print(f"supernet x{cfg.scale} {cfg.channels}ch {cfg.cells} cells, {sum(p.numel() for p in theta):,} weights, "
                   f"{sum(p.numel() for p in arch)} arch params | {device} x{info.world} | batch {cfg.batch} "
@@ -233,8 +247,8 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
         if info.is_main and (changed or reason != "changed"):
             path = out / "genotypes" / f"step_{step:08d}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(genotype.to_json())
-            (out / "genotype.json").write_text(genotype.to_json())
+            atomic_write_text(path, genotype.to_json())  # whole or not at all: a second Ctrl-C may land here
+            atomic_write_text(out / "genotype.json", genotype.to_json())
             snapshots.append(path)
             log.record("genotype", step, reason="changed" if changed else reason, path=str(path),
                        cells=[{"ops": list(c.ops), "inputs": list(c.inputs)} for c in genotype.cells])
@@ -244,7 +258,8 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
         last_genotype = genotype
         return genotype
 
-    checkpoints = RunCheckpoints(ckpt_path, log, step if ckpt is not None else None)
+    checkpoints = RunCheckpoints(ckpt_path, log, step if ckpt is not None else None,
+                                 hint="Start a new run with a lower --lr or --arch-lr")
 
     def save_checkpoint() -> None:
         checkpoints.save({

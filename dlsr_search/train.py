@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import torch
 
 from dlsr_infer.genotype import loads as load_genotype_json
+from dlsr_infer.imageio import atomic_write_text
 from dlsr_infer.model import DLSR, MIN_INPUT_SIZE
 
 from . import distributed as D
@@ -199,7 +200,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     resumed_from = step if ckpt is not None else None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(to_json(cfg) + "\n")
+        atomic_write_text(out / "config.json", to_json(cfg) + "\n")
         log.record("start", step, config=to_json(cfg), world=info.world, device=str(device),
                    params=sum(p.numel() for p in params), channels_last=channels_last,
                    autocast=None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch."))
@@ -216,7 +217,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     def validate() -> float | None:
         if valset is None:
             return None
-        return valset.psnr(served, device, autocast_dtype=autocast_dtype)
+        return valset.psnr(served, device)  # fp32: the figure that picks best/ is the one dlsr-eval reports
 
     checkpoints = RunCheckpoints(ckpt_path, log, step if ckpt is not None else None)
 
@@ -225,7 +226,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
             "format": CHECKPOINT_FORMAT, "kind": "train", "step": step, "config": to_json(cfg),
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             **({"ema": ema.state_dict()} if ema is not None else {}),
-            "rng": rng_state(), "best_psnr": best_psnr, "last_val_psnr": last_val,
+            "rng": rng_state(), "best_psnr": best_psnr, "last_val_psnr": last_val, "last_val_step": last_val_step,
             "samples_seen": step * cfg.batch, "world": info.world, "train_seconds": train_seconds,
         }, finite=[window_loss, *params], step=step)
 
@@ -236,7 +237,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
                 **({"ema_decay": cfg.ema} if ema is not None else {})}
 
     # ---- the loop ----------------------------------------------------------------------------------------------
-    last_val: float | None = None
+    # the latest validation so far (a resumed run's checkpoints and export go on naming it)
+    last_val: float | None = ckpt.get("last_val_psnr") if ckpt is not None else None
+    last_val_step: int | None = ckpt.get("last_val_step") if ckpt is not None else None
     losses: list[tuple[int, float]] = []
     window_loss = torch.zeros((), device=device)  # summed on device; .item() only when logging (no per-step sync)
     window_steps, window_t0 = 0, time.perf_counter()
@@ -280,7 +283,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
         if val_due:  # every rank (they hold the same weights): NaN weights give a black image, which scores a
             checkpoints.check(list(served.parameters()), step)  # finite PSNR that best/ would otherwise keep
         if info.is_main and val_due and valset:
-            last_val = validate()
+            last_val, last_val_step = validate(), step
             improved = math.isfinite(last_val) and last_val > best_psnr
             if improved:  # keep the best network as a ready-to-use model directory
                 best_psnr = last_val

@@ -35,8 +35,9 @@ def source_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     """Tensors of a model directory / alias / Hub id, or the model state of a training checkpoint (.pt),
     and the file they were read from."""
     path = Path(source)
-    if path.is_file() and path.suffix == ".pt":
-        return dict(load_checkpoint(path)["model"]), path
+    if path.suffix == ".pt":  # a checkpoint, never a model directory or Hub id: 'not found' if it is missing
+        # a search checkpoint holds the supernet, whose mixed ops no retrained network has
+        return dict(load_checkpoint(path, kind="train")["model"]), path
     file = resolve(os.fspath(source)) / WEIGHTS_NAME
     return read_state_dict(file), file
 

@@ -1,7 +1,10 @@
 """Validation PSNR-Y on whole images, by the benchmark protocol of `dlsr_infer.evaluate`.
 
-LR = MATLAB-bicubic of the mod-cropped HR (computed once, kept in memory); SR rounded to uint8;
-PSNR on Y with ``scale`` border pixels cropped (`dlsr_infer.metrics.psnr_y`).
+The same images as `dlsr-eval` (a dataset folder's HR/ when it has one, not searched recursively), the
+same LR (MATLAB-bicubic of the mod-cropped HR, computed once and kept in memory), the same forward (fp32,
+whatever the training autocasts to; an LR under the network's minimum size padded, the output cropped
+back), SR rounded to uint8 and PSNR on Y with ``scale`` border pixels cropped
+(`dlsr_infer.metrics.psnr_y`). So the figure that picks a run's best/ is the figure dlsr-eval reports.
 """
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from dlsr_infer.evaluate import dataset_images
 from dlsr_infer.metrics import psnr_y
+from dlsr_infer.tiling import pad_small
 
-from .data import ImagePair, list_images, load_pairs
+from .data import DataError, ImagePair, load_pairs
 
 
 class ValidationSet:
@@ -26,20 +31,27 @@ class ValidationSet:
     @classmethod
     def from_files(cls, files: Sequence[Path], scale: int, *, max_images: int | None = None,
                    cache_dir: str | os.PathLike | None = None) -> "ValidationSet":
-        pairs, _ = load_pairs(list(files)[:max_images] if max_images else list(files), scale, cache_dir=cache_dir)
+        files = list(files)[:max_images] if max_images else list(files)
+        pairs, skipped = load_pairs(files, scale, min_lr_size=1, cache_dir=cache_dir)
+        if skipped:  # dlsr-eval refuses these too: a validation figure never quietly leaves an image out
+            raise DataError(f"validation images smaller than the scale ({scale}): {', '.join(skipped)}")
         return cls(pairs, scale)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, scale: int, **kw) -> "ValidationSet":
-        return cls.from_files(list_images([folder]), scale, **kw)
+        try:
+            files = dataset_images(folder)
+        except ValueError as e:
+            raise DataError(f"--val: {e}") from None
+        return cls.from_files(files, scale, **kw)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     @torch.no_grad()
-    def psnr(self, model: nn.Module, device: torch.device, *, autocast_dtype: torch.dtype | None = None) -> float:
-        """Mean PSNR-Y (dB) of ``model`` over the set (NaN when an output is not finite: clamped and rounded
-        it would score as a black image); the model is left in the mode it was in."""
+    def psnr(self, model: nn.Module, device: torch.device) -> float:
+        """Mean PSNR-Y (dB) of ``model`` over the set, in fp32 (NaN when an output is not finite: clamped
+        and rounded it would score as a black image); the model is left in the mode it was in."""
         was_training = model.training
         model.eval()
         scores = []
@@ -47,8 +59,9 @@ class ValidationSet:
             for pair in self.pairs:
                 x = torch.from_numpy(np.ascontiguousarray(pair.lr.transpose(2, 0, 1))).unsqueeze(0)
                 x = x.to(device).float().div_(255.0)
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    y = model(x)
+                h, w = x.shape[-2:]
+                with torch.autocast(device.type, enabled=False):  # fp32 even inside a caller's autocast
+                    y = model(pad_small(x))[..., :h * self.scale, :w * self.scale]
                 if not bool(torch.isfinite(y).all()):
                     return math.nan
                 sr = y[0].float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

@@ -1,7 +1,8 @@
 """Make the README's before/after picture: a crop of an HR image, its MATLAB-bicubic x4 LR upscaled by
 bicubic and by DLSR, side by side.
 
-    python examples/before_after.py ../shared/data/benchmarks/Set5/HR/butterfly.png -o docs/x4_before_after.png
+    python examples/before_after.py ../shared/data/benchmarks/Set5/HR/butterfly.png -o docs/x4_before_after.png \
+        --crop 60 60 110 110
 
 The LR image is made exactly as in evaluation (modcrop, MATLAB-style bicubic to 1/4), so the picture
 shows what the PSNR table measures.

@@ -31,6 +31,10 @@ def main() -> None:
                 print(f"note: {n}")
         else:
             big = upscale(args.input, scale=args.scale, model=model_from_args(args))
+            if not hasattr(big, "save"):  # 16-bit colour comes back as a uint16 array (PIL has no such mode)
+                print("error: the input has 16 bits per channel; pass --keep-depth to write a 16-bit PNG",
+                      file=sys.stderr)
+                raise SystemExit(2)
             big.save(args.output, icc_profile=big.info.get("icc_profile"))
     except ModelLoadError as e:
         explain_model_error(e)

@@ -60,7 +60,7 @@ def test_cli_writes_a_loadable_model_dir(authors_dir, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["channels"] == 18
     m = DLSR.from_pretrained(out)
     assert m.num_parameters == 56_268
-    assert main([str(tmp_path / "nope.pt"), "--genotype", "dlsr_s_x2", "-o", str(out)]) == 1
+    assert main([str(tmp_path / "nope.pt"), "--genotype", "dlsr_s_x2", "-o", str(tmp_path / "other")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
 
 
@@ -134,3 +134,27 @@ def test_output_that_is_a_file_is_a_usage_error(authors_dir, tmp_path, capsys):
         main([str(authors_dir / TINY), "--genotype", "dlsr_s_x2", "-o", str(tmp_path / "m")])
     assert e.value.code == 2 and "is a file; give a model directory" in capsys.readouterr().err
     assert (tmp_path / "m").read_text() == "precious"
+
+
+def test_weights_that_convert_to_nan_or_inf_are_refused_before_anything_is_written(authors_dir, tmp_path, capsys):
+    """x255 pushes a large ESA weight past float32 (or the file holds NaN): a model no loader would take."""
+    state = load_authors_state_dict(authors_dir / TINY)
+    key = next(k for k in state if k.endswith("esa.conv4.weight"))
+    torch.save({"state_dict": {**state, key: torch.full_like(state[key], 3e37)}}, tmp_path / "big.pt")
+    with pytest.raises(ModelLoadError, match=r"1 tensor\(s\) hold NaN or infinite values after conversion"):
+        convert_authors_checkpoint(tmp_path / "big.pt", builtin("dlsr_s_x2"))
+    assert main([str(tmp_path / "big.pt"), "--genotype", "dlsr_s_x2", "-o", str(tmp_path / "m")]) == 1
+    assert "NaN or infinite" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_an_existing_model_directory_is_replaced_only_with_overwrite(authors_dir, tmp_path, capsys):
+    out = DLSR.from_genotype_name("dlsr_s_x2").save_pretrained(tmp_path / "mine")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(SystemExit) as e:
+        main([str(authors_dir / TINY), "--genotype", "dlsr_s_x2", "-o", str(out)])
+    assert e.value.code == 2 and "holds a model already (config.json, model.safetensors, README.md); pass " \
+        "--overwrite" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert main([str(authors_dir / TINY), "--genotype", "dlsr_s_x2", "-o", str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+

@@ -192,20 +192,28 @@ def test_result_files_that_cannot_be_written(benchmarks_dir: Path, tmp_path: Pat
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
-    import dlsr_infer.evaluate as evmod
-    real_write = evmod.atomic_write
+    import dlsr_infer.imageio as imageio_mod
+    real_stage = imageio_mod._stage_temp
 
-    def disk_full_for_markdown(path, write, **kw):
+    def disk_full_for_markdown(path, write, suffix):
         if str(path).endswith(".md"):
             raise OSError(28, "No space left on device")
-        return real_write(path, write, **kw)
+        return real_stage(path, write, suffix)
 
-    monkeypatch.setattr(evmod, "atomic_write", disk_full_for_markdown)
+    (tmp_path / "ok.json").write_text("an earlier run's results")
+    monkeypatch.setattr(imageio_mod, "_stage_temp", disk_full_for_markdown)
     assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "r.md")]) == 1
     out, err = capsys.readouterr()
-    assert "Set5" in out and f"dlsr-eval: error: cannot write --markdown {tmp_path / 'r.md'}" in err, err
-    assert "Traceback" not in err and json.loads((tmp_path / "ok.json").read_text())["results"][0]["images"] == 1
+    assert "Set5" in out and (f"dlsr-eval: error: cannot write --json {tmp_path / 'ok.json'} and --markdown "
+                              f"{tmp_path / 'r.md'}: No space left on device (neither was written") in err, err
+    # both or neither: the JSON is not replaced when its Markdown table cannot be written beside it
+    assert "Traceback" not in err and (tmp_path / "ok.json").read_text() == "an earlier run's results"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ok.json"]
+    monkeypatch.undo()
+    assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "r.md")]) == 0
+    assert json.loads((tmp_path / "ok.json").read_text())["results"][0]["images"] == 1
+    assert "| Set5 | x2 | bicubic |" in (tmp_path / "r.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ok.json", "r.md"]
 
 
 def test_errors(benchmarks_dir: Path, tmp_path: Path, capsys) -> None:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO_ROOT
+from dlsr_infer.imageio import encode_png16
 
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -44,6 +45,14 @@ def test_upscale_one_and_folder_with_bundled_weights(tmp_path: Path) -> None:
     err = run(EXAMPLES / "upscale_one.py", EXAMPLES / "sample.png", "-o", tmp_path / "bad.png", "--scale", "3",
               "--model", "x2-s", ok=False).stderr
     assert "upscales x2 but scale=3 was asked" in err and not (tmp_path / "bad.png").exists()
+    deep = np.random.default_rng(0).integers(0, 65536, (20, 24, 3), dtype=np.uint16)
+    (tmp_path / "deep.png").write_bytes(encode_png16(deep))
+    err = run(EXAMPLES / "upscale_one.py", tmp_path / "deep.png", "-o", tmp_path / "deep_x2.png", "--scale", "2",
+              "--model", "x2-s", ok=False).stderr
+    assert "16 bits per channel; pass --keep-depth" in err and not (tmp_path / "deep_x2.png").exists()
+    run(EXAMPLES / "upscale_one.py", tmp_path / "deep.png", "-o", tmp_path / "deep_x2.png", "--scale", "2",
+        "--model", "x2-s", "--keep-depth")
+    assert size_of(tmp_path / "deep_x2.png") == (48, 40)
 
     (tmp_path / "in").mkdir()
     Image.open(EXAMPLES / "sample.png").crop((0, 0, 40, 30)).save(tmp_path / "in" / "a.png")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlsr_infer.export import export_onnx, main
+from dlsr_infer.export import export_onnx, main, onnx_available
 from dlsr_infer.genotype import builtin
 from dlsr_infer.model import DLSR
 
@@ -68,12 +68,25 @@ def test_cli_usage_errors(tmp_path, capsys):
         main(["--onnx", str(tmp_path / "a.onnx")])  # neither MODEL nor --genotype
     with pytest.raises(SystemExit):
         main(["x2", "--genotype", "dlsr_x2", "--onnx", str(tmp_path / "a.onnx")])
+    if not onnx_available():  # the optional extra missing: said first, with how to install it, nothing written
+        assert main(["--genotype", "dlsr_s_x2", "--onnx", str(tmp_path / "sub" / "a.onnx")]) == 2
+        assert "dlsr-export: error: ONNX export needs the onnx package: pip install 'dlsr[onnx]'" in capsys.readouterr().err
+        with pytest.raises(ImportError, match="needs the onnx package"):
+            export_onnx(DLSR.from_genotype_name("dlsr_s_x2"), tmp_path / "sub" / "a.onnx")
+        assert not list(tmp_path.iterdir())
+        return
     assert main(["--genotype", "no_such", "--onnx", str(tmp_path / "a.onnx")]) == 2
     assert "cannot load" in capsys.readouterr().err
     before = sorted(tmp_path.parent.iterdir())
     assert main(["--genotype", "dlsr_s_x2", "--onnx", str(tmp_path)]) == 2  # a folder, not a file
     assert f"dlsr-export: error: {tmp_path} is a folder" in capsys.readouterr().err
     assert sorted(tmp_path.parent.iterdir()) == before and not list(tmp_path.iterdir())
-    assert main(["--genotype", "dlsr_s_x2", "--onnx", str(tmp_path / "old.onnx"), "--opset", "5"]) == 2
+    assert main(["--genotype", "dlsr_s_x2", "--onnx", str(tmp_path / "sub" / "old.onnx"), "--opset", "5"]) == 2
     assert "dlsr-export: error: ONNX export failed (opset 5)" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())  # not even the folder it would have gone in
+    (tmp_path / "old.onnx").write_bytes(b"an earlier export")
+    assert main(["--genotype", "dlsr_s_x2", "--onnx", str(tmp_path / "old.onnx")]) == 2
+    assert "old.onnx already exists (pass --overwrite to replace it)" in capsys.readouterr().err
+    assert (tmp_path / "old.onnx").read_bytes() == b"an earlier export"
+    assert main(["--genotype", "dlsr_s_x2", "--onnx", str(tmp_path / "old.onnx"), "--overwrite"]) == 0
+    assert (tmp_path / "old.onnx").read_bytes() != b"an earlier export"

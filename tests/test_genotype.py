@@ -98,6 +98,46 @@ def test_not_json_and_not_object(tmp_path):
         load(tmp_path / "missing.json")
 
 
+def test_a_field_given_twice_is_refused_not_taken_from_its_last_value():
+    text = builtin("dlsr_x2").to_json().replace('"scale": 2,', '"scale": 2, "scale": 4,', 1)
+    assert text.count('"scale"') == 2
+    with pytest.raises(GenotypeError, match="gives the field 'scale' twice"):
+        loads(text)
+    compact, cell = json.dumps(valid()), json.dumps(valid()["cells"][0])
+    assert cell in compact
+    with pytest.raises(GenotypeError, match="gives the field 'ops' twice"):
+        loads(compact.replace(cell[:-1], cell[:-1] + ', "ops": ["conv_1x1"]', 1))
+
+
+def test_a_genotype_built_directly_is_as_immutable_and_checked_as_one_from_json():
+    from dlsr_infer.genotype import CellSpec
+
+    ref = builtin("dlsr_x2")
+    cells = [CellSpec(list(c.ops), list(c.inputs)) for c in ref.cells]
+    direct = Genotype(scale=2, cells=cells)
+    assert direct.cells == ref.cells and isinstance(direct.cells, tuple)
+    assert all(isinstance(c.ops, tuple) and isinstance(c.inputs, tuple) for c in direct.cells)
+    cells.append(CellSpec(("nope",) * 3, (0,)))  # the caller's list changes; the validated genotype does not
+    assert direct.num_cells == 6 and hash(direct) == hash(Genotype(scale=2, cells=ref.cells))
+    with pytest.raises(GenotypeError, match="takes a sequence of CellSpec"):
+        Genotype(scale=2, cells=[{"ops": PAPER_OPS, "inputs": [0]}])
+    with pytest.raises(GenotypeError, match="cell 1: ops must be a list, got 'conv_1x1'"):
+        Genotype(scale=2, cells=[CellSpec("conv_1x1", (0,))])
+
+
+def test_the_size_limit_counts_bytes_not_characters(monkeypatch):
+    import dlsr_infer.genotype as genotype_mod
+
+    text = builtin("dlsr_x2").to_dict()
+    text["name"] = "\u00e9" * 200  # 200 characters, 400 bytes in UTF-8
+    text = json.dumps(text, ensure_ascii=False)
+    monkeypatch.setattr(genotype_mod, "MAX_CONFIG_BYTES", len(text) + 100)
+    with pytest.raises(GenotypeError, match=f"is {len(text.encode())} bytes, over the"):
+        loads(text)
+    monkeypatch.setattr(genotype_mod, "MAX_CONFIG_BYTES", len(text.encode()))
+    assert loads(text).name == "\u00e9" * 200
+
+
 def test_all_ops_known_and_receptive_radius_grows_with_kernels():
     assert len(OP_NAMES) == 9
     small = Genotype.from_dict(_mutate(lambda d: [c.__setitem__("ops", ["conv_1x1"] * 3) for c in d["cells"]]))

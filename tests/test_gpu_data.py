@@ -75,6 +75,17 @@ def test_pack_splits_under_the_budget_and_unpack_restores_every_pixel(tmp_path):
     assert _run("pack", str(tmp_path / "gpu2"), "--shared", str(shared), "--budget-mib", "0.08").returncode == 0
     other = _run("unpack", str(tmp_path / "gpu2" / "part1"), str(dest), "--require-complete")
     assert other.returncode == 1 and "of 15 images present" in other.stdout
+    # ... and the images of the pack before are gone: a pack without an image leaves none of it behind
+    (shared / "data" / "train" / "T91" / "gray.png").unlink()
+    assert _run("pack", str(tmp_path / "gpu3"), "--shared", str(shared), "--budget-mib", "0.08").returncode == 0
+    for part in sorted((tmp_path / "gpu3").iterdir()):
+        done = _run("unpack", str(part), str(dest), "--require-complete")
+    assert done.returncode == 0 and "14 of 14 images present" in done.stdout, done.stderr
+    assert not (dest / "train" / "T91" / "gray.png").exists() and (dest / "train" / "extra" / "img0.png").is_file()
+    # a stray file a trainer would also read (put there by hand, or left by a tool) fails the completeness check
+    (dest / "train" / "stray.png").write_bytes((dest / "train" / "extra" / "img0.png").read_bytes())
+    stray = _run("unpack", str(sorted((tmp_path / "gpu3").iterdir())[0]), str(dest), "--require-complete")
+    assert stray.returncode == 1 and "holds 1 file(s) that are not in this pack (e.g. train/stray.png)" in stray.stderr
 
 
 def test_unpack_refuses_a_corrupted_image_and_pack_refuses_to_overwrite(tmp_path):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -304,6 +305,22 @@ def test_a_typo_of_a_local_folder_that_looks_like_a_repo_id_says_the_folder_exis
     with pytest.raises(ModelLoadError, match=r"no model directory at 'models/goood' \(the folder 'models' exists "
                                              r"here\), and as a Hub repo id: "):
         DLSR.from_pretrained("models/goood")
+
+
+def test_a_folder_named_like_an_alias_hides_it_only_if_it_holds_a_model(hub, tmp_path, monkeypatch):
+    """`dlsr-upscale shots/ -o x2/` makes a folder x2 in the working directory: the default model of
+    every later `upscale(scale=2)` from there is still the bundled x2, not 'x2 is not a model directory'."""
+    from dlsr_infer import upscale
+    from dlsr_infer.pretrained import bundled_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x2").mkdir()
+    (tmp_path / "x2" / "a.png").write_bytes(b"an earlier output")
+    assert DLSR.from_pretrained("x2").source == str(bundled_model_dir("x2"))
+    assert upscale(np.zeros((8, 9, 3), np.uint8), scale=2).shape == (16, 18, 3)
+    DLSR.from_genotype_name("dlsr_s_x2").save_pretrained(tmp_path / "x2")  # now it holds a model: it is taken
+    assert DLSR.from_pretrained("x2").source == "x2" and DLSR.from_pretrained("x2").num_parameters == 56_268
+    assert hub.requests == []
 
 
 # --- the environment variables, for real (child processes) ------------------------------------------

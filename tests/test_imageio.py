@@ -313,6 +313,24 @@ def test_atomic_write_never_leaves_a_partial_file(tmp_path: Path) -> None:
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.png"]
 
 
+def test_atomic_write_all_changes_no_file_unless_every_one_is_whole(tmp_path: Path) -> None:
+    """Files that belong together: a failure writing the second leaves the first's old content, no temps."""
+    first, second = tmp_path / "a.json", tmp_path / "b.md"
+    first.write_bytes(b"old a")
+
+    def fail(f) -> None:
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        imageio.atomic_write_all([(first, lambda f: f.write(b"new a")), (second, fail)], overwrite=True)
+    assert first.read_bytes() == b"old a" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    done = imageio.atomic_write_all([(first, lambda f: f.write(b"new a")), (second, lambda f: f.write(b"b"))],
+                                    overwrite=True)
+    assert done == [first, second] and first.read_bytes() == b"new a" and second.read_bytes() == b"b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.md"]
+
+
 def test_atomic_write_refuses_to_clobber_and_sets_normal_permissions(tmp_path: Path) -> None:
     target = tmp_path / "out.bin"
     atomic_write(target, lambda f: f.write(b"one"))

@@ -28,6 +28,12 @@ def test_multi_adds_at_720p_within_2_percent(name):
     assert abs(c["multi_adds"] / PAPER_MULTI_ADDS[name] - 1) < 0.02, c
 
 
+def test_complexity_of_a_model_in_another_precision_is_the_same_count():
+    """The probe follows the model's device and dtype: a bf16 model (or a CUDA one) is counted, not refused."""
+    model = DLSR.from_genotype_name("dlsr_s_x2")
+    assert complexity(model.to(torch.bfloat16)) == complexity(DLSR.from_genotype_name("dlsr_s_x2"))
+
+
 @pytest.mark.parametrize("name", BUILTIN)
 def test_round_trip_every_bundled_genotype(name, tmp_path):
     torch.manual_seed(0)
@@ -117,6 +123,44 @@ def test_weights_holding_nan_or_inf_are_refused_by_name(model_dir):
     _edit_weights(model_dir, poison)
     with pytest.raises(ModelLoadError, match=r"2 tensor\(s\) hold NaN or infinite values \(stem.bias, stem.weight\)"):
         DLSR.from_pretrained(model_dir)
+
+
+def test_weights_finite_only_in_wider_precision_are_refused_and_float8_is_read(model_dir):
+    """The check runs on the float32 tensors the network will hold: 1e300 in F64 is inf there; F8 weights
+    (which torch.isfinite cannot test as stored) load, or are refused by name, not with a traceback."""
+    state = load_file(model_dir / WEIGHTS_NAME)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        save_file({k: v.to(dtype) for k, v in state.items()}, model_dir / WEIGHTS_NAME)
+        model = DLSR.from_pretrained(model_dir)
+        assert all(torch.equal(p, state[k].to(dtype).float()) for k, p in model.state_dict().items())
+    wide = {k: v.double() for k, v in state.items()}
+    wide["stem.bias"] = torch.full_like(wide["stem.bias"], 1e300)
+    save_file(wide, model_dir / WEIGHTS_NAME)
+    with pytest.raises(ModelLoadError, match=r"1 tensor\(s\) hold NaN or infinite values \(stem.bias\)"):
+        DLSR.from_pretrained(model_dir)
+
+
+def test_saving_over_a_model_directory_changes_all_its_files_or_none(model_dir, monkeypatch):
+    """New weights beside the old config.json would be a directory that loads as neither model."""
+    import dlsr_infer.imageio as imageio_mod
+
+    before = {f.name: f.read_bytes() for f in model_dir.iterdir()}
+    real_stage = imageio_mod._stage_temp
+
+    def disk_full_for_config(path, write, suffix):
+        if path.name == CONFIG_NAME:
+            raise OSError(28, "No space left on device")
+        return real_stage(path, write, suffix)
+
+    monkeypatch.setattr(imageio_mod, "_stage_temp", disk_full_for_config)
+    torch.manual_seed(1)
+    other = DLSR(builtin("dlsr_s_x2").replace(scale=4))
+    with pytest.raises(OSError, match="No space left"):
+        other.save_pretrained(model_dir)
+    assert {f.name: f.read_bytes() for f in model_dir.iterdir()} == before
+    monkeypatch.undo()
+    other.save_pretrained(model_dir)
+    assert DLSR.from_pretrained(model_dir).scale == 4
 
 
 def test_config_that_does_not_match_weights(model_dir):

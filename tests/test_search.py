@@ -118,6 +118,10 @@ def test_derive_genotype_rules():
     assert g.cells[4].ops == ("dil_conv_5x5",) * 3 and g.cells[0].ops == ("conv_1x1",) * 3
     with pytest.raises(ValueError):
         derive_genotype(alphas, betas[:2], scale=2, channels=8, num_cells=5)
+    # ties in beta go to the earlier inputs, as ties in alpha go to the earlier op (argmax)
+    tied = [torch.zeros(2), torch.zeros(3), torch.tensor([0.0, 1.0, 1.0, 1.0])]
+    g = derive_genotype(torch.zeros(3, 9), tied, scale=2, channels=8, num_cells=5)
+    assert [c.inputs for c in g.cells[2:]] == [(1, 2), (1, 2), (2, 3)] and g.cells[0].ops == ("conv_1x1",) * 3
 
 
 def test_paper_genotype_links_are_in_the_search_space():
@@ -191,6 +195,15 @@ def test_search_resume_continues_exactly_and_exports_its_genotype(tmp_path):
     assert cli_main(["export", str(tmp_path / "split" / "last.pt"), str(tmp_path / "g.json")]) == 0
     exported = loads((tmp_path / "g.json").read_text())
     assert exported.architecture_equals(resumed.genotype) and exported.provenance["step"] == 8
+    # a search checkpoint is no warm start for a retrained network (its mixed ops are not the network's),
+    # and a mistyped .pt path is a missing checkpoint, not 'no model directory ... nor a Hub repo id'
+    from dlsr_search.checkpoint import CheckpointError
+    from dlsr_search.transfer import source_state_dict
+
+    with pytest.raises(CheckpointError, match="is a 'search' checkpoint, expected a 'train' one"):
+        source_state_dict(tmp_path / "whole" / "last.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope/last.pt"):
+        source_state_dict(tmp_path / "nope" / "last.pt")
 
     # data it cannot use: refused before the run writes anything (a new folder) or records a start (a resume)
     with pytest.raises(ConfigError, match="cannot hold out 10 of 6"):
@@ -220,10 +233,35 @@ def test_a_diverged_search_stops_before_writing_a_nan_genotype_or_checkpoint(tmp
         return out
 
     monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
-    with pytest.raises(TrainingDiverged, match=r"no longer finite at step 3; .*last.pt \(step 2\) is left as it was"):
+    with pytest.raises(TrainingDiverged, match=r"no longer finite at step 3; .*last.pt \(step 2\) is left as it was. "
+                                               r"Start a new run with a lower --lr or --arch-lr$"):
         search(SearchConfig(steps=6, **cfg))
     records = [json.loads(line) for line in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
     assert records[-1]["event"] == "diverged"
     assert not list((tmp_path / "s").glob("genotypes/step_00000003.json"))
     for path in (tmp_path / "s").glob("genotypes/*.json"):
         assert "NaN" not in path.read_text()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"cells": 2}, "--cells must be from 3 to 32, got 2"),
+    ({"cells": 33}, "--cells must be from 3 to 32, got 33"),
+    ({"channels": 516}, "--channels must be a multiple of 4 .* from 4 to 512, got 516"),
+    ({"steps": 20, "warmup": 20}, "--steps 20 must be more than --warmup 20"),
+    ({"warmup": -1}, "--warmup -1 \\(>= 0\\)"),
+    ({"lam": float("nan")}, "--lam must be a finite number >= 0, got nan"),
+    ({"gamma": -0.2}, "--gamma must be a finite number >= 0, got -0.2"),
+    ({"val_holdout": 2.5}, "--val-holdout 2.5: a fraction below 1 or a whole number of images"),
+])
+def test_search_options_that_would_fail_late_are_refused_before_anything_is_written(tmp_path, change, message):
+    """Each of these used to fail after the data had loaded (a traceback), at the first genotype snapshot,
+    or never: --steps within the warm-up wrote the random initial alphas as 'the final genotype'."""
+    from dlsr_search.config import ConfigError
+
+    data = write_images(tmp_path / "data", n=4)
+    cfg = dict(data=[str(data)], channels=8, cells=3, warmup=2, steps=4, batch=2, patch=32, val_holdout=2,
+               progress=False, threads=1, out=str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match=message):
+        search(SearchConfig(**{**cfg, **change}))
+    assert not (tmp_path / "s").exists()
+

@@ -240,7 +240,7 @@ def test_soup_card_lists_each_fine_tune_and_the_chain_before(tmp_path):
     assert not (tmp_path / "again").exists()
     # the soup card again over itself: refused, the bundle untouched
     card_before = (bundled / "README.md").read_text()
-    with pytest.raises(ValueError, match="holds a soup already"):
+    with pytest.raises(ValueError, match="holds a soup now .* restore that card from git first"):
         modelcard.make_soup_card(soup, bundled, title="T x2", benchmarks=bench, continues=bundled)
     # nor is a soup's fine-tune, or a run started from the weights bundled before the soup, its next stage
     with pytest.raises(ValueError, match="is already a fine-tune in stage 2"):
@@ -249,6 +249,7 @@ def test_soup_card_lists_each_fine_tune_and_the_chain_before(tmp_path):
         modelcard.make_card(tmp_path / "G", bundled, title="T x2", benchmarks=bench, continues=bundled)
     assert (bundled / "README.md").read_text() == card_before
 
+    shutil.copytree(bundled, tmp_path / "soup-card")
     # a run warm-started from the soup: its card continues the chain with the soup as one stage, and no
     # soup files are left behind
     train(_cfg(tmp_path, "F", steps=2, seed=4, lr=1e-4, init_from=str(bundled)))
@@ -269,3 +270,21 @@ def test_soup_card_lists_each_fine_tune_and_the_chain_before(tmp_path):
     listed = [line for line in card.splitlines() if line.startswith(("  1. ", "  2. ", "  3. "))]
     again = [modelcard._chain_line(i, st, bundled, None).splitlines()[0] for i, st in enumerate(stages, start=1)]
     assert listed == [*again[:2], again[2] + " (this run)"]
+
+    # a soup of the soup and a fine-tune of it: the earlier soup is a stage of the new soup's chain
+    soup_card = tmp_path / "soup-card"
+    train(_cfg(tmp_path, "H", steps=2, seed=6, lr=1e-4, init_from=str(soup_card)))
+    again = make_soup([soup_card, tmp_path / "H" / "best"], tmp_path / "soup4")
+    modelcard.make_soup_card(again, soup_card, title="T x2", benchmarks=bench, continues=soup_card)
+    card = (soup_card / "README.md").read_text()
+    assert "fine-tunes of stage 2's weights below and those weights" in card
+    assert f"  - `{soup_card}` (sha256 " in card and "the weights of stage 2 below, the warm start of the others" in card
+    assert (f"  2. model soup (`dlsr-search soup`): the uniform average of the weights of `{tmp_path / 'A' / 'best'}` "
+            f"(stage 1's weights), `{tmp_path / 'C' / 'best'}`, `{tmp_path / 'D' / 'best'}`; 8 fine-tuning steps") in card
+    assert f"  - `{tmp_path / 'H'}`, x2: 2 steps" in card and "all stages, up to the bundled weights: 14 steps" in card
+    for name in ("log-stage1.jsonl", "log-stage2-soup1.jsonl", "log-stage2-soup2.jsonl", "log-soup1.jsonl"):
+        assert (soup_card / name).is_file(), name
+    assert not (soup_card / "log-soup2.jsonl").exists()  # the earlier soup's own logs moved into the chain
+    stages, _ = modelcard.card_stages(soup_card)
+    assert stages[0][0] == tmp_path / "A" and all(isinstance(st, modelcard.SoupStage) for st in stages[1:])
+    assert [[run for run, _ in st.fine_tunes] for st in stages[1:]] == [[tmp_path / "C", tmp_path / "D"], [tmp_path / "H"]]

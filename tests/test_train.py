@@ -187,6 +187,65 @@ def test_ema_run_validates_keeps_and_exports_the_averaged_weights(tmp_path, data
     assert logged == [pytest.approx(rescored, abs=1e-6)]
 
 
+def test_validation_scores_what_dlsr_eval_scores(tmp_path):
+    """The same images (a benchmark folder's HR/, not its LR_bicubic/ beside it), an image too small for
+    the network's minimum input padded rather than dropped, fp32 even under the training's bf16 autocast:
+    the figure that picks best/ is dlsr-eval's."""
+    from PIL import Image
+
+    from dlsr_infer.evaluate import evaluate
+    from dlsr_search.data import DataError
+
+    bench = tmp_path / "Set2"
+    write_images(bench / "HR", n=2, size=48, seed=3)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (22, 26, 3), dtype=np.uint8)).save(bench / "HR" / "small.png")
+    write_images(bench / "LR_bicubic" / "X2", n=2, size=24, seed=4)  # what a recursive listing also found
+    torch.manual_seed(0)
+    model = DLSR(builtin("dlsr_x2").replace(channels=8))
+    valset = ValidationSet.from_folder(bench, 2)
+    assert sorted(p.name for p in valset.pairs) == sorted(f.name for f in (bench / "HR").iterdir())
+    ours = evaluate(model, [bench], dtype="fp32")[0]["psnr"]
+    assert valset.psnr(model, torch.device("cpu")) == pytest.approx(ours, abs=1e-9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the training loop's autocast does not reach it
+        assert valset.psnr(model, torch.device("cpu")) == pytest.approx(ours, abs=1e-9)
+    Image.fromarray(rng.integers(0, 256, (1, 1, 3), dtype=np.uint8)).save(bench / "HR" / "dot.png")
+    with pytest.raises(DataError, match="validation images smaller than the scale \\(2\\): dot.png"):
+        ValidationSet.from_folder(bench, 2)
+    with pytest.raises(DataError, match="--val: dataset folder not found"):
+        ValidationSet.from_folder(tmp_path / "nope", 2)
+
+
+def test_a_resumed_run_keeps_its_last_validation_and_a_torn_log_line(tmp_path, data_dir, capsys):
+    """After a resume, before the next validation, the run still knows its latest score (its console
+    lines and checkpoints name it; `export` puts it in the model's metadata); a log line a kill cut short
+    is ended, not glued to the resume record, and a model card skips it."""
+    from dlsr_search.modelcard import read_log
+
+    val = write_images(tmp_path / "val", n=2, size=48, seed=9)
+    train(_cfg(tmp_path, data_dir, "run", steps=10, val=str(val), val_every=10, ckpt_every=5))
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt", kind="train")
+    first = ckpt["last_val_psnr"]
+    assert first is not None and math.isfinite(first) and ckpt["last_val_step"] == ckpt["step"] == 10
+    # export names a validation score only for the weights it scored: a checkpoint written after it does not
+    from dlsr_search.checkpoint import atomic_torch_save
+    from dlsr_search.export import export_checkpoint
+
+    assert f"| val_psnr_y | {first} |" in (export_checkpoint(tmp_path / "run" / "last.pt", tmp_path / "e1") / "README.md").read_text()
+    atomic_torch_save({**ckpt, "last_val_step": 8}, tmp_path / "later.pt")
+    assert "| val_psnr_y | None |" in (export_checkpoint(tmp_path / "later.pt", tmp_path / "e2") / "README.md").read_text()
+    log = tmp_path / "run" / "log.jsonl"
+    log.write_text(log.read_text() + '{"event": "train", "step": 1')  # killed mid-record
+    capsys.readouterr()
+    train(_cfg(tmp_path, data_dir, "run", steps=14, val=str(val), val_every=10, log_every=2, resume=True))
+    assert f"step       12 | loss" in (out := capsys.readouterr().out) and f"| val {first:.3f} dB" in out.split("step       12 |")[1].splitlines()[0]
+    lines = log.read_text().splitlines()
+    assert '{"event": "train", "step": 1' in lines and json.loads(lines[lines.index('{"event": "train", "step": 1') + 1])["event"] == "resume"
+    with pytest.warns(UserWarning, match="a record cut short"):
+        records = read_log(tmp_path / "run")
+    assert [r["event"] for r in records].count("resume") == 1 and records[-1]["step"] == 14
+
+
 def test_l2_pixel_loss_is_the_squared_error_and_trains_the_run(tmp_path, data_dir):
     torch.manual_seed(0)
     sr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
@@ -507,6 +566,7 @@ def test_cli_help_for_every_subcommand(capsys):
         assert e.value.code == 0
     text = capsys.readouterr().out
     assert "--resume" in text and "--init-from" in text and "--warmup" in text
+    assert "usage: dlsr-search eval " in text and "usage: dlsr-eval" not in text
     with pytest.raises(SystemExit) as e:
         cli_main(["--help"])
     assert e.value.code == 0
