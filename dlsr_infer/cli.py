@@ -119,7 +119,9 @@ def expand_inputs(args: Sequence[str], *, recursive: bool = False) -> list[tuple
 
     for arg in args:
         path = Path(arg)
-        if path.is_dir():
+        if not arg:  # Path("") is ".": an unset shell variable would upscale the whole current folder
+            add(path, None, "an empty argument names no file or folder")
+        elif path.is_dir():
             pattern = "**/*" if recursive else "*"
             files = sorted(f for f in path.glob(pattern) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
                            and not f.name.startswith("."))
@@ -221,7 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             format_for(args.output, args.format)
         except ValueError as e:
             return usage(f"-o {args.output}: {e}")
+        named = FORMATS.get(Path(args.output).suffix.lower())
+        if args.format and named and named != FORMATS.get("." + args.format.lower()):  # a .png holding a JPEG
+            return usage(f"-o {args.output} names a {named} file but --format {args.format} was given; drop one")
     if args.output is not None and out_is_folder and Path(args.output).is_file():
+        if not Path(args.output).suffix:
+            return usage(f"-o {args.output} is an existing file without an image extension: name the output "
+                         "with one (e.g. out.png) or give a folder")
         return usage(f"-o {args.output} is a file, but {len(sources)} inputs need an output folder")
 
     # Heavy imports only once the command line is known to be sane (--help stays fast).
@@ -268,11 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # An input that is another input's output (a_x2.png next to a.png on a rerun) is not upscaled again.
     # One whose own output is itself (b.png with --suffix "" in its own folder) is an original, even where
     # another input also maps onto it (b.tga -> b.png): it stays an input, so neither job may write over it.
+    # So does a file named on the command line: the user says it is an input (a_x2.png may be an original).
+    named = {os.path.realpath(arg) for arg in args.inputs if arg and os.path.isfile(arg)}
     own = {src: os.path.realpath(out_for(src, root)) for src, root, err in sources if err is None}
     outputs_of: dict[str, list[Path]] = {}
     for src, out in own.items():
         outputs_of.setdefault(out, []).append(src)
-    ours = [src for src, out in own.items() if out != os.path.realpath(src)
+    ours = [src for src, out in own.items() if out != os.path.realpath(src) and os.path.realpath(src) not in named
             and any(other != src for other in outputs_of.get(os.path.realpath(src), []))]
     sources = [entry for entry in sources if entry[0] not in ours]
 

@@ -188,21 +188,16 @@ def _run_protocol(
 
 
 def _model_upscaler(model: Any, scale: int, device: str) -> Upscaler:
-    import copy
-
     import torch
 
+    from .fast import exact_fp32
     from .tiling import pad_small
-
-    if getattr(model, "inference_precision", "fp32") != "fp32":
-        # fp32 is fp32 whatever the model was set to run in: a shallow copy (the same parameters) set to
-        # fp32, so that the caller's model, perhaps in use by other threads, is never changed
-        model = copy.copy(model)
-        model.inference_precision = "fp32"
 
     def upscale(lr: np.ndarray) -> np.ndarray:
         expected = (1, 3, lr.shape[0] * scale, lr.shape[1] * scale)
-        with torch.inference_mode():
+        # fp32 whatever the model was set to run in (its inference_precision), without changing the
+        # caller's model, perhaps in use by other threads
+        with torch.inference_mode(), exact_fp32():
             x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1)))
             x = x.to(device=device, dtype=torch.float32).div_(255.0).unsqueeze(0)
             xp = pad_small(x)  # an LR under the network's 15 px minimum: padded, and the output cropped back

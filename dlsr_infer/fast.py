@@ -31,12 +31,14 @@ with native bf16 when a parity probe passes, else fp32).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import platform
+import threading
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,7 @@ __all__ = [
     "FastDLSR",
     "build",
     "dispatch",
+    "exact_fp32",
     "fast_module",
     "invalidate",
     "tune_malloc",
@@ -450,8 +453,10 @@ class FastDLSR(nn.Module):
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         low = self.dtype != torch.float32
         self.fp32_layers = tuple(fp32_layers) if low else ()
-        self.base_output = bool(base_output) and low and "tail" not in self.fp32_layers
         genotype = model.genotype
+        # the output-minus-base trick adds an upscaled copy of the input: only where it has the output's channels
+        self.base_output = (bool(base_output) and low and "tail" not in self.fp32_layers
+                            and genotype.in_channels == genotype.out_channels)
         self.genotype = genotype
         self.scale = genotype.scale
         c = genotype.channels
@@ -538,9 +543,10 @@ def param_key(model: nn.Module) -> tuple[Any, ...]:
     """A fingerprint of a module's tensors that changes whenever a parameter is replaced or edited.
 
     Each tensor's storage pointer, dtype, device, shape and autograd version counter (bumped by every
-    in-place write: optimizer steps, `load_state_dict`, `p.copy_()`, `p.add_()` ...) plus the float32
-    norm of every tensor, which also catches writes through `p.data` (they bypass version counters;
-    e.g. `dist.broadcast(p.data)` or old-style EMA updates). Inference tensors have no version counter.
+    in-place write: optimizer steps, `load_state_dict`, `p.copy_()`, `p.add_()` ...), plus the float32
+    norm of every tensor and one position-weighted sum over all of them, which also catch writes through
+    `p.data` and into inference tensors (they bypass version counters: `dist.broadcast(p.data)`, old-style
+    EMA updates, an edit under `inference_mode`) - a sign flip or a permutation keeps a norm, not the sum.
     """
     tensors = list(model.parameters()) + list(model.buffers())
     key: list[Any] = []
@@ -552,9 +558,20 @@ def param_key(model: nn.Module) -> tuple[Any, ...]:
         key.append((t.data_ptr(), version, t.dtype, t.device, tuple(t.shape)))
     floats = [t for t in tensors if t.is_floating_point()]
     if floats:
-        norms = torch.stack(torch._foreach_norm(floats)).tolist()
-        key.append(tuple(norms))
+        with torch.no_grad():
+            norms = torch.stack(torch._foreach_norm(floats))
+            flat = torch.cat([t.detach().reshape(-1).float() for t in floats])
+            mix = torch.dot(flat, _mixing_weights(flat.numel(), flat.device)).reshape(1)
+            # NaN never equals itself: a model with a NaN weight would rebuild on every call
+            sums = torch.nan_to_num(torch.cat([norms.float(), mix]), nan=-1.0)
+        key.append(tuple(sums.tolist()))
     return tuple(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _mixing_weights(n: int, device: torch.device) -> torch.Tensor:
+    """Fixed pseudo-random weights in [1, 2) for `param_key`'s position-weighted sum (n floats per model)."""
+    return (1 + torch.rand(n, generator=torch.Generator().manual_seed(n))).to(device)
 
 
 # --- the cache `DLSR.forward` uses -------------------------------------------------------------
@@ -580,13 +597,14 @@ def fast_module(model: nn.Module, precision: str = "fp32") -> FastDLSR:
     if requested == "auto" and precision == "bf16" and not _bf16_passes(model, weights):
         precision = "fp32"
     # keyed on what was resolved, not on what was asked: 'auto' resolved to bf16 and a later 'bf16' (the
-    # tiles of `upscale(dtype="auto")` run under bf16 autocast) share one build
-    key = (precision, weights)
-    cached = model.__dict__.get(_CACHE_ATTR)
-    if cached is not None and cached[0] == key:
+    # tiles of `upscale(dtype="auto")` run under bf16 autocast) share one build; one build per precision,
+    # so callers mixing fp32 and bf16 (two threads, a fp32 re-run of a bf16 tile) do not rebuild by turns
+    builds = model.__dict__.setdefault(_CACHE_ATTR, {})
+    cached = builds.get(precision)
+    if cached is not None and cached[0] == weights:
         return cached[1]
     module = build(model, precision=precision)
-    model.__dict__[_CACHE_ATTR] = (key, module)
+    builds[precision] = (weights, module)
     return module
 
 
@@ -603,7 +621,7 @@ def _bf16_passes(model: nn.Module, weights: tuple[Any, ...]) -> bool:
         warnings.warn(f"bf16 inference of this model is only {db:.1f} dB from fp32 (< {BF16_MIN_PSNR} dB); "
                       "using fp32", RuntimeWarning, stacklevel=3)
     else:
-        model.__dict__[_CACHE_ATTR] = (("bf16", weights), module)
+        model.__dict__.setdefault(_CACHE_ATTR, {})["bf16"] = (weights, module)
     model.__dict__[_PARITY_ATTR] = (weights, ok)
     return ok
 
@@ -686,13 +704,29 @@ def _has_hooks(model: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules() if m is not model)
 
 
+_EXACT = threading.local()
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Within this block (in this thread), a DLSR's fused form runs in float32 whatever its
+    `inference_precision` says: what `dtype="fp32"` and the fp32 re-run of a non-finite tile promise."""
+    before = getattr(_EXACT, "on", False)
+    _EXACT.on = True
+    try:
+        yield
+    finally:
+        _EXACT.on = before
+
+
 def dispatch(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """Run `x` through `model`'s cached fused form, or return None where it does not apply.
 
     Applies to float32 CPU inputs of a float32 CPU model, outside tracing/scripting/`torch.compile`,
     when no forward hooks are registered on the model's submodules (they would not fire). Precision:
-    `model.inference_precision`, except that under `torch.autocast("cpu", torch.bfloat16)` the bf16
-    form runs (the reduced precision the caller asked for, at fused-kernel speed).
+    `model.inference_precision` (fp32 inside `exact_fp32()`), except that under
+    `torch.autocast("cpu", torch.bfloat16)` the bf16 form runs (the reduced precision the caller asked
+    for, at fused-kernel speed).
     """
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return None
@@ -701,7 +735,7 @@ def dispatch(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if x.dtype != torch.float32 or p.dtype != torch.float32:
         return None
-    precision = getattr(model, "inference_precision", "fp32")
+    precision = "fp32" if getattr(_EXACT, "on", False) else getattr(model, "inference_precision", "fp32")
     if torch.is_autocast_enabled("cpu"):
         if torch.get_autocast_dtype("cpu") != torch.bfloat16:
             return None

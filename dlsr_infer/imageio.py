@@ -29,6 +29,7 @@ interrupted write never leaves a truncated image under the final name.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import numbers
 import os
@@ -42,7 +43,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -61,15 +62,22 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bm
            ".tiff": "TIFF", ".tga": "TGA", ".ppm": "PPM", ".pgm": "PPM", ".gif": "GIF"}
 
 _ORIENTATION = 0x0112
-# TIFF tags that describe how the pixels are stored (size, strips/tiles, compression, sample layout,
-# palette, thumbnail offsets). A TIFF's getexif() is its whole first IFD, these included; carried over
-# they would describe the source's pixels, not the output's, and make Pillow's TIFF writer fail.
-_LAYOUT_TAGS = frozenset({
-    0xFE, 0xFF, 0x100, 0x101, 0x102, 0x103, 0x106, 0x107, 0x10A, 0x111, 0x115, 0x116, 0x117, 0x118,
-    0x119, 0x11C, 0x122, 0x123, 0x124, 0x125, 0x13D, 0x140, 0x142, 0x143, 0x144, 0x145, 0x14A, 0x152,
-    0x153, 0x154, 0x155, 0x15B, 0x200, 0x201, 0x202, 0x211, 0x212, 0x213, 0x214,
+# The first-IFD tags an output carries over: what describes the picture, not how the source stored it.
+# A TIFF's getexif() is its whole first IFD: size, strips, compression and palette (which would describe
+# the source's pixels and make Pillow's TIFF writer fail), but also XMP (which may hold an orientation of
+# its own: the upright output would be rotated again), an ICC profile (the source's, wrong after a colour
+# conversion) and Photoshop resources (too long for a JPEG's EXIF). So only these stay, with the Exif and
+# GPS sub-IFDs they point to.
+_KEPT_TAGS = frozenset({
+    0x010E, 0x010F, 0x0110,  # ImageDescription, Make, Model
+    0x011A, 0x011B, 0x0128,  # XResolution, YResolution, ResolutionUnit
+    0x0131, 0x0132, 0x013B, 0x013C,  # Software, DateTime, Artist, HostComputer
+    0x8298, 0x8769, 0x8825,  # Copyright, Exif IFD, GPS IFD
+    0x9C9B, 0x9C9C, 0x9C9D, 0x9C9E, 0x9C9F,  # Windows XPTitle, XPComment, XPAuthor, XPKeywords, XPSubject
 })
-_PIL_LIMIT_LOCK = threading.Lock()
+_EXIF_IFD = 0x8769
+_PIXEL_DIMENSIONS = (0xA002, 0xA003)  # in the Exif IFD: the source's width and height, wrong for the output
+_PIL_LIMIT_LOCK = threading.RLock()
 
 
 class ImageLoadError(ValueError):
@@ -128,15 +136,31 @@ class ImageData:
 
 
 # --- loading --------------------------------------------------------------------------------------
-def _open_unchecked(source: str | os.PathLike | BinaryIO) -> Image.Image:
-    """Image.open with PIL's own bomb check off (we apply `max_pixels` ourselves, with our message)."""
+@contextlib.contextmanager
+def _pil_limit_off() -> Iterator[None]:
+    """PIL's own decompression-bomb check off for this block (we apply `max_pixels` ourselves, with our
+    message). The limit is process-wide, so the block holds a lock: keep it short."""
     with _PIL_LIMIT_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            return Image.open(source)
+            yield
         finally:
             Image.MAX_IMAGE_PIXELS = saved
+
+
+#: The formats Pillow may identify a file as: those of IMAGE_EXTENSIONS (its JPEG reader also opens a
+#: phone's MPO). Never the others, whatever the file is named: PostScript/EPS would run Ghostscript.
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "TIFF", "GIF", "TGA", "PPM")
+
+
+def _open_unchecked(source: str | os.PathLike | BinaryIO) -> Image.Image:
+    """Image.open of READ_FORMATS only, with PIL's own bomb check off (we apply `max_pixels` ourselves,
+    with our message)."""
+    Image.init()  # every plugin registered (once): `formats` names some that preinit() leaves out
+    formats = [f for f in READ_FORMATS if f in Image.OPEN]  # (a Pillow built without WebP has no reader)
+    with _pil_limit_off():
+        return Image.open(source, formats=formats)
 
 
 def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
@@ -159,23 +183,28 @@ def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _exif_without_orientation(im: Image.Image) -> tuple[int, bytes | None]:
-    """(orientation 1..8, the EXIF bytes without the orientation and pixel-layout tags, or None).
-    `im` is not modified."""
+    """(orientation 1..8, the EXIF bytes an output carries: `_KEPT_TAGS` only, so without the orientation
+    and the source's layout, or None). `im` is not modified."""
     try:
         source = im.getexif()
         orientation = source.get(_ORIENTATION, 1)
-        if not len(source):
-            return 1, None
-        exif = Image.Exif()  # a copy: deleting the tag from im's own Exif would change the caller's image
-        exif.load(source.tobytes())
     except Exception:  # noqa: BLE001 - malformed EXIF must not stop an upscale
         return 1, None
     if not isinstance(orientation, int) or not 1 <= orientation <= 8:
         orientation = 1
-    for tag in (_ORIENTATION, *_LAYOUT_TAGS):
-        if tag in exif:
-            del exif[tag]
     try:
+        if not len(source):
+            return orientation, None
+        exif = Image.Exif()  # a copy: deleting the tag from im's own Exif would change the caller's image
+        exif.load(source.tobytes())
+    except Exception:  # noqa: BLE001 - the copy failed: the orientation read above still holds
+        return orientation, None
+    try:
+        sub = exif.get_ifd(_EXIF_IFD) if _EXIF_IFD in exif else {}
+        for tag in _PIXEL_DIMENSIONS:
+            sub.pop(tag, None)
+        for tag in [t for t in exif if t not in _KEPT_TAGS]:
+            del exif[tag]
         data = exif.tobytes() if len(exif) else None
     except Exception:  # noqa: BLE001
         data = None
@@ -203,8 +232,8 @@ def _cmyk_to_rgb(im: Image.Image, notes: list[str]) -> tuple[Image.Image, bytes 
         out = im.convert("RGB")
     except ValueError as e:
         raise ImageLoadError(f"cannot convert a {im.mode} image to RGB: {e}") from None
-    msg = (f"{im.mode} image converted to RGB with Pillow's plain formula (no ICC profile to convert through); "
-           "colours may shift")
+    why = "its embedded ICC profile could not be used" if icc else "no ICC profile to convert through"
+    msg = f"{im.mode} image converted to RGB with Pillow's plain formula ({why}); colours may shift"
     notes.append(msg)
     warnings.warn(msg, ColorConversionWarning, stacklevel=5)
     return out, None
@@ -346,7 +375,20 @@ def from_pil(im: Image.Image, *, apply_exif_orientation: bool = True) -> ImageDa
         raise ImageLoadError(f"{filename}: {e}" if filename else str(e)) from None
     if apply_exif_orientation and orientation != 1:
         pixels = _orient(pixels, orientation)
+    elif orientation != 1:  # the pixels stay as stored: so does the tag that says how to show them
+        exif = _with_orientation(exif, orientation)
     return ImageData(pixels, icc_profile=icc or None, exif=exif, source_format=im.format, notes=tuple(notes))
+
+
+def _with_orientation(exif_bytes: bytes | None, orientation: int) -> bytes | None:
+    exif = Image.Exif()
+    try:
+        if exif_bytes:
+            exif.load(exif_bytes)
+        exif[_ORIENTATION] = orientation
+        return exif.tobytes()
+    except Exception:  # noqa: BLE001 - as in _exif_without_orientation: never stops an upscale
+        return exif_bytes
 
 
 def _decode_opened(im: Image.Image, notes: list[str], reopen: Callable[[], Image.Image] | None,
@@ -356,7 +398,23 @@ def _decode_opened(im: Image.Image, notes: list[str], reopen: Callable[[], Image
     Loading drops the pending tile, which alone tells a 16-bit colour PNG (decoded again from `reopen`,
     the same file, with all 16 bits) and a low-bit gray PNG's colour-key scale: both are read first.
     Without `reopen`, a 16-bit colour image that Pillow decodes to 8 bits gets a note and a warning.
-    Every decoding failure is an `ImageLoadError` (without the file name: the caller knows it)."""
+    Every decoding failure is an `ImageLoadError` (without the file name: the caller knows it).
+
+    Some formats (TIFF) run PIL's bomb check again when decoding: for an image its opener let through
+    (our `max_pixels`, or the caller's own PIL limit), it is decoded again with that check off."""
+    tried: list[str] = []
+    try:
+        result = _decode_opened_once(im, tried, reopen, where)
+    except Image.DecompressionBombError:  # raised before any pixel was decoded: nothing to undo
+        tried = []
+        with _pil_limit_off():
+            result = _decode_opened_once(im, tried, reopen, where)
+    notes.extend(tried)
+    return result
+
+
+def _decode_opened_once(im: Image.Image, notes: list[str], reopen: Callable[[], Image.Image] | None,
+                        where: str) -> tuple[np.ndarray, int, bytes | None, bytes | None]:
     try:
         rawmode16 = _png16_rawmode(im) if reopen is not None else None
         key_scale = _gray_key_scale(im)
@@ -522,8 +580,12 @@ def encode_image(data: ImageData, fmt: str, *, quality: int = 95) -> tuple[bytes
     params: dict[str, object] = {}
     if data.icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
         params["icc_profile"] = data.icc_profile
+    elif data.icc_profile:
+        notes.append(f"{fmt} cannot hold the ICC colour profile; dropped (colours may look different)")
     if data.exif and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
         params["exif"] = data.exif
+    elif data.exif:
+        notes.append(f"{fmt} cannot hold EXIF metadata; dropped")
     if fmt in ("JPEG", "WEBP"):
         params["quality"] = quality
     if fmt == "JPEG":
@@ -563,6 +625,15 @@ def _lock_temp(fd: int) -> int | None:
     return lock_fd
 
 
+def _temp_stem(name: str, suffix: str) -> str:
+    """The part of `name` a temporary file's name holds: all of it, or as many bytes as keep
+    `.<stem>.<8 random characters><suffix>` within the 255 bytes a file name may have (a valid output
+    name of 238+ bytes could not be written). A character cut in two stays bytes (surrogate escapes)."""
+    room = 255 - len(os.fsencode(suffix)) - 10
+    raw = os.fsencode(name)
+    return name if len(raw) <= room else os.fsdecode(raw[:room])
+
+
 def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None, *,
                        suffix: str = TEMP_SUFFIX, min_age: float = STALE_TEMP_MIN_AGE) -> list[Path]:
     """Remove the temporary files that a killed writer (SIGKILL, power loss) left in `folder`.
@@ -573,7 +644,7 @@ def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = 
     removed; errors (permissions, races with another cleaner) are ignored.
     """
     pattern = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}" + re.escape(suffix) + "$")
-    wanted = None if names is None else set(names)
+    wanted = None if names is None else {_temp_stem(n, suffix) for n in names}
     removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
@@ -606,7 +677,7 @@ def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = 
 def _stage_temp(path: Path, write: Callable[[BinaryIO], None], suffix: str) -> tuple[Path, int | None]:
     """Fill and fsync `path`'s hidden temporary file (`.<name>.<random><suffix>`, locked: see
     `remove_stale_temps`); returns it and the lock, which the caller releases once it is renamed."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{_temp_stem(path.name, suffix)}.", suffix=suffix)
     tmp = Path(tmp_name)
     lock_fd = None
     try:

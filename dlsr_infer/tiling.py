@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast import exact_fp32
 from .model import MIN_INPUT_SIZE
 
 log = logging.getLogger(__name__)
@@ -300,8 +301,9 @@ class Runner:
     def _call(self, model: Any, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if dtype == torch.float32:
-            return model(x).float()
+        if dtype == torch.float32:  # float32 even for a model set to run its fused form in bf16
+            with exact_fp32():
+                return model(x).float()
         with torch.autocast(device_type=self.device.type, dtype=dtype):
             return model(x).float()
 

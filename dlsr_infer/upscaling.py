@@ -108,7 +108,7 @@ def auto_dtype(model: nn.Module, device: torch.device, *, compile: bool = False)
 
 
 # --- models --------------------------------------------------------------------------------------
-_CACHE: dict[tuple[Any, ...], tuple[nn.Module, nn.Module]] = {}
+_CACHE: dict[tuple[Any, ...], tuple[Any, nn.Module, nn.Module]] = {}
 _CACHE_LOCK = threading.Lock()
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], nn.Module]]" = weakref.WeakKeyDictionary()
 
@@ -119,16 +119,21 @@ def clear_model_cache() -> None:
         _CACHE.clear()
 
 
-def _cache_name(name: str | os.PathLike) -> tuple[Any, ...]:
+def _cache_name(name: str | os.PathLike) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
+    """(what a name loads, the state of its files): a directory by its real path, with its weights' and
+    config's size, times and inode (retrained weights reload, even copied in with their old mtime:
+    `cp -p`, `rsync -t`, tar); an alias or Hub id by its name."""
     path = Path(os.fspath(name)).expanduser()
     if path.is_dir() and (os.fspath(name) not in ALIASES or (path / CONFIG_NAME).exists()):  # as resolve() reads it
-        weights = path / "model.safetensors"
-        try:
-            st = weights.stat()
-            return (str(path.resolve()), st.st_mtime_ns, st.st_size)  # retrained weights reload
-        except OSError:
-            return (str(path.resolve()),)
-    return (os.fspath(name),)
+        state = []
+        for f in (path / "model.safetensors", path / CONFIG_NAME):
+            try:
+                st = f.stat()
+                state.append((st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino))
+            except OSError:
+                state.append(None)
+        return (str(path.resolve()),), tuple(state)
+    return (os.fspath(name),), None
 
 
 def _compiled(model: nn.Module, compile: bool) -> nn.Module:
@@ -173,20 +178,21 @@ def get_model(model: ModelLike = None, *, scale: int | None = None, device: str 
     if model is None:
         model = f"x{scale or 4}"
     if isinstance(model, (str, os.PathLike)):
-        key = (*_cache_name(model), str(dev), cl, bool(compile))
+        ident, files = _cache_name(model)
+        key = (*ident, str(dev), cl, bool(compile))
         with _CACHE_LOCK:
             hit = _CACHE.get(key)
-        if hit is None:
+        if hit is None or hit[0] != files:  # one entry per directory: retrained weights replace the old ones
             from .model import DLSR
 
             eager = DLSR.from_pretrained(model, map_location=dev).eval()
             _check_model(eager, None)
             if cl:
                 eager = eager.to(memory_format=torch.channels_last)
-            hit = (_compiled(eager, compile), eager)
+            hit = (files, _compiled(eager, compile), eager)
             with _CACHE_LOCK:
                 _CACHE[key] = hit
-        run, eager = hit
+        _, run, eager = hit
         return run, eager, _check_model(eager, scale)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be None, an alias ('x2', 'x4', ...), a model directory or a DLSR module, "

@@ -86,6 +86,25 @@ def test_an_input_is_never_overwritten(capsys, folder: Path, model_dir: Path) ->
         rc, out, err = run(capsys, shots, "-o", shots, "--model", model_dir, *extra)
         assert rc == 1 and err.count("would overwrite an input") == 2, err
         assert (shots / "b.png").read_bytes() == original
+    # a_x2.png named on the command line beside a.png is an input too (an original that happens to look like
+    # a.png's output): it was dropped as "ours", then a.png's result went over it with --overwrite
+    twin = folder.parent / "twin"
+    twin.mkdir()
+    (twin / "a.png").write_bytes(original)
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(twin / "a_x2.png")
+    kept = (twin / "a_x2.png").read_bytes()
+    rc, out, err = run(capsys, twin / "a.png", twin / "a_x2.png", "--model", model_dir, "--overwrite")
+    assert rc == 1 and "a_x2.png would overwrite an input" in err and (twin / "a_x2.png").read_bytes() == kept
+    assert (twin / "a_x2_x2.png").is_file()  # and it was upscaled itself, as asked
+
+
+def test_an_empty_argument_is_no_file_not_the_current_folder(capsys, folder: Path, model_dir: Path,
+                                                            monkeypatch) -> None:
+    monkeypatch.chdir(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    rc, out, err = run(capsys, "", "--model", model_dir)
+    assert rc == 1 and "an empty argument names no file or folder" in err
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_default_naming_glob_format_and_single_file_output(capsys, folder: Path, model_dir: Path,
@@ -143,6 +162,13 @@ def test_usage_errors_exit_2(capsys, model_dir: Path, tmp_path: Path) -> None:
     assert rc == 2 and "cannot set up the model" in err
     rc, out, err = run(capsys, a, "--model", model_dir, "--scale", "4")
     assert rc == 2 and "upscales x2 but scale=4" in err
+    # --format jpg with -o out.png wrote JPEG bytes into a .png; -o naming an extension-less file
+    rc, out, err = run(capsys, a, "-o", tmp_path / "out.png", "--format", "jpg", "--model", model_dir)
+    assert rc == 2 and "names a PNG file but --format jpg was given" in err and not (tmp_path / "out.png").exists()
+    assert run(capsys, a, "-o", tmp_path / "out.jpeg", "--format", "jpg", "--model", model_dir)[0] == 0
+    (tmp_path / "result").write_text("x")
+    rc, out, err = run(capsys, a, "-o", tmp_path / "result", "--model", model_dir)
+    assert rc == 2 and "is an existing file without an image extension" in err
 
 
 def test_a_failing_write_leaves_nothing_behind(capsys, monkeypatch, folder: Path, model_dir: Path,

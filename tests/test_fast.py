@@ -106,9 +106,13 @@ def _small_model(seed: int = 0) -> DLSR:
     return _randomize(DLSR(builtin("dlsr_s_x2")), seed)
 
 
-def _cached(model: DLSR):
-    entry = model.__dict__.get("_fast_cache")
-    return None if entry is None else entry[1]
+def _cached(model: DLSR, precision: str | None = None):
+    """The model's cached fused form for `precision` (None: the one form built so far)."""
+    builds = model.__dict__.get("_fast_cache") or {}
+    if precision is None:
+        assert len(builds) <= 1, sorted(builds)
+        return next(iter(builds.values()))[1] if builds else None
+    return builds[precision][1] if precision in builds else None
 
 
 def test_forward_uses_fused_form_only_for_eval_without_grad():
@@ -148,7 +152,8 @@ def test_fused_form_is_not_part_of_the_module():
         assert torch.allclose(clone(x), model(x), atol=ATOL)
 
 
-@pytest.mark.parametrize("edit", ["inplace", "load_state_dict", "data", "replace", "optimizer"])
+@pytest.mark.parametrize("edit", ["inplace", "load_state_dict", "data", "replace", "optimizer", "data_sign",
+                                  "data_permute", "inference_tensor"])
 def test_cache_follows_weight_changes(edit):
     model = _small_model(seed=1)
     x = torch.rand(1, 3, 18, 22)
@@ -165,6 +170,16 @@ def test_cache_follows_weight_changes(edit):
         w.data.mul_(-0.5)  # bypasses the version counter
     elif edit == "replace":
         model.stem.weight = torch.nn.Parameter(model.stem.weight.detach() * 2)
+    elif edit == "data_sign":  # keeps every norm: only the position-weighted sum sees it
+        model.upsampler.conv.weight.data.neg_()
+    elif edit == "data_permute":  # e.g. a stem flipped to take BGR input: norms kept too
+        model.stem.weight.data.copy_(model.stem.weight.data.flip(1).clone())
+    elif edit == "inference_tensor":  # parameters made under inference_mode have no version counter
+        with torch.inference_mode():
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+            model(x)
+            first = _cached(model)
+            model.upsampler.conv.bias.neg_()
     else:
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -174,6 +189,9 @@ def test_cache_follows_weight_changes(edit):
     with torch.inference_mode():
         y = model(x)
     assert _cached(model) is not first
+    if edit == "inference_tensor":  # (no autograd reference for inference tensors: compare with a fresh build)
+        assert (y - fast.build(model)(x)).abs().max().item() == 0
+        return
     assert (y - _layers(model, x)).abs().max().item() <= ATOL
     with torch.inference_mode():  # unchanged weights: the cache is reused
         model(x)
@@ -181,6 +199,40 @@ def test_cache_follows_weight_changes(edit):
     with torch.inference_mode():
         model(x)
     assert _cached(model) is second
+
+
+def test_one_build_per_precision_and_exact_fp32_whatever_the_model_is_set_to():
+    """Callers mixing fp32 and bf16 (two threads, the fp32 re-run of a bf16 tile) reuse one build each
+    instead of rebuilding by turns; `exact_fp32()` runs fp32 for a model set to bf16 (dtype="fp32")."""
+    model = _small_model()
+    model.inference_precision = "bf16"
+    x = torch.rand(1, 3, 18, 20)
+    builds = []
+    real_build = fast.build
+    try:
+        fast.build = lambda m, **k: builds.append(k.get("precision")) or real_build(m, **k)
+        with torch.inference_mode():
+            for _ in range(3):
+                low = model(x)
+                with fast.exact_fp32():
+                    exact = model(x)
+    finally:
+        fast.build = real_build
+    assert builds == ["bf16", "fp32"]
+    assert _cached(model, "bf16").precision == "bf16" and _cached(model, "fp32").precision == "fp32"
+    assert (exact - _layers(model, x)).abs().max().item() <= ATOL < (low - exact).abs().max().item()
+
+
+@pytest.mark.parametrize("channels", [(1, 3), (3, 1), (4, 4)])
+def test_bf16_form_of_a_network_whose_input_and_output_channels_differ(channels):
+    """The bf16 form adds an upscaled copy of the input to the output (only its difference is rounded):
+    with other output channels than input ones it crashed ('Add Fusion's inputs should have same shape')."""
+    cin, cout = channels
+    model = _randomize(DLSR(builtin("dlsr_s_x2").replace(in_channels=cin, out_channels=cout)), 3)
+    x = torch.rand(1, cin, 20, 18)
+    with torch.inference_mode():
+        y = fast.build(model, precision="bf16")(x)
+    assert y.shape == (1, cout, 40, 36) and _psnr(y, _layers(model, x)) > 40.0
 
 
 def test_hooks_and_foreign_inputs_fall_back_to_layers():

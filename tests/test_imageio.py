@@ -237,6 +237,67 @@ def test_a_tiffs_layout_tags_are_not_carried_as_exif(tmp_path: Path) -> None:
                 assert 0x100 not in tags and 0x111 not in tags, ext
 
 
+def test_only_descriptive_tags_travel_so_nothing_rotates_twice_or_keeps_a_wrong_profile(tmp_path: Path) -> None:
+    """A TIFF's first IFD also holds XMP (with an orientation of its own: the upright output was rotated
+    again by viewers), an ICC profile (the source's, kept after a CMYK conversion dropped it) and
+    Photoshop resources (too long for a JPEG's EXIF: the upscaled image could not be saved); and the Exif
+    IFD gave the source's pixel size. Only what describes the picture stays."""
+    im = Image.fromarray(rgb())
+    exif = im.getexif()
+    exif[0x013B] = "dlsr test artist"
+    exif[0x0112] = 6
+    exif[0x02BC] = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+    exif[0x8773] = b"FAKE-CMYK-PROFILE"
+    exif[0x8649] = b"8BIM" * 20000  # 80 KB of Photoshop resources
+    im.save(tmp_path / "in.tif", exif=exif)
+    data = load_image(tmp_path / "in.tif")
+    big = ImageData(np.repeat(np.repeat(data.pixels, 2, 0), 2, 1), exif=data.exif, icc_profile=data.icc_profile)
+    for ext in ("tif", "png", "jpg"):
+        save_image(big, tmp_path / f"out.{ext}")
+        with Image.open(tmp_path / f"out.{ext}") as back:
+            tags = back.getexif()
+            # (a TIFF keeps its own ICC profile in tag 0x8773: the image's profile, carried as its profile)
+            foreign = {0x0112, 0x02BC, 0x8649} | ({0x8773} if ext != "tif" else set())
+            assert tags[0x013B] == "dlsr test artist" and not foreign & set(tags), ext
+            assert ImageOps.exif_transpose(back).size == back.size == (36, 46), ext
+        assert load_image(tmp_path / f"out.{ext}").pixels.shape[:2] == (46, 36), ext
+    # the Exif IFD's pixel size is the source's (Pillow writes that IFD to JPEG/PNG/WebP, not to TIFF)
+    exif = Image.Exif()
+    exif.get_ifd(0x8769).update({0xA002: 18, 0xA003: 23, 0x9003: "2026:11:28 05:00:00"})  # + DateTimeOriginal
+    im.save(tmp_path / "in.jpg", exif=exif)
+    data = load_image(tmp_path / "in.jpg")
+    save_image(ImageData(np.repeat(data.pixels, 2, 0), exif=data.exif), tmp_path / "out2.png")
+    with Image.open(tmp_path / "out2.png") as back:
+        assert back.getexif().get_ifd(0x8769) == {0x9003: "2026:11:28 05:00:00"}
+
+
+def test_from_pil_without_applying_the_orientation_keeps_its_tag(tmp_path: Path) -> None:
+    im = Image.fromarray(rgb())
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "o.png", exif=exif.tobytes())
+    with Image.open(tmp_path / "o.png") as opened:
+        data = from_pil(opened, apply_exif_orientation=False)
+    assert data.pixels.shape[:2] == (18, 23)  # as stored
+    save_image(data, tmp_path / "back.png")
+    with Image.open(tmp_path / "back.png") as back:
+        assert back.getexif()[0x0112] == 6 and ImageOps.exif_transpose(back).size == (18, 23)
+
+
+def test_an_orientation_read_is_applied_even_when_the_exif_cannot_be_copied(tmp_path: Path, monkeypatch) -> None:
+    im = Image.fromarray(rgb())
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "o.png", exif=exif.tobytes())
+
+    def broken(self, *args):
+        raise SyntaxError("corrupt EXIF")
+
+    monkeypatch.setattr(Image.Exif, "tobytes", broken)
+    data = load_image(tmp_path / "o.png")
+    assert data.pixels.shape[:2] == (23, 18) and data.exif is None
+
+
 def test_cmyk_is_converted_with_a_warning(tmp_path: Path) -> None:
     Image.fromarray(rgb()).convert("CMYK").save(tmp_path / "c.jpg")
     with pytest.warns(ColorConversionWarning, match="CMYK image converted to RGB"):
@@ -291,6 +352,48 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
     assert Image.MAX_IMAGE_PIXELS is not None  # PIL's own guard is restored after our open
 
 
+def test_pils_own_bomb_check_at_decode_time_does_not_undo_max_pixels(tmp_path: Path, monkeypatch) -> None:
+    """TIFF runs PIL's bomb check again when decoding: an image max_pixels lets through (raised, or None)
+    crashed with PIL's DecompressionBombError, a traceback in dlsr-upscale, the other inputs never done."""
+    a = rgb(40, 40)
+    Image.fromarray(a).save(tmp_path / "big.tif")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1,600 px: over twice PIL's limit, an error there
+    with pytest.raises(Image.DecompressionBombError):
+        with Image.open(tmp_path / "big.tif") as im:
+            im.load()
+    np.testing.assert_array_equal(load_image(tmp_path / "big.tif", max_pixels=None).pixels, a)
+    np.testing.assert_array_equal(load_image(tmp_path / "big.tif", max_pixels=1600).pixels, a)
+    with pytest.raises(ImageTooLargeError):
+        load_image(tmp_path / "big.tif", max_pixels=1599)
+    assert Image.MAX_IMAGE_PIXELS == 500  # restored
+
+
+def test_only_the_formats_of_our_extensions_are_opened(tmp_path: Path) -> None:
+    """A PostScript file named .png was handed to Pillow's EPS reader (which runs Ghostscript when it is
+    installed: untrusted PostScript) and failed with 'Unable to locate Ghostscript'."""
+    (tmp_path / "x.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(ImageLoadError, match="not an image Pillow can read"):
+        load_image(tmp_path / "x.png")
+    Image.fromarray(rgb()).save(tmp_path / "really_a_jpeg.png", format="JPEG")  # a misnamed format we read
+    assert load_image(tmp_path / "really_a_jpeg.png").pixels.shape == (18, 23, 3)
+
+
+def test_formats_that_cannot_hold_the_profile_or_exif_say_so(tmp_path: Path) -> None:
+    data = ImageData(rgb(), icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes(),
+                     exif=_exif_with_artist())
+    with pytest.warns(ColorConversionWarning):
+        notes = save_image(data, tmp_path / "out.bmp")
+    assert any("BMP cannot hold the ICC colour profile" in n for n in notes)
+    assert any("BMP cannot hold EXIF metadata" in n for n in notes)
+    assert save_image(data, tmp_path / "out.png") == []
+
+
+def _exif_with_artist() -> bytes:
+    exif = Image.Exif()
+    exif[0x013B] = "dlsr test artist"
+    return exif.tobytes()
+
+
 # --- writing ------------------------------------------------------------------------------------------
 def test_atomic_write_never_leaves_a_partial_file(tmp_path: Path) -> None:
     target = tmp_path / "out.png"
@@ -329,6 +432,28 @@ def test_atomic_write_all_changes_no_file_unless_every_one_is_whole(tmp_path: Pa
                                     overwrite=True)
     assert done == [first, second] and first.read_bytes() == b"new a" and second.read_bytes() == b"b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.md"]
+
+
+@pytest.mark.parametrize("name", ["p" * 251 + ".png", "é" * 125 + ".png"])  # 255 bytes: the longest a name may be
+def test_the_longest_valid_output_name_can_be_written_and_its_stale_temp_removed(tmp_path: Path, name: str) -> None:
+    target = tmp_path / name
+    save_image(ImageData(rgb()), target)
+    assert load_image(target).pixels.shape == (18, 23, 3) and [p.name for p in tmp_path.iterdir()] == [name]
+
+    def killed(f) -> None:  # a writer killed mid-write leaves its temp file: the cleaner finds it by name
+        raise KeyboardInterrupt
+
+    real_unlink = Path.unlink
+    try:
+        Path.unlink = lambda self, missing_ok=False: None  # (the interrupted writer's own clean-up never ran)
+        with pytest.raises(KeyboardInterrupt):
+            imageio.atomic_write(target, killed, overwrite=True)
+    finally:
+        Path.unlink = real_unlink
+    (stale,) = [p for p in tmp_path.iterdir() if p.name != name]
+    assert len(os.fsencode(stale.name)) <= 255
+    os.utime(stale, (0, 0))
+    assert imageio.remove_stale_temps(tmp_path, [name]) == [stale] and [p.name for p in tmp_path.iterdir()] == [name]
 
 
 def test_atomic_write_refuses_to_clobber_and_sets_normal_permissions(tmp_path: Path) -> None:

@@ -391,12 +391,34 @@ def test_models_loaded_by_name_are_cached(model: DLSR, tmp_path: Path, monkeypat
     assert len(loads) == 1
     get_model(tmp_path / "m", device="cpu", channels_last=True)  # another memory format is another copy
     assert len(loads) == 2
-    # New weights under the same name are picked up (the key includes the weights file's mtime/size).
-    lively(seed=1).save_pretrained(tmp_path / "m")
+    # New weights under the same name are picked up, even copied in with the old file's size and mtime
+    # (cp -p, rsync -t, tar), and replace the old entry rather than adding one per rewrite
+    import dlsr_infer.upscaling as up
+
     st = (tmp_path / "m" / "model.safetensors").stat()
-    os.utime(tmp_path / "m" / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert not np.array_equal(upscale(a, model=tmp_path / "m"), first) and len(loads) == 3
+    lively(seed=1).save_pretrained(tmp_path / "m")
+    os.utime(tmp_path / "m" / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (tmp_path / "m" / "model.safetensors").stat().st_size == st.st_size
+    second = upscale(a, model=tmp_path / "m")
+    assert not np.array_equal(second, first) and len(loads) == 3
+    lively(seed=2).save_pretrained(tmp_path / "m")
+    assert not np.array_equal(upscale(a, model=tmp_path / "m"), second) and len(loads) == 4
+    assert len(up._CACHE) == 2  # this directory in two memory formats, each once
     clear_model_cache()
+
+
+def test_fp32_is_exact_float32_for_a_model_set_to_run_in_bf16(model: DLSR) -> None:
+    """dtype='fp32' promises the exact float32 result: a model whose inference_precision is 'bf16' ran
+    its bf16 form there (TileStats still said fp32)."""
+    a = rgb()
+    ref = upscale(a, model=model, dtype="fp32")
+    model.inference_precision = "bf16"
+    try:
+        up = Upscaler(model, device="cpu", dtype="fp32")
+        assert np.array_equal(up(a), ref) and up.last_stats.compute_dtype == torch.float32
+        assert not np.array_equal(upscale(a, model=model, dtype="bf16"), ref)  # (so the check above can fail)
+    finally:
+        model.inference_precision = "fp32"
 
 
 def test_a_passed_model_is_left_alone(model: DLSR) -> None:
