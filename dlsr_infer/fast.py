@@ -556,14 +556,15 @@ def param_key(model: nn.Module) -> tuple[Any, ...]:
         except RuntimeError:  # inference tensor
             version = -1
         key.append((t.data_ptr(), version, t.dtype, t.device, tuple(t.shape)))
-    floats = [t for t in tensors if t.is_floating_point()]
+    floats = [t.detach() for t in tensors if t.is_floating_point()]
     if floats:
         with torch.no_grad():
-            norms = torch.stack(torch._foreach_norm(floats))
-            flat = torch.cat([t.detach().reshape(-1).float() for t in floats])
+            norms = torch.stack(torch._foreach_norm(floats)).float()
+            # one position-weighted sum over all tensors: a sign flip or a permutation keeps every norm
+            flat = torch.cat([t.reshape(-1).float() for t in floats])
             mix = torch.dot(flat, _mixing_weights(flat.numel(), flat.device)).reshape(1)
             # NaN never equals itself: a model with a NaN weight would rebuild on every call
-            sums = torch.nan_to_num(torch.cat([norms.float(), mix]), nan=-1.0)
+            sums = torch.nan_to_num(torch.cat([norms, mix]), nan=-1.0)
         key.append(tuple(sums.tolist()))
     return tuple(key)
 

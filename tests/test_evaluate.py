@@ -61,12 +61,9 @@ def test_evaluate_with_tiny_model_matches_bicubic(benchmarks_dir: Path) -> None:
 
 def test_real_dlsr_network_runs(benchmarks_dir: Path, tmp_path: Path) -> None:
     """Smoke test with the package's own network (random weights) on a 48x48 crop: finite scores."""
-    try:
-        from dlsr_infer.model import DLSR
+    from dlsr_infer.model import DLSR
 
-        model = DLSR.from_genotype_name("dlsr_x2")
-    except Exception as exc:  # the model module belongs to another part of the package
-        pytest.skip(f"DLSR network not available: {exc}")
+    model = DLSR.from_genotype_name("dlsr_x2")
     crop = ev.load_rgb(benchmarks_dir / "Set5" / "HR" / "bird.png")[100:148, 100:148]
     Image.fromarray(crop).save(tmp_path / "bird_crop.png")
     (res,) = ev.evaluate(model, tmp_path, max_images=1)
@@ -217,10 +214,11 @@ def test_result_files_that_cannot_be_written(benchmarks_dir: Path, tmp_path: Pat
 
 
 def test_errors(benchmarks_dir: Path, tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit):
-        ev.main([])  # neither MODEL nor --bicubic
-    with pytest.raises(SystemExit):
-        ev.main(["--bicubic"])  # no scale
+    for argv, message in (([], "MODEL is required unless --bicubic is given"),
+                          (["--bicubic"], "--bicubic without MODEL needs --scale")):
+        with pytest.raises(SystemExit) as exit_:
+            ev.main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert ev.main(["--bicubic", "--scale", "2", "--data", str(benchmarks_dir), "--sets", "Nope"]) == 2
     assert "'Nope' not found" in capsys.readouterr().err
     assert ev.main(["--bicubic", "--scale", "2", "--data", str(tmp_path / "missing")]) == 2

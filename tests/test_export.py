@@ -64,10 +64,11 @@ def test_cli_export_and_check(tmp_path, capsys):
 
 
 def test_cli_usage_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--onnx", str(tmp_path / "a.onnx")])  # neither MODEL nor --genotype
-    with pytest.raises(SystemExit):
-        main(["x2", "--genotype", "dlsr_x2", "--onnx", str(tmp_path / "a.onnx")])
+    for argv in (["--onnx", str(tmp_path / "a.onnx")],  # neither MODEL nor --genotype
+                 ["x2", "--genotype", "dlsr_x2", "--onnx", str(tmp_path / "a.onnx")]):  # both
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and "give exactly one of MODEL or --genotype" in capsys.readouterr().err
     if not onnx_available():  # the optional extra missing: said first, with how to install it, nothing written
         assert main(["--genotype", "dlsr_s_x2", "--onnx", str(tmp_path / "sub" / "a.onnx")]) == 2
         assert "dlsr-export: error: ONNX export needs the onnx package: pip install 'dlsr[onnx]'" in capsys.readouterr().err

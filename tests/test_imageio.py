@@ -72,15 +72,15 @@ def test_exif_orientation_matches_pillows_exif_transpose(tmp_path: Path, orienta
     im = Image.fromarray(rgb(10, 17))
     exif = im.getexif()
     exif[0x0112] = orientation
+    exif[0x013B] = "dlsr test artist"  # so that some EXIF stays to be checked
     im.save(tmp_path / "o.png", exif=exif.tobytes())
     data = load_image(tmp_path / "o.png")
     with Image.open(tmp_path / "o.png") as ref:
         expected = np.asarray(ImageOps.exif_transpose(ref))
     assert np.array_equal(data.pixels, expected)
-    if data.exif:  # the orientation tag is gone (the pixels are upright now)
-        remaining = Image.Exif()
-        remaining.load(data.exif)
-        assert 0x0112 not in remaining
+    remaining = Image.Exif()  # the orientation tag is gone (the pixels are upright now), the rest kept
+    remaining.load(data.exif)
+    assert 0x0112 not in remaining and remaining[0x013B] == "dlsr test artist"
 
 
 def test_exif_orientation_also_applies_to_pil_inputs_and_jpeg(tmp_path: Path) -> None:

@@ -272,6 +272,7 @@ def test_retrain_on_cuda_under_bf16_and_channels_last_then_resumes_on_the_cpu(tm
     result = train(cfg)  # device auto: CUDA, with bf16 autocast and channels_last on by default
     start = _records(result.out)[0]
     assert start["device"].startswith("cuda") and result.step == 20
+    assert start["autocast"] == "bfloat16" and start["channels_last"] is True  # what "by default" promises
     assert all(np.isfinite(loss) for _, loss in result.losses) and result.best_psnr is not None
     assert json.loads(start["config"])["device"] == "auto"
     # the checkpoint (CUDA tensors, CUDA RNG state) loads onto the CPU and the run goes on there
@@ -341,6 +342,17 @@ def _tiny_argv(out: Path, data: Path, *extra: str) -> list[str]:
     """`dlsr-search train` of a tiny network for 2 steps: what the option and failure tests run."""
     return ["train", "--out", str(out), "--data", str(data), "--steps", "2", "--no-progress", "--channels", "8",
             "--batch", "2", "--patch", "32", *extra]
+
+
+def test_training_data_defaults_to_dlsr_data(tmp_path, data_dir, monkeypatch):
+    """README: data defaults to $DLSR_DATA (folders joined by the path separator), else ../shared/data/train."""
+    other = _copy_images(data_dir, tmp_path / "other")
+    monkeypatch.setenv("DLSR_DATA", os.pathsep.join([str(data_dir), str(other)]))
+    argv = [a for a in _tiny_argv(tmp_path / "run", data_dir) if a not in ("--data", str(data_dir))]
+    assert cli_main(argv) == 0
+    start = next(r for r in _records(tmp_path / "run") if r["event"] == "start")
+    assert json.loads(start["config"])["data"] == [str(data_dir), str(other)]
+    assert next(r for r in _records(tmp_path / "run") if r["event"] == "data")["images"] == 12
 
 
 def _copy_images(src: Path, dst: Path) -> Path:

@@ -365,8 +365,9 @@ def test_device_and_dtype_choices() -> None:
 def test_bf16_on_cpu_when_asked(model: DLSR) -> None:
     a = rgb()
     out = upscale(a, model=model, dtype="bf16")
-    ref = upscale(a, model=model)
-    assert out.shape == ref.shape and np.abs(out.astype(int) - ref.astype(int)).mean() < 3
+    ref = upscale(a, model=model, dtype="fp32")  # (the default is bf16 itself on a CPU with native bf16)
+    diff = np.abs(out.astype(int) - ref.astype(int))
+    assert out.shape == ref.shape and diff.any() and diff.mean() < 0.5 and diff.max() <= 3
 
 
 def test_models_loaded_by_name_are_cached(model: DLSR, tmp_path: Path, monkeypatch) -> None:
@@ -511,10 +512,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @cuda
 def test_cuda_tensor_batch_fp16_round_trip(model: DLSR) -> None:
     x = torch.rand(3, 3, 40, 50, generator=torch.Generator().manual_seed(0))
-    ref = upscale(x, model=model, device="cpu")
+    ref = upscale(x, model=model, device="cpu", dtype="fp32")
     out = upscale(x.cuda().half(), model=model, tile=24, tile_overlap=8, dtype="fp16")  # channels_last by default
     assert out.device.type == "cuda" and out.dtype == torch.float16 and out.shape == (3, 3, 80, 100)
-    assert 10 * math.log10(1 / float(((out.float().cpu() - ref) ** 2).mean())) > 35
+    assert 10 * math.log10(1 / float(((out.float().cpu() - ref) ** 2).mean())) > 40  # fp16, tiles of 24 + 8
     assert next(model.parameters()).device.type == "cpu"  # the CPU model was copied, not moved
 
 
@@ -534,5 +535,5 @@ def test_cuda_auto_runs_small_images_in_fp32_and_big_ones_in_fp16(model: DLSR) -
 def test_cuda_fp32_matches_cpu(model: DLSR) -> None:
     a = rgb(30, 40)
     gpu = upscale(a, model=model, device="cuda", dtype="fp32")
-    cpu = upscale(a, model=model, device="cpu")
+    cpu = upscale(a, model=model, device="cpu", dtype="fp32")
     assert np.abs(gpu.astype(int) - cpu.astype(int)).max() <= 1
