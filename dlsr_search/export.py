@@ -9,7 +9,7 @@ from dlsr_infer.genotype import Genotype, loads
 from dlsr_infer.imageio import TEMP_SUFFIX
 from dlsr_infer.model import DLSR
 
-from .checkpoint import config_of, load_checkpoint
+from .checkpoint import CheckpointError, config_of, load_checkpoint
 from .config import ConfigError
 
 #: What `save_model` writes. Anything else in a destination would stay beside the new weights and describe
@@ -62,7 +62,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, directory: str | os.PathLik
     check_export_dir(directory)
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("kind") != "train":
-        raise ValueError(f"{checkpoint} is a {ckpt.get('kind')!r} checkpoint; only 'train' checkpoints hold a "
+        raise CheckpointError(f"{checkpoint} is a {ckpt.get('kind')!r} checkpoint; only 'train' checkpoints hold a "
                          "network to export")
     config = config_of(ckpt)
     genotype = loads(config["genotype_json"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass
 import platform
 import shutil
@@ -22,6 +23,8 @@ from typing import Any, Mapping, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from dlsr_infer.evaluate import dataset_name, default_benchmarks_dir, evaluate, evaluate_bicubic
+from dlsr_infer.genotype import loads as load_genotype
+from dlsr_infer.imageio import _umask
 from dlsr_infer.model import DLSR
 from dlsr_infer.pretrained import ModelLoadError, hash_file
 
@@ -74,8 +77,9 @@ def records_until(records: list[dict[str, Any]], until: int | None) -> list[dict
         return records
     kept: list[dict[str, Any]] = []
     for r in records:
-        if r["event"] in ("start", "resume") and any(k.get("step", 0) >= until for k in kept):
-            break  # the run was resumed from the hand-off step: what follows came after it
+        if r["event"] in ("start", "resume") and r.get("step", 0) >= until:
+            break  # resumed at or after the hand-off step: what follows came after it (a resume from an
+            # earlier checkpoint, after a kill, replays the steps up to the pick: it is kept)
         if r.get("step", 0) <= until:
             kept.append(r)
     return kept
@@ -101,6 +105,8 @@ class SoupStage:
 
     members: list[dict[str, Any]]
     fine_tunes: list[tuple[Path, list[dict[str, Any]]]]
+    #: a greedy soup's selection as soup.json records it ("val", "candidates", "steps"), else None
+    greedy: dict[str, Any] | None = None
 
 
 def card_stages(card: Path) -> tuple[list[Any], list[str | None]]:
@@ -119,12 +125,15 @@ def card_stages(card: Path) -> tuple[list[Any], list[str | None]]:
     notes: list[str | None] = []
     for entry in data["stages"]:
         if "soup" in entry:
-            stages.append(_soup_stage(card, entry["soup"]))
+            stages.append(_soup_stage(card, entry["soup"], entry.get("greedy")))
         else:
             stages.append((Path(entry["run"]), records_until(_read_listed(card, entry["log"]), entry.get("until"))))
         notes.append(entry.get("data_note"))
     if "soup" in data:  # the card of a soup: the soup itself is the chain's last stage
-        stages.append(_soup_stage(card, data["soup"]))
+        from .soup import SOUP_NAME, read_soup
+
+        greedy = read_soup(card).get("greedy") if (card / SOUP_NAME).is_file() else None
+        stages.append(_soup_stage(card, data["soup"], greedy))
         notes.append(None)
     return stages, notes
 
@@ -136,8 +145,8 @@ def _read_listed(card: Path, name: str) -> list[dict[str, Any]]:
     return read_jsonl(log)
 
 
-def _soup_stage(card: Path, members: list[dict[str, Any]]) -> SoupStage:
-    return SoupStage(members, [(Path(m["run"]), _read_listed(card, m["log"])) for m in members if "run" in m])
+def _soup_stage(card: Path, members: list[dict[str, Any]], greedy: dict[str, Any] | None = None) -> SoupStage:
+    return SoupStage(members, [(Path(m["run"]), _read_listed(card, m["log"])) for m in members if "run" in m], greedy)
 
 
 def _stage_runs(stage: Any) -> list[tuple[Path, list[dict[str, Any]]]]:
@@ -159,9 +168,16 @@ def _chain_line(i: int, stage: Any, out: Path, note: str | None) -> str:
     if not isinstance(stage, SoupStage):
         return _stage_line(i, stage[0], stage[1], out, note)
     parts = [f"`{m['model']}`" + (f" (stage {m['stage']}'s weights)" if "stage" in m else "") for m in stage.members]
-    head = (f"  {i}. model soup (`dlsr-search soup`): the uniform average of the weights of {', '.join(parts)}; "
-            f"{_stage_steps(stage):,} fine-tuning steps, wall time {_stage_seconds(stage) / 3600:.2f} h in all; logs "
-            f"`log-stage{i}-soup<k>.jsonl`; fine-tunes:")
+    chosen = ""
+    if stage.greedy:  # how the members were chosen, and the command: what a uniform soup's member list says
+        g = stage.greedy
+        chosen = (f", chosen greedily on `{g['val']}` (fp32 PSNR-Y: "
+                  + "; ".join(f"`{st['model']}` {'alone' if k == 0 else 'added'} {st['psnr_y']:.4f} dB"
+                              f"{'' if st['kept'] else ' (left out)'}" for k, st in enumerate(g["steps"]))
+                  + f"; `dlsr-search soup <dir> {' '.join(g['candidates'])} --greedy-on {g['val']}`)")
+    head = (f"  {i}. model soup (`dlsr-search soup`): the uniform average of the weights of {', '.join(parts)}"
+            f"{chosen}; {_stage_steps(stage):,} fine-tuning steps, wall time {_stage_seconds(stage) / 3600:.2f} h "
+            f"in all (of the models kept); logs `log-stage{i}-soup<k>.jsonl`; fine-tunes:")
     runs = [m for m in stage.members if "run" in m]
     subs = ["    " + _stage_line(None, run, recs, out, m.get("data_note")) for m, (run, recs) in zip(runs, stage.fine_tunes)]
     return "\n".join([head, *subs])
@@ -177,7 +193,8 @@ def _stage_files(stages: Sequence[Any], notes: Sequence[str | None]) -> tuple[di
             k = iter(range(1, len(stage.fine_tunes) + 1))
             members = [{**m, "log": f"log-stage{i}-soup{next(k)}.jsonl"} if "run" in m else dict(m) for m in stage.members]
             logs.update({m["log"]: recs for m, (_, recs) in zip([m for m in members if "run" in m], stage.fine_tunes)})
-            entries.append({"run": "model soup", "soup": members, "data_note": note})
+            entries.append({"run": "model soup", "soup": members, "data_note": note,
+                            **({"greedy": stage.greedy} if stage.greedy else {})})
         else:
             logs[f"log-stage{i}.jsonl"] = stage[1]
             entries.append({"run": str(stage[0]), "log": f"log-stage{i}.jsonl", "data_note": note})
@@ -190,8 +207,6 @@ def _write_stages(out: Path, stages: Sequence[Any], run: Path, records: list[dic
     `stages.json`, which `card_stages` reads back; `until` is the step this run's bundled weights are from
     when later steps are in its log.jsonl (a best-validation pick); `notes`: each stage's data note, the
     run's last."""
-    for stale in out.glob("log-stage*.jsonl"):
-        stale.unlink()
     logs, entries = _stage_files(stages, notes[:len(stages)])
     for name, recs in logs.items():
         write_jsonl(out / name, recs)
@@ -222,14 +237,22 @@ def _ema_note(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
     return f"; weights: moving average (EMA) of the trained weights{since}, decay {decay}"
 
 
+#: train's --x / --no-x options: None is their default (decided by the device), False an explicit --no-x.
+_BOOL_FLAGS = frozenset({"bf16", "channels_last"})
+
+
 def command_line(config: dict[str, Any]) -> str:
     """The `dlsr-search train` command that reproduces a run, rebuilt from its stored config."""
     skip = {"genotype_json", "resume", "progress", "export"}
     parts = ["dlsr-search", "train"]
     for key, value in config.items():
-        if key in skip or value is None or value is False:
+        if key in skip or value is None:
             continue
         flag = "--" + key.replace("_", "-")
+        if value is False:  # --no-bf16 is a choice: left out, the default (on for CUDA) would apply
+            if key in _BOOL_FLAGS:
+                parts.append("--no-" + key.replace("_", "-"))
+            continue
         if value is True:
             parts.append(flag)
         elif isinstance(value, list):
@@ -293,10 +316,20 @@ def _cpu_name() -> str:
 
 def _noted_data(roots: list[str] | None, notes: Mapping[str, str] | None) -> str | None:
     """The caller's notes for the training folders (folders that were on another machine), if every
-    folder has one."""
-    if notes and roots and all(r in notes for r in roots):
-        return "; ".join(notes[r] for r in roots)
+    folder has one (folders compared as normalised paths: 'imgs/' is 'imgs')."""
+    norm = {os.path.normpath(k): v for k, v in (notes or {}).items()}
+    if norm and roots and all(os.path.normpath(r) in norm for r in roots):
+        return "; ".join(norm[os.path.normpath(r)] for r in roots)
     return None
+
+
+def _check_notes_used(notes: Mapping[str, str] | None, runs: Sequence[list[dict[str, Any]]]) -> None:
+    """Refuse a --data-note whose folder no new stage trained on (a typo would leave the card silent)."""
+    used = {os.path.normpath(r) for recs in runs for r in (run_config(recs).get("data") or [])}
+    unused = [k for k in (notes or {}) if os.path.normpath(k) not in used]
+    if unused:
+        raise ValueError(f"--data-note {unused[0]}: no stage of this card trained on that folder (they trained "
+                         f"on {', '.join(sorted(used)) or 'nothing named'})")
 
 
 def _data_note(roots: list[str] | None, noted: str | None) -> str:
@@ -427,21 +460,29 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
         _check_held_out(name, recs)
     _check_held_out(run, records)
     notes += [_noted_data(run_config(recs).get("data"), data_notes) for _, recs in [*stages[len(notes):], (run, records)]]
+    _check_notes_used(data_notes, [recs for _, recs in [*stages[len(stages) - len(earlier):], (run, records)]])
     for i, stage in enumerate(stages, start=1):  # e.g. a card rewritten in place by the same command twice
         for name, recs in _stage_runs(stage):
             if recs[:1] == records[:1]:
                 raise ValueError(f"{run} is already {'a fine-tune in ' if isinstance(stage, SoupStage) else ''}"
                                  f"stage {i} ({name}) of the chain; restore {continues or out} from git before "
                                  "writing its card again")
-    if continues is not None:  # a stage started from `continues` when it held other weights (an older bundle)
+    if continues is not None:  # the first new stage must have started from the weights bundled there now
         first, first_recs = stages[len(stages) - len(earlier)] if earlier else (run, records)
         parent = hash_file(continues / "model.safetensors")
-        shas = {r["sha256"] for r in first_recs if r["event"] == "warm_start" and r.get("sha256")
-                and Path(r.get("source", "")).resolve() == continues.resolve()}
-        if shas and parent not in shas:
+        starts = [r for r in first_recs if r["event"] == "warm_start"]
+        if not starts:
+            raise ValueError(f"{first} was not warm-started (no --init-from): it does not continue {continues}")
+        here = [r for r in starts if Path(r.get("source", "")).resolve() == continues.resolve()]
+        shas = {r["sha256"] for r in starts if r.get("sha256")}
+        if here and parent not in shas:  # started from `continues` when it held other weights (an older bundle)
             raise ValueError(f"{first} was warm-started from {continues} when it held other weights (sha256 "
                              f"{', '.join(h[:12] for h in shas)}, now {parent[:12]}): it is not the next stage of "
                              "the chain bundled there now")
+        if not here and parent not in shas:  # from another model (logs too old to hold a hash: by path only)
+            raise ValueError(f"{first} was warm-started from {', '.join(str(r.get('source')) for r in starts)}, not "
+                             f"from the weights of {continues} (sha256 {parent[:12]}): pass the runs in between "
+                             "with --earlier, or the card that run continues with --continues")
     config = run_config(records)
     src = model_dir or run / "best"
     if not src.is_dir():  # a path, never a Hub repo id: RUN/best of a run trained without validation
@@ -459,14 +500,23 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
         saved = [r["step"] for r in records if r["event"] == "checkpoint"]
         model_step = saved[-1] if saved else steps
     written = _saved_step(src)
+    trained = config.get("genotype_json")
+    if trained and not model.genotype.architecture_equals(load_genotype(trained)):
+        raise ValueError(f"{src} is another network ({model.genotype.name or 'its config.json'}, x{model.scale}, "
+                         f"{model.genotype.channels} channels) than the one {run} trained")
+    if written is None and model_dir is not None:  # a soup, a hand-saved model: nothing says which step it is
+        raise ValueError(f"{src} does not say which training step its weights are from (no dlsr_train_step "
+                         f"metadata): bundle {run}'s own best/, an export of its last.pt, or a soup as a soup")
     if written is not None and written != model_step:
         raise ValueError(f"{src} holds the weights of step {written:,} (its metadata), but {run}'s "
                          f"{'best validation' if until is not None else 'last checkpoint'} is step {model_step:,}: "
                          "pass RUN/best for the best validation pick, or export RUN/last.pt again")
     # what the bundled weights were trained under: the log up to them (a resume after the pick may add --ema)
+    pick_note = " (its best validation PSNR-Y)" if until is not None else ""
+    if until is None and model_step < max(r["step"] for r in records):  # logged on past the checkpoint (a kill):
+        until = model_step  # the chain (stage line, totals, stages.json) stops at the weights bundled
     picked = records_until(records, until)
     picked_config = run_config(picked)
-    pick_note = " (its best validation PSNR-Y)" if until is not None else ""
     # Evaluated before anything is written: a failure must not leave `out` half replaced.
     rows = _results_rows(model, title, benchmarks)
     hours = wall_time_s(records) / 3600
@@ -495,17 +545,56 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
 ![learning curve](curve.png)
 
 {_genotype_section(model.genotype)}"""
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("log-soup*.jsonl"), out / "soup.json"]:  # a soup bundled there before
-        stale.unlink(missing_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copyfile(src / name, out / name)
-    shutil.copyfile(run / "log.jsonl", out / "log.jsonl")
-    _write_stages(out, stages, run, records, until, notes)
     val = [(r["step"], r["psnr_y"]) for r in records if r["event"] == "val" and r.get("psnr_y") is not None]
-    plot_curve(val, out / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
-    (out / "README.md").write_text(card)
+
+    def write(d: Path) -> None:
+        for name in ("config.json", "model.safetensors"):
+            shutil.copyfile(src / name, d / name)
+        shutil.copyfile(run / "log.jsonl", d / "log.jsonl")
+        _write_stages(d, stages, run, records, until, notes)
+        plot_curve(val, d / "curve.png", f"{title}: validation PSNR-Y ({Path(config.get('val') or 'holdout').parent.name})")
+        (d / "README.md").write_text(card)
+
+    return _write_model_dir(out, write)
+
+
+#: What a card's model directory holds (written by `make_card` / `make_soup_card`); anything else found
+#: in an existing directory (a user's file) is carried over untouched.
+_CARD_FILES = ("config.json", "model.safetensors", "README.md", "curve.png", "log.jsonl", "log-stage*.jsonl",
+               "log-soup*.jsonl", "soup.json", STAGES_NAME)
+
+
+def _write_model_dir(out: Path, write: Any) -> Path:
+    """Fill a hidden sibling of `out` with `write(folder)`, then put it in `out`'s place: all of a card's
+    files or none (a full disk half way used to leave new weights beside the old card). A previous `out`
+    is set aside until the new one is in place; files of its that are not a card's are kept."""
+    import fnmatch
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    old = out.with_name(f".{out.name}.old-{tmp.name.split('.')[-2]}")
+    try:
+        if out.is_dir():
+            for f in out.iterdir():
+                if not any(fnmatch.fnmatch(f.name, pat) for pat in _CARD_FILES):
+                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        write(tmp)
+        tmp.chmod(0o777 & ~_umask())  # as a plain mkdir would (mkdtemp makes it 0700)
+        if out.exists():
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old.exists():
+                old.rename(out)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return out
+
 
 
 def _check_held_out(run: Path, records: list[dict[str, Any]]) -> None:
@@ -585,6 +674,7 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
         members.append((ing, model.parent, records_until(records, _best_pick(records))))
     trained = [(run, recs) for _, run, recs in members if run is not None]
     ft_notes = {run: _noted_data(run_config(recs).get("data"), data_notes) for run, recs in trained}
+    _check_notes_used(data_notes, [recs for _, recs in trained])
     if not trained:
         raise ValueError(f"{soup}: no ingredient is a fine-tune with a training log")
     model = DLSR.from_pretrained(soup)
@@ -658,17 +748,16 @@ def make_soup_card(soup: Path, out: Path, *, title: str, benchmarks: Path, conti
 
 {_genotype_section(model.genotype)}"""
 
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("log-stage*.jsonl"), *out.glob("log-soup*.jsonl"), out / "log.jsonl"]:
-        stale.unlink(missing_ok=True)
-    for name in ("config.json", "model.safetensors", SOUP_NAME):
-        shutil.copyfile(soup / name, out / name)
-    for name, recs in logs.items():
-        write_jsonl(out / name, recs)
-    (out / STAGES_NAME).write_text(json.dumps(index, indent=1) + "\n")
-    plot_curves(curves, out / "curve.png", f"{title}: validation PSNR-Y of the soup's fine-tunes")
-    (out / "README.md").write_text(card)
-    return out
+    def write(d: Path) -> None:
+        for name in ("config.json", "model.safetensors", SOUP_NAME):
+            shutil.copyfile(soup / name, d / name)
+        for name, recs in logs.items():
+            write_jsonl(d / name, recs)
+        (d / STAGES_NAME).write_text(json.dumps(index, indent=1) + "\n")
+        plot_curves(curves, d / "curve.png", f"{title}: validation PSNR-Y of the soup's fine-tunes")
+        (d / "README.md").write_text(card)
+
+    return _write_model_dir(out, write)
 
 
 def _results_rows(model: DLSR, title: str, benchmarks: Path) -> list[str]:
@@ -731,7 +820,7 @@ def summary_table(weights: Path) -> str:
             if name.startswith("bicubic"):
                 name, params = f"bicubic x{model.scale}", "-"
             row = f"| {name} | {params} | " + " | ".join(cells[1:]) + " |"
-            if name.startswith("bicubic"):
+            if name.startswith(("bicubic", "DLSR, paper")):
                 if row in seen:
                     continue
                 seen.add(row)
@@ -787,6 +876,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ModelLoadError) as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a folder we may not write: the card is all or none
+        print(f"{p.prog}: error: {exc} ({a.out} was left as it was)", file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     return 0
 

@@ -196,6 +196,17 @@ def test_a_card_continues_the_chain_of_the_model_it_was_warm_started_from(chain,
         stages[0]["until"] = best = 4
         (chain / "a-best" / "stages.json").write_text(json.dumps({"format_version": 1, "stages": stages}))
     readme.write_text("# reworded by hand\n")  # the chain is read from stages.json, not from the card's prose
+    # B continues a card only if it started from the weights bundled there: not from scratch (A), not from
+    # another model (A@4, which a-best does not hold); with A@4's weights in it (by hand, as the card's
+    # stages.json above), it does
+    train(_cfg(chain, "S", steps=2, val_every=2, val=str(chain / "val")))
+    with pytest.raises(ValueError, match="was not warm-started \\(no --init-from\\): it does not continue"):
+        make_card(chain / "S", chain / "b-next", title="S x2", benchmarks=chain / "bench", continues=chain / "a-best")
+    with pytest.raises(ValueError, match=f"was warm-started from {chain / 'A-handoff'}, not from the weights of"):
+        make_card(chain / "B", chain / "b-next", title="B x4", benchmarks=chain / "bench",
+                  model_dir=chain / "B" / "export", continues=chain / "a-best")
+    assert not (chain / "b-next").exists()
+    shutil.copyfile(chain / "A-handoff" / "model.safetensors", chain / "a-best" / "model.safetensors")
     make_card(chain / "B", chain / "b-next", title="B x4", benchmarks=chain / "bench",
               model_dir=chain / "B" / "export", continues=chain / "a-best")
     stage1 = [json.loads(x) for x in (chain / "b-next" / "log-stage1.jsonl").read_text().splitlines()]
@@ -315,3 +326,101 @@ def test_an_export_of_last_pt_is_its_last_checkpoint_even_after_a_later_best_val
     export_checkpoint(chain / "K" / "last.pt", chain / "K-last")
     make_card(chain / "K", chain / "k-card", title="T x2", benchmarks=chain / "bench", model_dir=chain / "K-last")
     assert "weights from step 4;" in (chain / "k-card" / "README.md").read_text()
+
+
+def test_records_until_keeps_a_resume_that_replays_the_steps_up_to_the_pick():
+    """Killed after the pick at step 4 with last.pt at step 2: the resume from 2 replays up to the pick and
+    is part of what made it (its wall time, its --threads); a resume at or after the pick is not."""
+    from dlsr_search.modelcard import records_until
+
+    log = [{"event": "start", "step": 0, "time": 0.0}, {"event": "val", "step": 4, "time": 4.0, "best": True},
+           {"event": "resume", "step": 2, "time": 10.0}, {"event": "val", "step": 4, "time": 12.0, "best": True},
+           {"event": "checkpoint", "step": 4, "time": 12.1}, {"event": "resume", "step": 4, "time": 20.0},
+           {"event": "val", "step": 6, "time": 22.0}]
+    kept = records_until(log, 4)
+    assert [(r["event"], r["step"]) for r in kept] == [("start", 0), ("val", 4), ("resume", 2), ("val", 4),
+                                                       ("checkpoint", 4)]
+    assert modelcard.wall_time_s(kept) == pytest.approx(4.0 + 2.1)
+
+
+def test_the_command_keeps_an_explicit_no_bf16_and_no_channels_last():
+    from dlsr_search.modelcard import command_line
+
+    base = {"out": "runs/g", "scale": 2, "steps": 10, "device": "cuda", "resume": False}
+    off = command_line({**base, "bf16": False, "channels_last": False})
+    assert "--no-bf16" in off and "--no-channels-last" in off  # left out, CUDA's default (on) would apply
+    default = command_line({**base, "bf16": None, "channels_last": None})
+    assert "bf16" not in default and "channels-last" not in default
+    assert "--bf16 --channels-last" in command_line({**base, "bf16": True, "channels_last": True})
+
+
+def test_a_card_refuses_another_networks_weights_or_weights_that_name_no_step(chain):
+    other = DLSR.from_genotype_name("dlsr_s_x2").save_pretrained(chain / "other-net")
+    with pytest.raises(ValueError, match="is another network .* than the one"):
+        make_card(chain / "A", chain / "bad1", title="A x2", benchmarks=chain / "bench", model_dir=other)
+    same_net = DLSR.from_pretrained(chain / "A" / "best").save_pretrained(chain / "no-step")  # no metadata
+    with pytest.raises(ValueError, match="does not say which training step"):
+        make_card(chain / "A", chain / "bad2", title="A x2", benchmarks=chain / "bench", model_dir=same_net)
+    assert not (chain / "bad1").exists() and not (chain / "bad2").exists()
+
+
+def test_an_export_of_last_pt_ends_the_chain_at_its_checkpoint_even_if_the_log_goes_on(chain):
+    """A kill after more steps were logged than checkpointed: the card and stages.json stop at last.pt's step."""
+    from dlsr_search.export import export_checkpoint
+
+    shutil.copytree(chain / "A", chain / "Kill")
+    last = max(r["step"] for r in read_log(chain / "Kill"))
+    with open(chain / "Kill" / "log.jsonl", "a") as f:  # logged on past last.pt, then killed
+        f.write(json.dumps({"event": "train", "step": last + 2, "time": 1e10, "loss": 1.0}) + "\n")
+    export_checkpoint(chain / "Kill" / "last.pt", chain / "K-export")
+    make_card(chain / "Kill", chain / "k-card", title="K x2", benchmarks=chain / "bench", model_dir=chain / "K-export")
+    card = (chain / "k-card" / "README.md").read_text()
+    assert f"- steps: {last + 2:,} trained, weights from step {last:,};" in card
+    # what a later card reads back as this stage: up to last.pt's step (until was None: all {last + 2} steps)
+    stages = json.loads((chain / "k-card" / "stages.json").read_text())["stages"]
+    assert stages[-1]["until"] == last
+    assert max(r["step"] for r in modelcard.card_stages(chain / "k-card")[0][-1][1]) == last
+
+
+def test_a_data_note_must_name_a_folder_a_stage_trained_on(chain):
+    with pytest.raises(ValueError, match="--data-note /nowhere: no stage of this card trained on that folder"):
+        make_card(chain / "A", chain / "n1", title="A x2", benchmarks=chain / "bench",
+                  data_notes={"/nowhere": "a typo"})
+    make_card(chain / "A", chain / "n2", title="A x2", benchmarks=chain / "bench",
+              data_notes={str(chain / "imgs") + "/": "6 images on another machine"})  # a trailing slash matches
+    assert "(6 images on another machine)" in (chain / "n2" / "README.md").read_text()
+
+
+def test_summary_shows_each_paper_row_once(tmp_path):
+    from dlsr_search.modelcard import summary_table
+
+    rows = ("| **m{} (this model)** | 37.00 / 0.9500 | 33.00 / 0.9100 | 31.00 / 0.8900 |\n"
+            "| DLSR, paper Table 2 (PSNR) | 38.04 | 33.67 | 32.21 |\n| bicubic | 33.67 / 0.9303 | 30.32 / 0.8699 | 29.56 / 0.8434 |")
+    for k in (1, 2):
+        card = f"# m{k}\n\n| method | Set5 | Set14 | B100 |\n|---|---|---|---|\n{rows.format(k)}\n\nmore\n"
+        DLSR.from_genotype_name("dlsr_x2").save_pretrained(tmp_path / f"m{k}", model_card=card)
+    names = [r.split("|")[1].strip() for r in summary_table(tmp_path).splitlines()[2:]]
+    assert names == ["m1 (ours, bundled)", "DLSR, paper Table 2 (PSNR)", "bicubic x2", "m2 (ours, bundled)"]
+
+
+def test_a_card_is_written_all_or_none(chain, monkeypatch, capsys):
+    """A full disk half way (here: at the learning curve) left new weights and logs beside the old card,
+    and a traceback."""
+    make_card(chain / "A", chain / "whole", title="A x2", benchmarks=chain / "bench")
+    (chain / "whole" / "notes.txt").write_text("a user's file")
+    before = {f.name: f.read_bytes() for f in (chain / "whole").iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(modelcard, "plot_curve", disk_full)
+    other = DLSR.from_pretrained(chain / "A" / "export")
+    assert modelcard.main([str(chain / "A"), str(chain / "whole"), "--title", "again", "--model",
+                           str(chain / "A" / "export"), "--benchmarks", str(chain / "bench")]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in (chain / "whole").iterdir()} == before
+    assert [f.name for f in chain.iterdir() if f.name.startswith(".whole")] == []
+    monkeypatch.undo()
+    make_card(chain / "A", chain / "whole", title="again", benchmarks=chain / "bench", model_dir=chain / "A" / "export")
+    assert (chain / "whole" / "notes.txt").read_text() == "a user's file"  # kept
+    assert DLSR.from_pretrained(chain / "whole").state_dict()["stem.weight"].equal(other.state_dict()["stem.weight"])

@@ -210,6 +210,18 @@ def test_soup_card_lists_each_fine_tune_and_the_chain_before(tmp_path):
                                     continues=tmp_path / "parent-card").joinpath("README.md").read_text()
     assert f"--greedy-on {bench / 'Set5'}`" in text and f"greedy selection on `{bench / 'Set5'}`" in text
     assert f"`{tmp_path / 'A' / 'best'}` alone 30.0000 dB; `{tmp_path / 'C' / 'best'}` added 30.0000 dB" in text
+    # ... and so does the chain of a run that continues it (stages.json keeps the selection: the stage line
+    # said only "the uniform average of", without the candidates left out or the command)
+    shutil.copytree(tmp_path / "greedy-card", tmp_path / "greedy-next")
+    train(_cfg(tmp_path, "N", steps=2, seed=7, lr=1e-4, init_from=str(tmp_path / "greedy-next")))
+    modelcard.make_card(tmp_path / "N", tmp_path / "greedy-next", title="T x2", benchmarks=bench,
+                        continues=tmp_path / "greedy-next")
+    text = (tmp_path / "greedy-next" / "README.md").read_text()
+    assert (f"  2. model soup (`dlsr-search soup`): the uniform average of the weights of `{tmp_path / 'A' / 'best'}` "
+            f"(stage 1's weights), `{tmp_path / 'C' / 'best'}`, chosen greedily on `{bench / 'Set5'}` (fp32 PSNR-Y: "
+            f"`{tmp_path / 'A' / 'best'}` alone 30.0000 dB; `{tmp_path / 'C' / 'best'}` added 30.0000 dB; "
+            f"`dlsr-search soup <dir> {tmp_path / 'A' / 'best'} {tmp_path / 'C' / 'best'} --greedy-on {bench / 'Set5'}`)") in text
+    assert modelcard.card_stages(tmp_path / "greedy-next")[0][1].greedy["val"] == str(bench / "Set5")
     # a soup chosen on Set14 would make the card's held-out figures a selection score: refused
     record = json.loads((greedy / "soup.json").read_text())
     record["greedy"]["val"] = str(bench / "Set14" / "HR")

@@ -583,3 +583,12 @@ def test_cli_help_for_every_subcommand(capsys):
         cli_main(["--help"])
     assert e.value.code == 0
     assert cli_main(["train", "--out", "/nonexistent/x", "--data", "/nonexistent/data"]) == 2
+
+
+def test_exporting_a_checkpoint_of_no_known_kind_is_a_clean_error(tmp_path, capsys):
+    from dlsr_search.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save
+
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": "weird", "step": 1}, tmp_path / "odd.pt")
+    assert cli_main(["export", str(tmp_path / "odd.pt"), str(tmp_path / "out")]) == 2  # was a traceback
+    assert "is a 'weird' checkpoint; only 'train' checkpoints hold a network" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
