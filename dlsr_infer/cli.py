@@ -276,19 +276,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # An input that is another input's output (a_x2.png next to a.png on a rerun) is not upscaled again.
     # One whose own output is itself (b.png with --suffix "" in its own folder) is an original, even where
     # another input also maps onto it (b.tga -> b.png): it stays an input, so neither job may write over it.
-    # So does a file named on the command line: the user says it is an input (a_x2.png may be an original).
-    named = {os.path.realpath(arg) for arg in args.inputs if arg and os.path.isfile(arg)}
     own = {src: os.path.realpath(out_for(src, root)) for src, root, err in sources if err is None}
     outputs_of: dict[str, list[Path]] = {}
     for src, out in own.items():
         outputs_of.setdefault(out, []).append(src)
-    ours = [src for src, out in own.items() if out != os.path.realpath(src) and os.path.realpath(src) not in named
+    ours = [src for src, out in own.items() if out != os.path.realpath(src)
             and any(other != src for other in outputs_of.get(os.path.realpath(src), []))]
     sources = [entry for entry in sources if entry[0] not in ours]
+    # A file named on the command line may be an original that only looks like another input's output (a_x2.png
+    # beside a.png, or a shell glob's expansion of both on a rerun): it is skipped as above, but --overwrite never
+    # writes over it (it did: a.png's result replaced it)
+    named = {os.path.realpath(arg) for arg in args.inputs if arg and os.path.isfile(arg)} if args.overwrite else set()
 
     jobs: list[Job] = []
     claimed: dict[str, Path] = {}
-    input_keys = {os.path.realpath(p) for p, _, err in sources if err is None}
+    input_keys = {os.path.realpath(p) for p, _, err in sources if err is None} | named
     for src, root, err in sources:
         job = Job(src, error=err)
         if err is None:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .imageio import atomic_write, atomic_write_all, decodes_to_8_bits
+from .imageio import atomic_write, atomic_write_all, decodes_to_8_bits, readable_formats
 from .imresize import imresize, modcrop
 from .metrics import psnr_y, ssim_y
 
@@ -90,7 +90,7 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
     EXIF orientation is not applied (as MATLAB's imread, which the benchmark protocol follows). A file
     that cannot be read, and 16-bit or float images, raise ValueError naming the file."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=readable_formats()) as im:  # never EPS (Ghostscript), as load_image
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F") or decodes_to_8_bits(im):
                 raise ValueError(f"{path}: 16-bit or float images ({im.mode}) are not supported; use 8-bit images")
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()

@@ -149,16 +149,21 @@ def _pil_limit_off() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
-#: The formats Pillow may identify a file as: those of IMAGE_EXTENSIONS (its JPEG reader also opens a
-#: phone's MPO). Never the others, whatever the file is named: PostScript/EPS would run Ghostscript.
-READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "TIFF", "GIF", "TGA", "PPM")
+#: Formats Pillow knows but we never open, whatever a file is named: PostScript/EPS is read by running
+#: Ghostscript on the file (untrusted code).
+NEVER_OPENED = ("EPS",)
+
+
+def readable_formats() -> list[str]:
+    """The formats `Image.open` may identify an input as: all of Pillow's readers but `NEVER_OPENED`."""
+    Image.init()  # every plugin registered (once)
+    return [f for f in Image.OPEN if f not in NEVER_OPENED]
 
 
 def _open_unchecked(source: str | os.PathLike | BinaryIO) -> Image.Image:
-    """Image.open of READ_FORMATS only, with PIL's own bomb check off (we apply `max_pixels` ourselves,
-    with our message)."""
-    Image.init()  # every plugin registered (once): `formats` names some that preinit() leaves out
-    formats = [f for f in READ_FORMATS if f in Image.OPEN]  # (a Pillow built without WebP has no reader)
+    """Image.open of `readable_formats()` only, with PIL's own bomb check off (we apply `max_pixels`
+    ourselves, with our message)."""
+    formats = readable_formats()
     with _pil_limit_off():
         return Image.open(source, formats=formats)
 

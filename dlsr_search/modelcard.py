@@ -479,10 +479,11 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
             raise ValueError(f"{first} was warm-started from {continues} when it held other weights (sha256 "
                              f"{', '.join(h[:12] for h in shas)}, now {parent[:12]}): it is not the next stage of "
                              "the chain bundled there now")
-        if not here and parent not in shas:  # from another model (logs too old to hold a hash: by path only)
-            raise ValueError(f"{first} was warm-started from {', '.join(str(r.get('source')) for r in starts)}, not "
-                             f"from the weights of {continues} (sha256 {parent[:12]}): pass the runs in between "
-                             "with --earlier, or the card that run continues with --continues")
+        if not here and parent not in shas:  # another file: maybe the same tensors saved apart (an export of
+            # the checkpoint the bundle came from), maybe another model: said, not refused
+            warnings.warn(f"{first} was warm-started from {', '.join(str(r.get('source')) for r in starts)}, not "
+                          f"from the file bundled in {continues} (sha256 {parent[:12]}): if it is another model, "
+                          "pass the runs in between with --earlier", UserWarning, stacklevel=2)
     config = run_config(records)
     src = model_dir or run / "best"
     if not src.is_dir():  # a path, never a Hub repo id: RUN/best of a run trained without validation
@@ -567,17 +568,28 @@ _CARD_FILES = ("config.json", "model.safetensors", "README.md", "curve.png", "lo
 def _write_model_dir(out: Path, write: Any) -> Path:
     """Fill a hidden sibling of `out` with `write(folder)`, then put it in `out`'s place: all of a card's
     files or none (a full disk half way used to leave new weights beside the old card). A previous `out`
-    is set aside until the new one is in place; files of its that are not a card's are kept."""
-    import fnmatch
+    is set aside until the new one is in place; files of its that are not a card's are kept. `out` a
+    symbolic link: its target is written. A folder whose parent may not be written: in place, as before."""
     import tempfile
 
+    out = out.resolve() if out.is_symlink() else out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    _recover_model_dir(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    except PermissionError:
+        if not out.is_dir():
+            raise
+        for f in out.iterdir():
+            if _is_card_file(f):
+                f.unlink()
+        write(out)
+        return out
     old = out.with_name(f".{out.name}.old-{tmp.name.split('.')[-2]}")
     try:
         if out.is_dir():
             for f in out.iterdir():
-                if not any(fnmatch.fnmatch(f.name, pat) for pat in _CARD_FILES):
+                if not _is_card_file(f):
                     (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         write(tmp)
         tmp.chmod(0o777 & ~_umask())  # as a plain mkdir would (mkdtemp makes it 0700)
@@ -595,6 +607,21 @@ def _write_model_dir(out: Path, write: Any) -> Path:
     shutil.rmtree(old, ignore_errors=True)
     return out
 
+
+def _is_card_file(f: Path) -> bool:
+    import fnmatch
+
+    return f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in _CARD_FILES)
+
+
+def _recover_model_dir(out: Path) -> None:
+    """What a card writer killed part way left beside `out`: its old folder, set aside between the two
+    renames, goes back in place if `out` is gone; set-aside and half-written folders are removed."""
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda d: d.stat().st_mtime)
+    if olds and not out.exists():
+        olds.pop().rename(out)
+    for leftover in [*olds, *out.parent.glob(f".{out.name}.*.partial")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _check_held_out(run: Path, records: list[dict[str, Any]]) -> None:

@@ -1,6 +1,6 @@
 """Validation PSNR-Y on whole images, by the benchmark protocol of `dlsr_infer.evaluate`.
 
-The same images as `dlsr-eval` (a dataset folder's HR/ when it has one, not searched recursively), the
+The same images as `dlsr-eval` (a dataset folder's HR/ when it has one, not its LR_bicubic/), the
 same LR (MATLAB-bicubic of the mod-cropped HR, computed once and kept in memory), the same forward (fp32,
 whatever the training autocasts to; an LR under the network's minimum size padded, the output cropped
 back), SR rounded to uint8 and PSNR on Y with ``scale`` border pixels cropped
@@ -21,7 +21,7 @@ from dlsr_infer.evaluate import dataset_images
 from dlsr_infer.metrics import psnr_y
 from dlsr_infer.tiling import pad_small
 
-from .data import DataError, ImagePair, load_pairs
+from .data import DataError, ImagePair, list_images, load_pairs
 
 
 class ValidationSet:
@@ -39,9 +39,11 @@ class ValidationSet:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, scale: int, **kw) -> "ValidationSet":
+        """A benchmark folder (one with HR/): its HR images, as dlsr-eval reads them (never the LR_bicubic/
+        beside them); any other folder (searched recursively) or image file: its images."""
         try:
-            files = dataset_images(folder)
-        except ValueError as e:
+            files = dataset_images(folder) if (Path(folder) / "HR").is_dir() else list_images([folder])
+        except ValueError as e:  # (DataError is a ValueError too)
             raise DataError(f"--val: {e}") from None
         return cls.from_files(files, scale, **kw)
 

@@ -368,14 +368,22 @@ def test_pils_own_bomb_check_at_decode_time_does_not_undo_max_pixels(tmp_path: P
     assert Image.MAX_IMAGE_PIXELS == 500  # restored
 
 
-def test_only_the_formats_of_our_extensions_are_opened(tmp_path: Path) -> None:
+def test_postscript_is_never_opened(tmp_path: Path) -> None:
     """A PostScript file named .png was handed to Pillow's EPS reader (which runs Ghostscript when it is
-    installed: untrusted PostScript) and failed with 'Unable to locate Ghostscript'."""
+    installed: untrusted PostScript) and failed with 'Unable to locate Ghostscript'; other formats Pillow
+    reads (a misnamed JPEG, ICO, PCX, ...) still load."""
+    from dlsr_infer.evaluate import load_rgb
+
     (tmp_path / "x.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
     with pytest.raises(ImageLoadError, match="not an image Pillow can read"):
         load_image(tmp_path / "x.png")
-    Image.fromarray(rgb()).save(tmp_path / "really_a_jpeg.png", format="JPEG")  # a misnamed format we read
-    assert load_image(tmp_path / "really_a_jpeg.png").pixels.shape == (18, 23, 3)
+    with pytest.raises(ValueError, match="cannot read the image .*UnidentifiedImageError"):
+        load_rgb(tmp_path / "x.png")  # dlsr-eval's and the trainer's loader too
+    Image.fromarray(rgb()).save(tmp_path / "really_a_jpeg.png", format="JPEG")
+    Image.fromarray(rgb()).save(tmp_path / "a.ico", format="ICO")
+    Image.fromarray(rgb()).save(tmp_path / "a.pcx", format="PCX")
+    for name in ("really_a_jpeg.png", "a.ico", "a.pcx"):
+        assert load_image(tmp_path / name).pixels.shape[2] in (3, 4), name
 
 
 def test_formats_that_cannot_hold_the_profile_or_exif_say_so(tmp_path: Path) -> None:

@@ -212,8 +212,13 @@ def test_validation_scores_what_dlsr_eval_scores(tmp_path):
     Image.fromarray(rng.integers(0, 256, (1, 1, 3), dtype=np.uint8)).save(bench / "HR" / "dot.png")
     with pytest.raises(DataError, match="validation images smaller than the scale \\(2\\): dot.png"):
         ValidationSet.from_folder(bench, 2)
-    with pytest.raises(DataError, match="--val: dataset folder not found"):
+    with pytest.raises(DataError, match="--val: data folder not found"):
         ValidationSet.from_folder(tmp_path / "nope", 2)
+    # a plain folder is searched recursively, and one image file is a set (as before; runs resume with them)
+    nested = tmp_path / "nested"
+    write_images(nested / "sub", n=2, size=48, seed=6)
+    assert len(ValidationSet.from_folder(nested, 2)) == 2
+    assert len(ValidationSet.from_folder(nested / "sub" / "img0.png", 2)) == 1
 
 
 def test_a_resumed_run_keeps_its_last_validation_and_a_torn_log_line(tmp_path, data_dir, capsys):
