@@ -73,6 +73,8 @@ _KEPT_TAGS = frozenset({
     0x011A, 0x011B, 0x0128,  # XResolution, YResolution, ResolutionUnit
     0x0131, 0x0132, 0x013B, 0x013C,  # Software, DateTime, Artist, HostComputer
     0x8298, 0x8769, 0x8825,  # Copyright, Exif IFD, GPS IFD
+    0x010D, 0x011D, 0x013E, 0x013F,  # DocumentName, PageName, WhitePoint, PrimaryChromaticities
+    0x83BB, 0x4746, 0x4749,  # IPTC (captions, keywords), Rating, RatingPercent
     0x9C9B, 0x9C9C, 0x9C9D, 0x9C9E, 0x9C9F,  # Windows XPTitle, XPComment, XPAuthor, XPKeywords, XPSubject
 })
 _EXIF_IFD = 0x8769

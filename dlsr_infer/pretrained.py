@@ -156,7 +156,7 @@ def download(repo_id: str, *, revision: str | None = None, local_files_only: boo
     where = f"Hub repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     endpoint = getattr(hf_constants, "ENDPOINT", "the Hugging Face Hub")
 
-    def fetch(filename: str) -> Path:
+    def fetch(filename: str, revision: str | None = revision) -> Path:
         try:
             path = Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                         local_files_only=local_files_only, token=token))
@@ -182,7 +182,10 @@ def download(repo_id: str, *, revision: str | None = None, local_files_only: boo
         return path
 
     config = fetch(CONFIG_NAME)
-    weights = fetch(WEIGHTS_NAME)
+    # the weights of the very commit the config came from: a push to the branch between the two fetches
+    # would otherwise pair one commit's config with another's weights
+    commit = config.parent.name
+    weights = fetch(WEIGHTS_NAME, commit if _GIT_SHA1.match(commit) else revision)
     if config.parent != weights.parent:  # pragma: no cover - same snapshot by construction
         raise ModelLoadError(f"{where}: files resolved to different snapshots")
     return config.parent

@@ -43,18 +43,25 @@ SETS = ("Set5", "Set14", "B100")
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines log; a line a killed run left half written is skipped with a warning
     (`RunLog` ends it on resume), anything else that is not JSON is an error naming the line."""
-    lines = path.read_text().splitlines()
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
     records = []
     for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            if not line.lstrip().startswith("{") or line.rstrip().endswith("}"):
+            # cut short by a kill: the file's last line, or one a resume (start/resume record) follows
+            after = _event_of(lines[n]) if n < len(lines) else "end of file"
+            if not line.lstrip().startswith("{") or after not in ("end of file", "start", "resume"):
                 raise ValueError(f"{path}, line {n}: not a JSON record ({e})") from None
             warnings.warn(f"{path}, line {n}: a record cut short (a killed run), skipped", stacklevel=2)
     return records
+
+
+def _event_of(line: str) -> str | None:
+    try:
+        return json.loads(line).get("event")
+    except (json.JSONDecodeError, AttributeError):
+        return None
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -860,6 +867,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["summary"]:
+        if len(argv) > 2 or argv[1:2] in (["-h"], ["--help"]):
+            print("usage: python -m dlsr_search.modelcard summary [WEIGHTS_DIR]  (README's results table from the "
+                  "model cards in WEIGHTS_DIR, default weights)", file=sys.stderr if len(argv) > 2 else sys.stdout)
+            return 2 if len(argv) > 2 else 0
         try:
             print(summary_table(Path(argv[1]) if len(argv) > 1 else Path("weights")))
         except (ValueError, FileNotFoundError, ModelLoadError) as exc:

@@ -90,11 +90,12 @@ def test_download_into_empty_cache_gives_the_served_model(hub, models):
     assert sorted(os.listdir(snapshot)) == [CONFIG_NAME, WEIGHTS_NAME]  # only what loading needs
     assert (hub.cache / "models--owner--repo" / "refs" / "main").read_text() == commit
     # The Hub protocol as the real Hub drives it: HEAD then GET for the git file, HEAD answered by an LFS
-    # redirect, then a GET on the CDN for the weights; nothing else (no Xet, no API calls).
+    # redirect, then a GET on the CDN for the weights; nothing else (no Xet, no API calls). The weights are
+    # asked for at the commit the config came from.
     oid = hub.blob_id("owner/repo", WEIGHTS_NAME)
     assert hub.requests == [("HEAD", "/owner/repo/resolve/main/config.json"),
                             ("GET", "/owner/repo/resolve/main/config.json"),
-                            ("HEAD", "/owner/repo/resolve/main/model.safetensors"),
+                            ("HEAD", f"/owner/repo/resolve/{commit}/model.safetensors"),
                             ("GET", f"/lfs/{oid}")]
     assert not list(hub.cache.rglob("*.incomplete"))
 
@@ -125,6 +126,28 @@ def test_revision_pins_a_commit(hub, models):
     hub.stop()  # a pinned commit already in the cache needs no server at all
     _same(DLSR.from_pretrained("owner/repo", revision=commit_a), model_a)
     _same(DLSR.from_pretrained("owner/repo", revision=commit_b, local_files_only=True), model_b)
+
+
+def test_a_push_between_the_config_and_the_weights_does_not_mix_two_commits(hub, models, monkeypatch):
+    """config.json and model.safetensors are fetched one after the other: the weights now come from the
+    commit the config came from (a push to main in between gave one commit's config with the next's weights)."""
+    import huggingface_hub
+
+    (model_a, folder_a), (model_b, folder_b) = models["a"], models["b"]
+    hub.add_commit("owner/repo", folder_a)
+    real = huggingface_hub.hf_hub_download
+    asked = []
+
+    def push_after_the_config(repo_id, filename, **kw):
+        path = real(repo_id, filename, **kw)
+        asked.append((filename, kw.get("revision")))
+        if filename == "config.json":
+            hub.add_commit("owner/repo", folder_b)  # main moves on while we fetch
+        return path
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", push_after_the_config)
+    _same(DLSR.from_pretrained("owner/repo"), model_a)
+    assert asked[0] == ("config.json", None) and asked[1][0] == "model.safetensors" and len(asked[1][1]) == 40
 
 
 def test_unknown_revision_is_a_clear_error(hub, models):

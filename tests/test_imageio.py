@@ -499,3 +499,18 @@ def test_format_names() -> None:
         format_for("a.xyz")
     with pytest.raises(ValueError, match="unsupported output format"):
         format_for("a.png", "heic")
+
+
+def test_captions_keywords_and_ratings_travel_with_the_picture(tmp_path: Path) -> None:
+    """The EXIF whitelist keeps what describes the picture beyond camera and date: IPTC (captions,
+    keywords), the rating, the document name."""
+    im = Image.fromarray(rgb())
+    exif = im.getexif()
+    exif[0x4746], exif[0x010D], exif[0x83BB] = 4, "holiday", b"\x1c\x02\x05\x00\x04test"
+    im.save(tmp_path / "in.tif", exif=exif)
+    data = load_image(tmp_path / "in.tif")
+    for ext in ("tif", "png", "jpg"):
+        save_image(ImageData(data.pixels, exif=data.exif), tmp_path / f"out.{ext}")
+        with Image.open(tmp_path / f"out.{ext}") as back:
+            tags = back.getexif()
+            assert (tags[0x4746], tags[0x010D], tags[0x83BB]) == (4, "holiday", b"\x1c\x02\x05\x00\x04test"), ext

@@ -438,3 +438,20 @@ def test_a_card_writer_killed_between_its_renames_is_recovered_and_a_link_is_fol
     make_card(chain / "A", chain / "real-card", title="again", benchmarks=chain / "bench")
     assert (chain / "real-card" / "notes.txt").read_text() == "a user's file"
     assert not [p.name for p in chain.iterdir() if p.name.startswith(".real-card")]
+
+
+def test_a_cut_record_is_skipped_only_where_a_kill_leaves_one(tmp_path, capsys):
+    from dlsr_search.modelcard import read_jsonl
+
+    good = '{"event": "train", "step": 1}'
+    cut = '{"event": "start", "step": 0, "config": "{\\"out\\": \\"x\\"}'  # cut right after a } in its config
+    (tmp_path / "a.jsonl").write_text(f"{good}\n{cut}\n")  # the last line
+    (tmp_path / "b.jsonl").write_text(f"{good}\n{cut}\n" + '{"event": "resume", "step": 0}\n')  # then resumed
+    (tmp_path / "c.jsonl").write_text(f"{cut}\n{good}\n")  # in the middle of a run: corruption, not a kill
+    for name in ("a", "b"):
+        with pytest.warns(UserWarning, match="a record cut short"):
+            assert read_jsonl(tmp_path / f"{name}.jsonl")[0] == {"event": "train", "step": 1}
+    with pytest.raises(ValueError, match="line 1: not a JSON record"):
+        read_jsonl(tmp_path / "c.jsonl")
+    assert modelcard.main(["summary", "--help"]) == 0 and "usage: " in capsys.readouterr().out
+    assert modelcard.main(["summary", "weights", "extra"]) == 2
