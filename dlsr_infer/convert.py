@@ -20,7 +20,7 @@ import torch
 
 from .genotype import BUILTIN, Genotype, GenotypeError, builtin, load as load_genotype
 from .model import DLSR
-from .pretrained import MODEL_FILES, ModelLoadError, check_state_dict
+from .pretrained import MODEL_FILES, ModelLoadError, check_finite, check_state_dict
 
 _CELL_RENAMES = (
     (re.compile(r"^B(\d+)\.c([123])_d\.(.*)$"), lambda m: f"cells.{int(m[1]) - 1}.distill.{int(m[2]) - 1}.{m[3]}"),
@@ -98,10 +98,8 @@ def convert_authors_checkpoint(path: str | Path, genotype: Genotype, *, input_ra
     model = DLSR(genotype)
     check_state_dict(model.state_dict(), state, source=f"{path} (genotype {genotype.name or 'given'})")
     state = rescale_for_unit_range(state, input_range)
-    bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v.float()).all()))
-    if bad:  # NaN in the file, or a value that x input_range pushes past float32: a model nothing can load
-        raise ModelLoadError(f"{path}: {len(bad)} tensor(s) hold NaN or infinite values after conversion "
-                             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+    # NaN in the file, or a value that x input_range pushes past float32: a model nothing could load
+    check_finite(state, path, after=" after conversion")
     model.load_state_dict(state, strict=True)
     return model.eval()
 

@@ -246,21 +246,26 @@ def _cmyk_to_rgb(im: Image.Image, notes: list[str]) -> tuple[Image.Image, bytes 
     return out, None
 
 
+def _pending_rawmode(im: Image.Image, *, only_tile: bool = False) -> str:
+    """The raw mode of `im`'s first pending (not yet decoded) tile, e.g. 'RGB;16B' ('' once loaded, or
+    with `only_tile` when the image is not one tile): the only trace of the bits the file stores."""
+    tiles = getattr(im, "tile", None) or ()
+    if not tiles or (only_tile and len(tiles) != 1):
+        return ""
+    rawmode = tiles[0][3]
+    if isinstance(rawmode, tuple):
+        rawmode = rawmode[0]
+    return rawmode if isinstance(rawmode, str) else ""
+
+
 def decodes_to_8_bits(im: Image.Image) -> bool:
     """True when the file behind `im` holds 16-bit colour that Pillow will decode to 8 bits (it has no
     16-bit RGB/RGBA/LA mode and keeps the high byte)."""
-    rawmode = im.tile[0][3] if getattr(im, "tile", None) else ""
-    if isinstance(rawmode, tuple):
-        rawmode = rawmode[0]
-    return isinstance(rawmode, str) and ";16" in rawmode and im.mode in ("RGB", "RGBA", "LA")
+    return ";16" in _pending_rawmode(im) and im.mode in ("RGB", "RGBA", "LA")
 
 
 def _png16_rawmode(im: Image.Image) -> str | None:
-    if im.format != "PNG" or len(getattr(im, "tile", ()) or ()) != 1:
-        return None
-    rawmode = im.tile[0][3]
-    if isinstance(rawmode, tuple):
-        rawmode = rawmode[0]
+    rawmode = _pending_rawmode(im, only_tile=True) if im.format == "PNG" else ""
     return rawmode if rawmode in ("RGB;16B", "RGBA;16B", "LA;16B") else None
 
 
@@ -270,12 +275,9 @@ def _gray_key_scale(im: Image.Image) -> int:
     The PNG colour key (tRNS) of such a file stays in raw sample units (0..3, 0..15), so it must be scaled
     the same way to match the pixels. Only the pending tile tells the bit depth: call before `im.load()`.
     """
-    if im.format != "PNG" or im.mode != "L" or len(getattr(im, "tile", ()) or ()) != 1:
+    if im.format != "PNG" or im.mode != "L":
         return 1
-    rawmode = im.tile[0][3]
-    if isinstance(rawmode, tuple):
-        rawmode = rawmode[0]
-    return {"L;2": 85, "L;4": 17}.get(rawmode, 1) if isinstance(rawmode, str) else 1
+    return {"L;2": 85, "L;4": 17}.get(_pending_rawmode(im, only_tile=True), 1)
 
 
 def _decode_png16(reopen: Callable[[], Image.Image], rawmode: str) -> np.ndarray:

@@ -88,6 +88,12 @@ def _looks_like_path(name: str) -> bool:
         or (os.altsep is not None and os.altsep in name)
 
 
+def hides_no_alias(name: str, local: Path) -> bool:
+    """False for a folder named like an alias ('x4') that holds no config.json (an output folder): it is not
+    the model that name means, the bundled alias is. How `resolve` (and `upscale()`'s model cache) read a name."""
+    return name not in ALIASES or (local / CONFIG_NAME).exists()
+
+
 def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, local_files_only: bool = False,
             cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> Path:
     """Turn a directory, alias or Hub repo id into a local model directory."""
@@ -99,8 +105,8 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, loc
     try:
         local = Path(name_or_path).expanduser()
         is_dir, exists = local.is_dir(), local.exists()
-        if is_dir and name_or_path in ALIASES and not (local / CONFIG_NAME).exists():
-            is_dir = exists = False  # a folder named x4 that holds no model (an output folder) hides no alias
+        if is_dir and not hides_no_alias(name_or_path, local):
+            is_dir = exists = False
     except (RuntimeError, OSError) as e:  # '~nosuchuser/...', a name too long for the file system
         raise ModelLoadError(f"{name_or_path!r} is not a usable model directory path: {e}") from None
     if is_dir:
@@ -338,10 +344,7 @@ def load_model_dir(cls: type["DLSR"], directory: Path, *, map_location: Any = "c
     state = read_state_dict(weights)
     check_state_dict(expected, state, source=str(weights))  # the file may have changed since
     state = {k: v.float() for k, v in state.items()}  # the network runs in float32: 1e300 in F64 is inf here
-    bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
-    if bad:  # such a network gives a black (or NaN) image without a word
-        raise ModelLoadError(f"{weights}: {len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
-                             f"{', ...' if len(bad) > 3 else ''}): corrupt weights, or a training run that diverged")
+    check_finite(state, weights, why="corrupt weights, or a training run that diverged")
     if any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers()):
         if all(name in expected for name, _ in model.named_buffers()):
             model = model.to_empty(device="cpu")  # uninitialised; every tensor is loaded below
@@ -350,6 +353,15 @@ def load_model_dir(cls: type["DLSR"], directory: Path, *, map_location: Any = "c
     model.load_state_dict(state, strict=True)
     model.source = str(directory)  # type: ignore[attr-defined]
     return model.to(map_location).eval()
+
+
+def check_finite(state: Mapping[str, torch.Tensor], where: object, *, after: str = "", why: str = "") -> None:
+    """Refuse (`ModelLoadError`, naming them) weights holding NaN or inf, as float32 holds them: such a
+    network gives a black (or NaN) image without a word."""
+    bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v.float()).all()))
+    if bad:
+        raise ModelLoadError(f"{where}: {len(bad)} tensor(s) hold NaN or infinite values{after} ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''})" + (f": {why}" if why else ""))
 
 
 def canonical_safetensors(blob: bytes) -> bytes:

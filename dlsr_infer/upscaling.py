@@ -26,7 +26,7 @@ from torch import nn
 
 from .imageio import (DEFAULT_MAX_PIXELS, ImageData, OutputExistsError, can_be_pil, check_quality, format_for,
                       from_pil, load_image, save_image, to_pil)
-from .pretrained import ALIASES, CONFIG_NAME
+from .pretrained import CONFIG_NAME, hides_no_alias
 from .tiling import (DEFAULT_OVERLAP, ProgressFn, TileStats, auto_tile, bytes_per_pixel, context_alignment, memory_budget,
                      pass_pixels, run_tiled)
 
@@ -124,7 +124,7 @@ def _cache_name(name: str | os.PathLike) -> tuple[tuple[Any, ...], tuple[Any, ..
     config's size, times and inode (retrained weights reload, even copied in with their old mtime:
     `cp -p`, `rsync -t`, tar); an alias or Hub id by its name."""
     path = Path(os.fspath(name)).expanduser()
-    if path.is_dir() and (os.fspath(name) not in ALIASES or (path / CONFIG_NAME).exists()):  # as resolve() reads it
+    if path.is_dir() and hides_no_alias(os.fspath(name), path):  # as resolve() reads it
         state = []
         for f in (path / "model.safetensors", path / CONFIG_NAME):
             try:

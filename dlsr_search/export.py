@@ -2,24 +2,78 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from dlsr_infer.genotype import Genotype, loads
-from dlsr_infer.imageio import TEMP_SUFFIX
+from dlsr_infer.imageio import TEMP_SUFFIX, _umask
+from dlsr_infer.pretrained import MODEL_FILES  # what `save_model` writes
 from dlsr_infer.model import DLSR
 
 from .checkpoint import CheckpointError, config_of, load_checkpoint
 from .config import ConfigError
 
-#: What `save_model` writes. Anything else in a destination would stay beside the new weights and describe
-#: others: a soup's soup.json, a bundled card's stages.json and logs.
-MODEL_FILES = frozenset({"config.json", "model.safetensors", "README.md"})
+
+
+def replace_dir(out: Path, write: Callable[[Path], None], *, keep: Callable[[Path], bool] = lambda f: False) -> Path:
+    """Fill a hidden sibling of `out` with `write(folder)`, then put it in `out`'s place: all of a model
+    directory's files or none (a full disk half way must not leave new weights beside an old card, or
+    weights without the soup.json that says what they are). A previous `out` is set aside until the new
+    one is in place; its entries for which `keep(entry)` is true are carried over. `out` a symbolic link:
+    its target is written. A folder whose parent may not be written: in place (not all or none)."""
+    import tempfile
+
+    out = out.resolve() if out.is_symlink() else out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _recover_dir(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    except PermissionError:
+        if not out.is_dir():
+            raise
+        for f in out.iterdir():
+            if f.is_file() and not keep(f):
+                f.unlink()
+        write(out)
+        return out
+    old = out.with_name(f".{out.name}.old-{tmp.name.split('.')[-2]}")
+    try:
+        if out.is_dir():
+            for f in out.iterdir():
+                if keep(f):
+                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        write(tmp)
+        tmp.chmod(0o777 & ~_umask())  # as a plain mkdir would (mkdtemp makes it 0700)
+        if out.exists():
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old.exists():
+                old.rename(out)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _recover_dir(out: Path) -> None:
+    """What a `replace_dir` killed part way left beside `out`: its old folder, set aside between the two
+    renames, goes back in place if `out` is gone; set-aside and half-written folders are removed."""
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda d: d.stat().st_mtime)
+    if olds and not out.exists():
+        olds.pop().rename(out)
+    for leftover in [*olds, *out.parent.glob(f".{out.name}.*.partial")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def check_export_dir(directory: str | os.PathLike, option: str = "the destination") -> None:
     """Refuse (ConfigError) a destination that is a file or a folder holding more than a model directory's
-    files; an earlier export (or an empty folder) may be replaced."""
+    files (`MODEL_FILES`): a soup's soup.json or a bundled card's stages.json and logs would stay beside the
+    new weights and describe others. An earlier export (or an empty folder) may be replaced."""
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise ConfigError(f"{option} {d} is a file; give a model directory")
@@ -80,4 +134,4 @@ def export_checkpoint(checkpoint: str | os.PathLike, directory: str | os.PathLik
     return save_model(model, directory, info)
 
 
-__all__ = ["MODEL_FILES", "check_export_dir", "export_checkpoint", "model_card", "save_model"]
+__all__ = ["MODEL_FILES", "check_export_dir", "export_checkpoint", "model_card", "replace_dir", "save_model"]

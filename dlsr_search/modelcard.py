@@ -24,11 +24,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dlsr_infer.evaluate import dataset_name, default_benchmarks_dir, evaluate, evaluate_bicubic
 from dlsr_infer.genotype import loads as load_genotype
-from dlsr_infer.imageio import _umask
 from dlsr_infer.model import DLSR
 from dlsr_infer.pretrained import ModelLoadError, hash_file
 
 from .data import DataError, large_enough, list_images
+from .export import replace_dir
 from .train import hr_patch_side
 
 #: The paper's Table 2 PSNR-Y (dB) for DLSR, for comparison in the card.
@@ -573,62 +573,15 @@ _CARD_FILES = ("config.json", "model.safetensors", "README.md", "curve.png", "lo
 
 
 def _write_model_dir(out: Path, write: Any) -> Path:
-    """Fill a hidden sibling of `out` with `write(folder)`, then put it in `out`'s place: all of a card's
-    files or none (a full disk half way used to leave new weights beside the old card). A previous `out`
-    is set aside until the new one is in place; files of its that are not a card's are kept. `out` a
-    symbolic link: its target is written. A folder whose parent may not be written: in place, as before."""
-    import tempfile
-
-    out = out.resolve() if out.is_symlink() else out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _recover_model_dir(out)
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
-    except PermissionError:
-        if not out.is_dir():
-            raise
-        for f in out.iterdir():
-            if _is_card_file(f):
-                f.unlink()
-        write(out)
-        return out
-    old = out.with_name(f".{out.name}.old-{tmp.name.split('.')[-2]}")
-    try:
-        if out.is_dir():
-            for f in out.iterdir():
-                if not _is_card_file(f):
-                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-        write(tmp)
-        tmp.chmod(0o777 & ~_umask())  # as a plain mkdir would (mkdtemp makes it 0700)
-        if out.exists():
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            if old.exists():
-                old.rename(out)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    """`export.replace_dir` for a card's model directory: files of an existing one that are not a card's
+    (a user's) are carried over."""
+    return replace_dir(out, write, keep=lambda f: not _is_card_file(f))
 
 
 def _is_card_file(f: Path) -> bool:
     import fnmatch
 
     return f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in _CARD_FILES)
-
-
-def _recover_model_dir(out: Path) -> None:
-    """What a card writer killed part way left beside `out`: its old folder, set aside between the two
-    renames, goes back in place if `out` is gone; set-aside and half-written folders are removed."""
-    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda d: d.stat().st_mtime)
-    if olds and not out.exists():
-        olds.pop().rename(out)
-    for leftover in [*olds, *out.parent.glob(f".{out.name}.*.partial")]:
-        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _check_held_out(run: Path, records: list[dict[str, Any]]) -> None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,6 +21,8 @@ import torch
 from dlsr_infer.imageio import atomic_write
 from dlsr_infer.model import DLSR
 from dlsr_infer.pretrained import WEIGHTS_NAME, hash_file, resolve
+
+from .export import replace_dir
 
 #: Beside the soup's weights: which models went in (path and sha256 of their weights), in order.
 SOUP_NAME = "soup.json"
@@ -104,21 +104,11 @@ def make_soup(models: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     listing = "\n".join(f"- `{i['model']}` (sha256 {i['sha256'][:12]})" for i in record["ingredients"])
     card = (f"# {soup.genotype.name or 'DLSR'} x{soup.genotype.scale}: a model soup\n\nThe uniform average of the "
             f"weights of these models (`soup.json`), made by `dlsr-search soup`:\n\n{listing}\n")
-    # all or nothing: written whole into a hidden sibling, then renamed into place (a failure on the way,
-    # a full disk say, must not leave weights without the soup.json that says what they are)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()  # not mkdtemp: the folder keeps the umask's mode, readable like any saved model
-    try:
-        soup.save_pretrained(tmp, model_card=card, metadata={"dlsr_soup_of": json.dumps(record["ingredients"])})
-        atomic_write(tmp / SOUP_NAME, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    def write(d: Path) -> None:  # all or nothing (replace_dir): never weights without the soup.json
+        soup.save_pretrained(d, model_card=card, metadata={"dlsr_soup_of": json.dumps(record["ingredients"])})
+        atomic_write(d / SOUP_NAME, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+
+    return replace_dir(out, write)  # (out is new or an empty folder: checked above)
 
 
 def _greedy(model: DLSR, states: list[dict[str, torch.Tensor]], names: list[str],
