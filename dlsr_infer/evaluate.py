@@ -16,6 +16,7 @@ folder of images.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -39,6 +40,8 @@ __all__ = [
     "dataset_name",
     "load_rgb",
     "make_lr",
+    "NonFiniteOutput",
+    "super_resolve_fp32",
     "evaluate",
     "evaluate_bicubic",
     "format_table",
@@ -187,31 +190,36 @@ def _run_protocol(
     return results
 
 
-def _model_upscaler(model: Any, scale: int, device: str) -> Upscaler:
+class NonFiniteOutput(ValueError):
+    """The network's output held NaN or inf: clamped and rounded, it would score as a partly black image."""
+
+
+def super_resolve_fp32(model: Any, lr: np.ndarray, *, scale: int, device: str) -> np.ndarray:
+    """The protocol's forward: ``lr`` (H x W x 3 uint8) -> the SR image (sH x sW x 3 uint8), in float32
+    whatever the model was set to run in (its inference_precision) or a caller autocasts to, without
+    changing the caller's model (perhaps in use by other threads). `dlsr-eval` and the trainer's validation
+    both score this, so the figure that picks a run's best/ is the one dlsr-eval reports."""
     import torch
 
     from .fast import exact_fp32
     from .tiling import pad_small
 
-    def upscale(lr: np.ndarray) -> np.ndarray:
-        expected = (1, 3, lr.shape[0] * scale, lr.shape[1] * scale)
-        # fp32 whatever the model was set to run in (its inference_precision), without changing the
-        # caller's model, perhaps in use by other threads
-        with torch.inference_mode(), exact_fp32():
-            x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1)))
-            x = x.to(device=device, dtype=torch.float32).div_(255.0).unsqueeze(0)
-            xp = pad_small(x)  # an LR under the network's 15 px minimum: padded, and the output cropped back
-            full = (1, 3, xp.shape[-2] * scale, xp.shape[-1] * scale)
-            y = model(xp)
-            if not isinstance(y, torch.Tensor) or tuple(y.shape) != full:
-                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-                raise ValueError(f"model output shape {got} is not {full}")
-            y = y[:, :, :expected[2], :expected[3]]
-            # round() is half-to-even; exact .5 values are practically impossible after *255 of floats.
-            y = y[0].float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
-            return y.permute(1, 2, 0).cpu().numpy()
-
-    return upscale
+    expected = (1, 3, lr.shape[0] * scale, lr.shape[1] * scale)
+    with torch.inference_mode(), exact_fp32(), torch.autocast(torch.device(device).type, enabled=False):
+        x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1)))
+        x = x.to(device=device, dtype=torch.float32).div_(255.0).unsqueeze(0)
+        xp = pad_small(x)  # an LR under the network's 15 px minimum: padded, and the output cropped back
+        full = (1, 3, xp.shape[-2] * scale, xp.shape[-1] * scale)
+        y = model(xp)
+        if not isinstance(y, torch.Tensor) or tuple(y.shape) != full:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"model output shape {got} is not {full}")
+        y = y[:, :, :expected[2], :expected[3]]
+        if not bool(torch.isfinite(y).all()):
+            raise NonFiniteOutput("the model's output is not finite (NaN or inf): no PSNR can be given")
+        # round() is half-to-even; exact .5 values are practically impossible after *255 of floats.
+        y = y[0].float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+        return y.permute(1, 2, 0).cpu().numpy()
 
 
 def evaluate(
@@ -249,7 +257,7 @@ def evaluate(
     if hasattr(model, "eval"):
         model.eval()
     if dtype == "fp32":
-        run = _model_upscaler(model, scale, device)
+        run = functools.partial(super_resolve_fp32, model, scale=scale, device=device)
     else:
         from .upscaling import Upscaler as _Upscaler  # whole-image pass, the same rounding to uint8
 

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dlsr_infer.evaluate import dataset_images
+from dlsr_infer.evaluate import NonFiniteOutput, dataset_images, super_resolve_fp32
 from dlsr_infer.metrics import psnr_y
-from dlsr_infer.tiling import pad_small
 
 from .data import DataError, ImagePair, list_images, load_pairs
 
@@ -50,23 +49,18 @@ class ValidationSet:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    @torch.no_grad()
     def psnr(self, model: nn.Module, device: torch.device) -> float:
-        """Mean PSNR-Y (dB) of ``model`` over the set, in fp32 (NaN when an output is not finite: clamped
-        and rounded it would score as a black image); the model is left in the mode it was in."""
+        """Mean PSNR-Y (dB) of ``model`` over the set, by dlsr-eval's own forward (fp32 whatever the
+        training autocasts to); NaN when an output is not finite. The model is left in the mode it was in."""
         was_training = model.training
         model.eval()
         scores = []
         try:
             for pair in self.pairs:
-                x = torch.from_numpy(np.ascontiguousarray(pair.lr.transpose(2, 0, 1))).unsqueeze(0)
-                x = x.to(device).float().div_(255.0)
-                h, w = x.shape[-2:]
-                with torch.autocast(device.type, enabled=False):  # fp32 even inside a caller's autocast
-                    y = model(pad_small(x))[..., :h * self.scale, :w * self.scale]
-                if not bool(torch.isfinite(y).all()):
+                try:
+                    sr = super_resolve_fp32(model, pair.lr, scale=self.scale, device=str(device))
+                except NonFiniteOutput:
                     return math.nan
-                sr = y[0].float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
                 scores.append(psnr_y(sr, pair.hr, crop=self.scale))
         finally:
             model.train(was_training)

@@ -309,3 +309,17 @@ def test_fp32_protocol_pads_images_under_the_network_minimum(tmp_path: Path) -> 
     liar.scale = 2
     with pytest.raises(ValueError, match=r"model output shape \(1, 3, 60, 60\) is not \(1, 3, 30, 30\)"):
         ev.evaluate(liar, tmp_path / "small", scale=2, dtype="fp32")
+
+
+def test_a_non_finite_output_is_an_error_naming_the_image_not_a_score(tmp_path: Path) -> None:
+    """Clamped and rounded, a NaN output scored as a black image: a finite, meaningless PSNR."""
+    import torch
+
+    hr = np.random.default_rng(2).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    (tmp_path / "set").mkdir()
+    Image.fromarray(hr).save(tmp_path / "set" / "n.png")
+    nan_model = torch.nn.Upsample(scale_factor=2)
+    nan_model.scale = 2
+    nan_model.register_forward_hook(lambda m, i, y: y * float("nan"))
+    with pytest.raises(ValueError, match=r"n\.png: the model's output is not finite"):
+        ev.evaluate(nan_model, tmp_path / "set", scale=2, dtype="fp32")
