@@ -447,8 +447,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dlsr-eval") -> int:
         atomic_write_all([(path, lambda f, data=data: f.write(data)) for _, path, data in payloads], overwrite=True)
     except OSError as exc:
         what = " and ".join(f"{opt} {path}" for opt, path, _ in payloads)
-        print(f"{prog}: error: cannot write {what}: {exc.strerror or exc} (neither was written; the table "
-              "above is the result)", file=sys.stderr)
+        done = [f"{opt} {path}" for opt, path, _ in payloads if Path(path) in getattr(exc, "committed", [])]
+        state = f"only {' and '.join(done)} was written" if done else \
+            ("neither was written" if len(payloads) > 1 else "it was not written")
+        print(f"{prog}: error: cannot write {what}: {exc.strerror or exc} ({state}; the table above is the "
+              "result)", file=sys.stderr)
         return 1
     return 0
 

@@ -758,15 +758,22 @@ def atomic_write_all(files: Iterable[tuple[str | os.PathLike, Callable[[BinaryIO
     """`atomic_write` for several files that belong together (a results JSON and its Markdown table):
     every file is written to its temporary file first, and only when all are whole are they renamed, so
     an error while writing any of them (a full disk, a folder we may not write) leaves none of them
-    changed. The renames themselves are one after another, not one atomic step."""
+    changed. The renames themselves are one after another, not one atomic step: an error raised by a
+    rename carries the paths renamed before it as its `committed` attribute (empty: nothing changed)."""
     staged: list[tuple[Path, Path, int | None]] = []
+    committed: list[Path] = []
     try:
         for path, write in files:
             path = Path(path)
             tmp, lock_fd = _stage_temp(path, write, suffix)
             staged.append((tmp, path, lock_fd))
         for tmp, path, _ in staged:
-            _commit_temp(tmp, path, overwrite)
+            try:
+                _commit_temp(tmp, path, overwrite)
+            except Exception as exc:
+                exc.committed = list(committed)  # type: ignore[attr-defined]
+                raise
+            committed.append(path)
     finally:
         for tmp, _, lock_fd in staged:
             tmp.unlink(missing_ok=True)  # gone already once committed

@@ -207,6 +207,21 @@ def test_result_files_that_cannot_be_written(benchmarks_dir: Path, tmp_path: Pat
     assert "Traceback" not in err and (tmp_path / "ok.json").read_text() == "an earlier run's results"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ok.json"]
     monkeypatch.undo()
+    # the renames come one after the other: a rename that fails after the JSON's says the JSON was written
+    real_commit = imageio_mod._commit_temp
+
+    def md_rename_fails(tmp, path, overwrite):
+        if str(path).endswith(".md"):
+            raise OSError(13, "Permission denied")
+        return real_commit(tmp, path, overwrite)
+
+    monkeypatch.setattr(imageio_mod, "_commit_temp", md_rename_fails)
+    assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "r.md")]) == 1
+    err = capsys.readouterr().err
+    assert f"Permission denied (only --json {tmp_path / 'ok.json'} was written; the table above" in err, err
+    assert json.loads((tmp_path / "ok.json").read_text())["results"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ok.json"]
+    monkeypatch.undo()
     assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "r.md")]) == 0
     assert json.loads((tmp_path / "ok.json").read_text())["results"][0]["images"] == 1
     assert "| Set5 | x2 | bicubic |" in (tmp_path / "r.md").read_text()

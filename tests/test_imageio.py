@@ -440,6 +440,13 @@ def test_atomic_write_all_changes_no_file_unless_every_one_is_whole(tmp_path: Pa
                                     overwrite=True)
     assert done == [first, second] and first.read_bytes() == b"new a" and second.read_bytes() == b"b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.md"]
+    # a rename that fails after another's: the error names what was renamed before it
+    (tmp_path / "c").mkdir()
+    with pytest.raises(OSError) as err:  # a folder where the second file goes: its rename fails
+        imageio.atomic_write_all([(first, lambda f: f.write(b"newer a")), (tmp_path / "c", lambda f: f.write(b"c"))],
+                                 overwrite=True)
+    assert err.value.committed == [first] and first.read_bytes() == b"newer a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.md", "c"]
 
 
 @pytest.mark.parametrize("name", ["p" * 251 + ".png", "é" * 125 + ".png"])  # 255 bytes: the longest a name may be
