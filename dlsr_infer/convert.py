@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -78,8 +79,12 @@ def load_authors_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad or unsafe pickle
-        raise ModelLoadError(f"{path}: cannot be loaded safely (weights_only=True): {e}") from None
+    except pickle.UnpicklingError as e:  # what weights_only refuses: objects other than tensors and containers
+        raise ModelLoadError(f"{path}: refused: it holds objects that weights_only=True does not unpickle "
+                             f"(only tensors, numbers, strings and containers are read): {e}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a truncated or foreign file
+        raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint (truncated, or not written by "
+                             f"torch.save?): {e}") from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{path}: expected a dict with a 'state_dict' of tensors")

@@ -274,6 +274,9 @@ def loads(text: str | bytes) -> Genotype:
 def load(path: str | Path) -> Genotype:
     """Read a genotype JSON file (`config.json` of a model directory, or a bare genotype)."""
     path = Path(path)
+    if path.is_dir():
+        hint = f": give {path / 'config.json'}" if (path / "config.json").is_file() else ""
+        raise FileNotFoundError(f"genotype file not found: {path} is a directory{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"genotype file not found: {path}")
     size = path.stat().st_size
@@ -283,6 +286,8 @@ def load(path: str | Path) -> Genotype:
         return loads(path.read_bytes())
     except GenotypeError as e:
         raise GenotypeError(f"{path}: {e}") from None
+    except OSError as e:  # a file we may not read: say so, not a traceback
+        raise GenotypeError(f"{path}: cannot be read: {e.strerror or e}") from None
 
 
 def save(genotype: Genotype, path: str | Path) -> None:

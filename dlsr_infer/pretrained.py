@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from .genotype import Genotype, GenotypeError, load as load_genotype
+from .genotype import Genotype, GenotypeError, load as load_genotype, loads as load_genotype_text
 from .imageio import atomic_write_all
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,6 +28,10 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 #: The files a model directory (and a Hub repo of ours) holds.
 MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+#: safetensors metadata key under which the weights record the genotype they were saved from
+GENOTYPE_METADATA = "dlsr_genotype"
+#: metadata keys `save_model_dir` writes itself (a caller's metadata may not replace them)
+RESERVED_METADATA = ("format", GENOTYPE_METADATA)
 
 #: alias -> (bundled directory name under weights/, Hub repo id used when not bundled)
 ALIASES: dict[str, tuple[str, str]] = {
@@ -84,20 +88,25 @@ def bundled_model_dir(alias: str) -> Path | None:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.count("/") > 1 \
-        or (os.altsep is not None and os.altsep in name)
+    """A name no Hub repo id can be ('./m', '/m', '~/m', 'a/b/c', 'a\\b', 'C:m'), on every platform: on
+    Windows '/' is also a path separator, yet 'owner/name' is still a repo id there."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 \
+        or re.match(r"^[A-Za-z]:", name) is not None
 
 
 def hides_no_alias(name: str, local: Path) -> bool:
-    """False for a folder named like an alias ('x4') that holds no config.json (an output folder): it is not
-    the model that name means, the bundled alias is. How `resolve` (and `upscale()`'s model cache) read a name."""
+    """False for a file, or a folder that holds no config.json (an output folder), named like an alias
+    ('x4'): it is not the model that name means, the bundled alias is. How `resolve` (and `upscale()`'s
+    model cache) read a name given as a string."""
     return name not in ALIASES or (local / CONFIG_NAME).exists()
 
 
 def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, local_files_only: bool = False,
             cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> Path:
-    """Turn a directory, alias or Hub repo id into a local model directory."""
-    if isinstance(name_or_path, os.PathLike):
+    """Turn a directory, alias or Hub repo id into a local model directory. A `Path` (any `os.PathLike`) is
+    a local directory only: it is never looked up as an alias or sent to the Hub."""
+    path_only = isinstance(name_or_path, os.PathLike)
+    if path_only:
         name_or_path = os.fspath(name_or_path)
     revision = revision or None  # "" is no revision: the bundled weights still serve an alias
     if not isinstance(name_or_path, str) or not name_or_path:
@@ -105,15 +114,21 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, loc
     try:
         local = Path(name_or_path).expanduser()
         is_dir, exists = local.is_dir(), local.exists()
-        if is_dir and not hides_no_alias(name_or_path, local):
-            is_dir = exists = False
+        if not path_only and exists and not hides_no_alias(name_or_path, local):
+            is_dir = exists = False  # an output folder (or file) called x4 is not the model x4 means
     except (RuntimeError, OSError) as e:  # '~nosuchuser/...', a name too long for the file system
         raise ModelLoadError(f"{name_or_path!r} is not a usable model directory path: {e}") from None
     if is_dir:
+        if revision is not None:  # loading the folder would quietly ignore the pin
+            raise ModelLoadError(f"revision {revision!r} was asked for, but {name_or_path!r} is a local directory "
+                                 "(a revision applies to Hub repos): pass a Hub repo id, or no revision")
         return local
     if exists:
         raise ModelLoadError(f"{name_or_path!r} is a file, not a model directory (expected {CONFIG_NAME} + "
                              f"{WEIGHTS_NAME} inside a directory)")
+    if path_only:
+        broken = " (a broken symbolic link)" if local.is_symlink() else ""
+        raise ModelLoadError(f"no model directory at {name_or_path!r}{broken}")
     if name_or_path in ALIASES:
         bundled = bundled_model_dir(name_or_path)
         if bundled is not None and revision is None:  # a pinned revision is the Hub's to give
@@ -281,6 +296,35 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_recorded_genotype(genotype: Genotype, weights: Path) -> None:
+    """Refuse a config.json that describes another network than the one its weights were saved from (as
+    the weights' safetensors metadata records it, `dlsr_genotype`): a cell's links change no tensor's
+    shape, so such a pair would load and give wrong images without a word. Files without the record
+    (written by other tools) are checked by their tensors alone."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(GENOTYPE_METADATA)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _invalid(weights, e) from None
+    if recorded is None:
+        return
+    try:
+        saved = load_genotype_text(recorded)
+    except GenotypeError as e:
+        raise ModelLoadError(f"{weights}: its recorded genotype ({GENOTYPE_METADATA}) is not valid: {e}") from None
+    if not saved.architecture_equals(genotype):
+        ours, theirs = genotype.to_dict(), saved.to_dict()
+        fields = [k for k in sorted(set(ours) | set(theirs)) if k not in ("name", "provenance")
+                  and ours.get(k) != theirs.get(k)]
+        cells = [i for i, (a, b) in enumerate(zip(ours.get("cells", []), theirs.get("cells", [])), start=1) if a != b]
+        where = f"cell {cells[0]}: config {ours['cells'][cells[0] - 1]}, weights {theirs['cells'][cells[0] - 1]}" \
+            if cells else ", ".join(f"{k}: config {ours.get(k)!r}, weights {theirs.get(k)!r}" for k in fields)
+        raise ModelLoadError(f"{weights.parent / CONFIG_NAME} describes another network than {weights.name} was "
+                             f"saved from ({where}): the config was edited or belongs to other weights")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load tensors from a safetensors file; never unpickles."""
     from safetensors import SafetensorError
@@ -325,7 +369,7 @@ def load_model_dir(cls: type["DLSR"], directory: Path, *, map_location: Any = "c
     config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for f in (config, weights):
         if not f.is_file():
-            what = "is not a file" if f.exists() else "is missing"
+            what = "is not a file" if f.exists() else "is a broken symbolic link" if f.is_symlink() else "is missing"
             raise ModelLoadError(f"{directory} is not a DLSR model directory: {f.name} {what}")
     try:
         genotype = load_genotype(config)
@@ -341,6 +385,7 @@ def load_model_dir(cls: type["DLSR"], directory: Path, *, map_location: Any = "c
         model = cls(genotype)
     expected = model.state_dict()
     check_state_dict(expected, read_safetensors_header(weights), source=str(weights))
+    check_recorded_genotype(genotype, weights)
     state = read_state_dict(weights)
     check_state_dict(expected, state, source=str(weights))  # the file may have changed since
     state = {k: v.float() for k, v in state.items()}  # the network runs in float32: 1e300 in F64 is inf here
@@ -380,11 +425,17 @@ def save_model_dir(model: "DLSR", directory: str | os.PathLike, *, model_card: s
     from safetensors.torch import save as st_save
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    metadata = dict(metadata or {})
+    bad = [f"{k!r}: {v!r}" for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata must map str to str, got {', '.join(bad[:3])}")
+    if reserved := sorted(set(metadata) & set(RESERVED_METADATA)):
+        raise ValueError(f"metadata {reserved} is written by save_pretrained itself (from the model's genotype)")
     genotype: Genotype = model.genotype
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": "pt", "dlsr_genotype": json.dumps(genotype.to_dict(), sort_keys=True)}
-    meta.update(metadata or {})
+    check_finite(tensors, f"not saving {directory}", why="a model that would give black or NaN images")
+    meta = {**metadata, "format": "pt", GENOTYPE_METADATA: json.dumps(genotype.to_dict(), sort_keys=True)}
+    directory.mkdir(parents=True, exist_ok=True)
     blob = canonical_safetensors(st_save(tensors, metadata=meta))
     config = genotype.to_json().encode()
     files = [(directory / WEIGHTS_NAME, lambda f: f.write(blob)), (directory / CONFIG_NAME, lambda f: f.write(config))]

@@ -124,7 +124,8 @@ def _cache_name(name: str | os.PathLike) -> tuple[tuple[Any, ...], tuple[Any, ..
     config's size, times and inode (retrained weights reload, even copied in with their old mtime:
     `cp -p`, `rsync -t`, tar); an alias or Hub id by its name."""
     path = Path(os.fspath(name)).expanduser()
-    if path.is_dir() and hides_no_alias(os.fspath(name), path):  # as resolve() reads it
+    # as resolve() reads it: a Path is always a local directory; a string may be an alias or Hub id
+    if isinstance(name, os.PathLike) or (path.is_dir() and hides_no_alias(os.fspath(name), path)):
         state = []
         for f in (path / "model.safetensors", path / CONFIG_NAME):
             try:

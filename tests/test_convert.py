@@ -71,7 +71,12 @@ def test_unsafe_pickle_is_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": {"x": Evil()}}, path)
-    with pytest.raises(ModelLoadError, match="cannot be loaded safely"):
+    with pytest.raises(ModelLoadError, match="refused: it holds objects that weights_only=True does not unpickle"):
+        load_authors_state_dict(path)
+    # a truncated file is damage, not a security refusal: the message says which
+    torch.save({"state_dict": {"x": torch.zeros(3)}}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match="not a readable PyTorch checkpoint"):
         load_authors_state_dict(path)
 
 

@@ -434,3 +434,111 @@ def test_saved_directory_served_by_the_hub_round_trips(hub, tmp_path):
     hub.add_commit("me/dlsr-s-x2", folder)  # what `upload_folder` of this directory would commit
     _same(DLSR.from_pretrained("me/dlsr-s-x2"), model)
     assert load_file(folder / WEIGHTS_NAME).keys() == model.state_dict().keys()
+
+
+# --- what a name means ------------------------------------------------------------------------------
+def test_names_read_the_same_on_every_platform(monkeypatch):
+    """On Windows '/' is os.altsep: 'owner/repo' read as a local path there, so no Hub repo id ever
+    reached the Hub. A name is now classified by its characters, whatever the platform's separators."""
+    for sep, altsep in (("/", None), ("\\", "/")):
+        monkeypatch.setattr(os, "sep", sep)
+        monkeypatch.setattr(os, "altsep", altsep)
+        assert not pretrained._looks_like_path("owner/repo") and not pretrained._looks_like_path("x4")
+        for path in ("C:\\models\\x4", "C:x4", "a\\b", "a/b/c", "./x", "/x", "~/x"):
+            assert pretrained._looks_like_path(path), (sep, path)
+
+
+def test_a_path_object_is_only_ever_a_local_directory(hub, tmp_path, monkeypatch):
+    """A `Path` names a folder: a missing one is a local error (it was sent to the Hub as a repo id, and
+    Path('x4') loaded the bundled x4), and `upscale()`'s model cache reads it the same way."""
+    from dlsr_infer import upscale
+
+    monkeypatch.chdir(tmp_path)
+    for missing in (Path("runs/best"), Path("x4")):
+        with pytest.raises(ModelLoadError, match=f"no model directory at {str(missing)!r}"):
+            DLSR.from_pretrained(missing)
+    (tmp_path / "x2").mkdir()  # an output folder named like the alias: a string still means the alias
+    assert upscale(np.zeros((8, 9, 3), np.uint8), scale=2, model="x2").shape == (16, 18, 3)
+    with pytest.raises(ModelLoadError, match="x2 is not a DLSR model directory: config.json is missing"):
+        upscale(np.zeros((8, 9, 3), np.uint8), scale=2, model=Path("x2"))
+    (tmp_path / "link").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(ModelLoadError, match=r"no model directory at 'dangling' \(a broken symbolic link\)"):
+        DLSR.from_pretrained(Path("dangling"))
+    (tmp_path / "link" / CONFIG_NAME).write_text(builtin("dlsr_s_x2").to_json())
+    (tmp_path / "link" / WEIGHTS_NAME).symlink_to(tmp_path / "gone.safetensors")
+    with pytest.raises(ModelLoadError, match="model.safetensors is a broken symbolic link"):
+        DLSR.from_pretrained(Path("link"))
+    assert hub.requests == [] and hub.side_requests == []
+
+
+def test_a_file_named_like_an_alias_does_not_hide_it(hub, tmp_path, monkeypatch):
+    from dlsr_infer import upscale
+    from dlsr_infer.pretrained import bundled_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x2").write_bytes(b"an earlier output, saved without an extension")
+    assert DLSR.from_pretrained("x2").source == str(bundled_model_dir("x2"))
+    assert upscale(np.zeros((8, 9, 3), np.uint8), scale=2).shape == (16, 18, 3)
+    with pytest.raises(ModelLoadError, match="'x2' is a file, not a model directory"):
+        DLSR.from_pretrained(Path("x2"))  # a Path means that file
+    assert hub.requests == []
+
+
+def test_a_revision_is_never_quietly_ignored_for_a_local_directory(hub, models, tmp_path, monkeypatch):
+    local = models["a"][1]
+    with pytest.raises(ModelLoadError, match=r"revision 'f{40}' was asked for, but .* is a local directory"):
+        DLSR.from_pretrained(str(local), revision="f" * 40)
+    monkeypatch.chdir(tmp_path)
+    models["a"][0].save_pretrained(tmp_path / "owner" / "repo")
+    with pytest.raises(ModelLoadError, match="a revision applies to Hub repos"):
+        DLSR.from_pretrained("owner/repo", revision="main")
+    _same(DLSR.from_pretrained("owner/repo", revision=""), models["a"][0])  # "" is no revision
+    assert hub.requests == []
+
+
+# --- config and weights belong together ----------------------------------------------------------------
+def test_a_config_that_describes_other_links_than_the_weights_is_refused(tmp_path, models):
+    """A cell's links change no tensor's shape: an edited config.json loaded the weights into another
+    network, which gave wrong images without a word. The weights record their genotype; it must agree."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = models["a"][1]
+    edited = tmp_path / "edited"
+    shutil.copytree(src, edited)
+    config = json.loads((edited / CONFIG_NAME).read_text())
+    assert config["cells"][2]["inputs"] != [0, 2]
+    config["cells"][2]["inputs"] = [0, 2]
+    (edited / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"edited/config.json describes another network than model.safetensors "
+                                             r"was saved from \(cell 3: config .*\[0, 2\].*weights .*\[1, 2\]"):
+        DLSR.from_pretrained(edited)
+    config["cells"][2]["inputs"] = [1, 2]
+    config["name"], config["provenance"] = "renamed", {"note": "edited"}  # name and provenance are not the network
+    (edited / CONFIG_NAME).write_text(json.dumps(config))
+    _same(DLSR.from_pretrained(edited), models["a"][0])
+    # weights written by another tool carry no record: their tensors alone are checked, as before
+    save_file(load_file(str(src / WEIGHTS_NAME)), str(edited / WEIGHTS_NAME))
+    _same(DLSR.from_pretrained(edited), models["a"][0])
+
+
+def test_save_pretrained_refuses_what_it_could_not_load_back_before_writing_anything(tmp_path):
+    model = _make_model(4)
+    with pytest.raises(TypeError, match=r"metadata must map str to str, got 'epoch': 5"):
+        model.save_pretrained(tmp_path / "a", metadata={"epoch": 5})
+    with pytest.raises(ValueError, match=r"metadata \['dlsr_genotype'\] is written by save_pretrained itself"):
+        model.save_pretrained(tmp_path / "b", metadata={"dlsr_genotype": "{}"})
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(ModelLoadError, match="not saving .*c: 1 tensor.* NaN or infinite"):
+        model.save_pretrained(tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []  # no empty folder left behind
+    model = _make_model(4)
+    out = model.save_pretrained(tmp_path / "d", metadata={"epoch": "5"})
+    from safetensors import safe_open
+
+    with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:
+        assert f.metadata()["epoch"] == "5" and f.metadata()["format"] == "pt"
