@@ -150,7 +150,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     opts = _explicit(args, ("command",))
     cfg = SearchConfig(**opts)
     result = search(cfg, explicit=opts.keys())
-    print(f"genotype: {result.genotype_path}")
+    if result.genotype_path is None:
+        print(f"stopped at step {result.step}: no final genotype yet (resume with --resume)")
+    else:
+        print(f"genotype: {result.genotype_path}")
     return 0
 
 

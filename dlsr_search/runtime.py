@@ -1,6 +1,7 @@
 """Process-level plumbing shared by `train` and `search`: threads, precision flags, signals, data loading order."""
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
@@ -164,5 +165,29 @@ def start_run(cfg: Any, info: D.DistInfo, out: Path, ckpt: dict | None, *, desc:
     return RunStart(files, autocast_dtype, channels_last, threads, log)
 
 
-__all__ = ["RunFolderLock", "RunStart", "StopRequest", "autotune_convolutions", "load_pairs_ranked", "precision_flags", "run_in_process",
-           "set_threads", "start_run"]
+def image_list(files: Sequence[Path]) -> dict[str, Any]:
+    """What a checkpoint records of the images a run found (in order: a held-out split and the patches
+    are drawn by index): their count and a digest of each file's folder and name, which survives the data
+    moving to another path (a GPU machine's copy) and not an image added, removed or renamed."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{Path(f).parent.name}/{Path(f).name}\n".encode())
+    return {"count": len(files), "sha256": digest.hexdigest()}
+
+
+def check_resumed_images(ckpt: dict | None, images: dict[str, Any], *, held_out: bool) -> str | None:
+    """On resume: the images found now (`image_list`) against those the checkpoint was written with. With a held-out
+    split, a changed list would move images between the weights' data and the validation (or the
+    architecture's) data: refused. Without one, the run may go on: the returned note says what changed."""
+    was = ckpt.get("images") if ckpt else None
+    if not was or was == images:  # (checkpoints written before this record: not checked)
+        return None
+    what = f"the training images changed since the checkpoint was written ({was['count']} then, {images['count']} now)"
+    if held_out:
+        raise ConfigError(f"{what}: its held-out split would move images between training and validation; restore "
+                          "the data folder as it was, or start a new run")
+    return f"{what}: the run goes on with them, so its patches from here are not an uninterrupted run's"
+
+
+__all__ = ["RunFolderLock", "RunStart", "StopRequest", "autotune_convolutions", "check_resumed_images", "image_list",
+           "load_pairs_ranked", "precision_flags", "run_in_process", "set_threads", "start_run"]

@@ -41,7 +41,7 @@ from .config import ConfigError, check_common, from_json, to_json
 from .data import DataError, PatchDataset, default_data_roots, patch_loader, split_by_image, step_indices, to_float
 from .genotypes import derive_genotype
 from .losses import param_loss, sr_loss
-from .runtime import StopRequest, load_pairs_ranked, run_in_process, start_run
+from .runtime import StopRequest, check_resumed_images, image_list, load_pairs_ranked, run_in_process, start_run
 from .supernet import SuperNet
 
 
@@ -85,8 +85,8 @@ class SearchConfig:
 class SearchResult:
     out: Path
     step: int
-    genotype: Genotype
-    genotype_path: Path
+    genotype: Genotype | None  # None (and no genotype_path) when the search was stopped before its last step
+    genotype_path: Path | None
     snapshots: list[Path]
     resumed_from: int | None
 
@@ -194,6 +194,7 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
         val_set = PatchDataset(val_pairs, cfg.scale, lr_patch, cfg.seed, stream=1)
     except DataError as e:
         raise ConfigError(str(e)) from None
+    check_resumed_images(ckpt, image_list(files), held_out=True)
 
     # ---- supernet, two optimizers: theta and A never share a step ---------------------------------------------
     seed_everything(cfg.seed)
@@ -248,7 +249,8 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
             path = out / "genotypes" / f"step_{step:08d}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, genotype.to_json())  # whole or not at all: a second Ctrl-C may land here
-            atomic_write_text(out / "genotype.json", genotype.to_json())
+            if step > cfg.warmup:  # in warm-up A has not moved: genotype.json is only ever a searched one
+                atomic_write_text(out / "genotype.json", genotype.to_json())
             snapshots.append(path)
             log.record("genotype", step, reason="changed" if changed else reason, path=str(path),
                        cells=[{"ops": list(c.ops), "inputs": list(c.inputs)} for c in genotype.cells])
@@ -268,12 +270,14 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
             "w_scheduler": w_sched.state_dict(), "rng": rng_state(),
             "genotype_json": last_genotype.to_json() if last_genotype is not None else "",
             "samples_seen": step * cfg.batch, "world": info.world, "train_seconds": train_seconds,
+            "images": image_list(files),
         }, finite=[*sums.values(), *model.parameters()], step=step)
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     sums = {k: torch.zeros((), device=device) for k in ("train", "val", "param")}
     window_steps, arch_steps, window_t0 = 0, 0, time.perf_counter()
     last_ckpt_time = time.monotonic()
+    stopping = False
     for lr_u8, hr_u8 in loader:
         t0 = time.perf_counter()
         search_arch = step >= cfg.warmup
@@ -322,6 +326,10 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
             log.record("stop", step)
             break
 
+    if stopping:  # no final genotype from a search cut short (in warm-up, its alphas are still the random init)
+        log.close()
+        D.barrier(info)
+        return SearchResult(out, step, None, None, snapshots, resumed_from)
     # ---- finish: the final derived genotype --------------------------------------------------------------------
     genotype = snapshot("final")
     if info.is_main:

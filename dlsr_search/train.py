@@ -31,7 +31,7 @@ from .ema import WeightEMA
 from .export import save_model
 from .genotypes import resolve_genotype
 from .losses import PIXEL_LOSSES, sr_loss
-from .runtime import StopRequest, load_pairs_ranked, run_in_process, start_run
+from .runtime import StopRequest, check_resumed_images, image_list, load_pairs_ranked, run_in_process, start_run
 from .transfer import warm_start
 from .validation import ValidationSet
 
@@ -149,6 +149,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     # Loaded before the run records its start (config.json, the start/resume records): a run that cannot
     # use its data leaves no history that claims it trained.
     lr_patch = cfg.hr_patch() // cfg.scale
+    images = image_list(files)
     try:
         val_files = None
         if cfg.val_holdout:
@@ -162,6 +163,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
                       if cfg.val else ValidationSet.from_files(val_files, cfg.scale, max_images=cfg.val_max_images))
     except DataError as e:
         raise ConfigError(str(e)) from None
+    images_note = check_resumed_images(ckpt, images, held_out=bool(cfg.val_holdout))
 
     # ---- model and optimizer: every rank builds the same init from the seed -------------------------------
     seed_everything(cfg.seed)
@@ -182,6 +184,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
         step, best_psnr, train_seconds = int(ckpt["step"]), float(ckpt["best_psnr"]), float(ckpt["train_seconds"])
         log.print(f"resumed {out} at step {step}")
         log.record("resume", step)
+        if images_note:
+            log.print(f"note: {images_note}")
+            log.record("data_changed", step, note=images_note)
     elif cfg.init_from:
         report = warm_start(model, cfg.init_from)
         log.print(report.summary())
@@ -227,7 +232,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
             "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             **({"ema": ema.state_dict()} if ema is not None else {}),
             "rng": rng_state(), "best_psnr": best_psnr, "last_val_psnr": last_val, "last_val_step": last_val_step,
-            "samples_seen": step * cfg.batch, "world": info.world, "train_seconds": train_seconds,
+            "samples_seen": step * cfg.batch, "world": info.world, "train_seconds": train_seconds, "images": images,
         }, finite=[window_loss, *params], step=step)
 
     def run_info(val: float | None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import torch
 
 from dlsr_infer import DLSR
 from dlsr_infer.genotype import OP_NAMES, loads, mrb_param_count
+from dlsr_search.config import ConfigError
 from dlsr_search.data import to_float
 from dlsr_search.genotypes import derive_genotype
 from dlsr_search.losses import hfen, param_loss, sr_loss
@@ -65,6 +66,38 @@ def test_hfen_is_zero_for_identical_and_positive_for_blurred():
     blurred = torch.nn.functional.avg_pool2d(hr, 3, stride=1, padding=1)
     assert hfen(blurred, hr).item() > 1.0
     assert sr_loss(blurred, hr, 0.2) > sr_loss(blurred, hr, 0.0)
+
+
+def test_a_search_step_gives_theta_grad_l_train_and_a_grad_l_train_plus_lambda_l_val_plus_gamma_l_p():
+    """MiLeNAS (Eq. 5-6), exactly: theta on L_train; A on L_train + lambda * L_val + gamma * L_P, all at the same
+    (theta, A). Any other mix (theta also on L_val, A on L_val alone, a missing L_P) fails here."""
+    net = _tiny_supernet()
+    with torch.no_grad():  # away from the near-uniform init, so every term has a sizeable gradient
+        net.alphas.normal_()
+        for b in net.betas:
+            b.normal_()
+    g = torch.Generator().manual_seed(1)
+    train = (torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 32, 32, generator=g))
+    val = (torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, 32, 32, generator=g))
+    forward_loss = lambda x, y: sr_loss(net(x), y, 0.2)  # noqa: E731
+    theta, arch = net.weight_parameters(), net.arch_parameters()
+    l_train = forward_loss(*train)
+    d_train_theta = torch.autograd.grad(l_train, theta, retain_graph=True)
+    d_train_arch = torch.autograd.grad(l_train, arch)
+    d_val_arch = torch.autograd.grad(forward_loss(*val), arch)
+    d_param_arch = torch.autograd.grad(param_loss(net.op_weights(), net.channels), arch, allow_unused=True)
+    assert d_param_arch[0].abs().sum() > 0  # L_P is a differentiable function of alpha
+
+    class NoStep(torch.optim.SGD):  # the gradients stay at (theta, A): nothing moves
+        def step(self, closure=None):
+            return None
+
+    lam, gamma = 0.7, 0.3
+    search_step(net, NoStep(theta, lr=0.0), NoStep(arch, lr=0.0), forward_loss, train, val, lam=lam, gamma=gamma)
+    for p, ref in zip(theta, d_train_theta, strict=True):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-7)
+    for p, t, v, lp in zip(arch, d_train_arch, d_val_arch, d_param_arch, strict=True):
+        torch.testing.assert_close(p.grad, t + lam * v + gamma * (0 if lp is None else lp), rtol=1e-5, atol=1e-7)
 
 
 def test_one_search_step_moves_alpha_and_beta_and_derives_a_buildable_genotype():
@@ -144,7 +177,8 @@ def test_paper_genotype_links_are_in_the_search_space():
 
 def test_30_step_search_end_to_end(tmp_path):
     data = write_images(tmp_path / "data", n=6)
-    cfg = SearchConfig(out=str(tmp_path / "run"), data=[str(data)], channels=8, cells=3, steps=30, warmup=10,
+    # 4 cells: cell 4 chooses 2 of 3 links (with 3 cells, top-2 keeps both and no link is really searched)
+    cfg = SearchConfig(out=str(tmp_path / "run"), data=[str(data)], channels=8, cells=4, steps=30, warmup=10,
                        batch=2, patch=32, val_holdout=2, snapshot_every=10, log_every=10, progress=False, threads=1)
     result = search(cfg)
     assert result.step == 30
@@ -170,8 +204,17 @@ def test_30_step_search_end_to_end(tmp_path):
     assert final.architecture_equals(result.genotype)
     phases = [r["phase"] for r in records if r["event"] == "search"]
     assert phases == ["warm-up", "search", "search"]
-    # the architecture really moved away from its init during the search phase
-    assert torch.load(out / "last.pt", weights_only=True)["model"]["alphas"].abs().max() > 1e-3
+    # the architecture did not move in warm-up (the step-10 snapshot holds A's init: SuperNet's own, from the
+    # seed) and really moved in the search phase (|alpha| > 1e-3 held at the init already)
+    torch.manual_seed(cfg.seed)
+    init = SuperNet(scale=2, channels=8, num_cells=4)
+    at_10 = loads((out / "genotypes" / "step_00000010.json").read_text()).provenance
+    assert torch.allclose(torch.tensor(at_10["alphas"]), init.alphas.detach(), atol=1e-6)
+    final_state = torch.load(out / "last.pt", weights_only=True)["model"]
+    assert (final_state["alphas"] - init.alphas.detach()).abs().max() > 1e-4
+    for i, b0 in enumerate(init.betas):
+        assert torch.allclose(torch.tensor(at_10["betas"][i]), b0.detach(), atol=1e-6)
+        assert (final_state[f"betas.{i}"] - b0.detach()).abs().max() > 1e-4
 
 
 def test_search_resume_continues_exactly_and_exports_its_genotype(tmp_path):
@@ -265,3 +308,42 @@ def test_search_options_that_would_fail_late_are_refused_before_anything_is_writ
         search(SearchConfig(**{**cfg, **change}))
     assert not (tmp_path / "s").exists()
 
+
+
+def test_a_search_stopped_by_a_signal_gives_no_final_genotype_and_resumes(tmp_path, monkeypatch, capsys):
+    """Stopped in warm-up, a search's alphas are still their random init: it wrote that as its 'final'
+    genotype.json and the CLI printed it as the result. Now: no genotype.json, a 'stopped' line, --resume."""
+    import os
+    import signal
+
+    import dlsr_search.search as search_mod
+    from dlsr_search.cli import main as cli_main
+
+    data = write_images(tmp_path / "data", n=6)
+    real_step, calls = search_mod.search_step, []
+
+    def stop_at_second_step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # StopRequest: finish this step, checkpoint, stop
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(search_mod, "search_step", stop_at_second_step)
+    argv = ["search", "--out", str(tmp_path / "run"), "--data", str(data), "--channels", "8", "--cells", "3",
+            "--steps", "8", "--warmup", "5", "--batch", "2", "--patch", "32", "--val-holdout", "2",
+            "--threads", "1", "--no-progress"]
+    assert cli_main(argv) == 0
+    assert "stopped at step 2: no final genotype yet (resume with --resume)" in capsys.readouterr().out
+    out = tmp_path / "run"
+    assert not (out / "genotype.json").exists()
+    assert [r["event"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())][-1] == "stop"
+    monkeypatch.setattr(search_mod, "search_step", real_step)
+    # images added since the checkpoint: the held-out split would change under the run, so no resume
+    write_images(tmp_path / "more", n=1, seed=3)
+    (tmp_path / "more" / "img0.png").rename(data / "img9.png")
+    with pytest.raises(ConfigError, match=r"the training images changed .*\(6 then, 7 now\)"):
+        search(SearchConfig(out=str(out), steps=8, resume=True), explicit={"out", "steps", "resume"})
+    (data / "img9.png").unlink()
+    assert cli_main(["search", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert f"genotype: {out / 'genotype.json'}" in capsys.readouterr().out
+    assert loads((out / "genotype.json").read_text()).provenance["step"] == 8

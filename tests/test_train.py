@@ -597,3 +597,28 @@ def test_exporting_a_checkpoint_of_no_known_kind_is_a_clean_error(tmp_path, caps
     assert cli_main(["export", str(tmp_path / "odd.pt"), str(tmp_path / "out")]) == 2  # was a traceback
     assert "is a 'weird' checkpoint; only 'train' checkpoints hold a network" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resume_after_the_training_images_changed(tmp_path):
+    """The held-out split and the patches are drawn by image index: images added to the data folder since
+    the checkpoint would move images between the weights' data and the held-out validation. Refused with a
+    split; without one the run goes on, and its log says why it is not an uninterrupted run's replay."""
+    import shutil
+
+    data = write_images(tmp_path / "data", n=6)
+    train(_cfg(tmp_path, data, "plain", steps=2))
+    train(_cfg(tmp_path, data, "held", steps=2, val_holdout=2, val_every=2))
+    assert load_checkpoint(tmp_path / "plain" / "last.pt")["images"]["count"] == 6
+    resumed = train(_cfg(tmp_path, data, "plain", steps=3, resume=True), explicit={"steps", "resume"})
+    assert resumed.step == 3 and "data_changed" not in [r["event"] for r in _records(tmp_path / "plain")]
+    write_images(tmp_path / "extra", n=1, seed=9)
+    shutil.copy(tmp_path / "extra" / "img0.png", data / "img_zzz.png")
+    before = (tmp_path / "held" / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"the training images changed since the checkpoint was written \(6 then, 7 "
+                                          r"now\): its held-out split would move images"):
+        train(_cfg(tmp_path, data, "held", steps=4, val_holdout=2, val_every=2, resume=True))
+    assert (tmp_path / "held" / "last.pt").read_bytes() == before
+    resumed = train(_cfg(tmp_path, data, "plain", steps=4, resume=True), explicit={"steps", "resume"})
+    assert resumed.step == 4
+    (changed,) = [r for r in _records(tmp_path / "plain") if r["event"] == "data_changed"]
+    assert changed["step"] == 3 and "(6 then, 7 now): the run goes on with them" in changed["note"]
