@@ -16,13 +16,21 @@ from .pretrained import ModelLoadError
 
 __version__ = "0.1.0"
 
-__all__ = ["DLSR", "Genotype", "GenotypeError", "ModelLoadError", "upscale", "__version__"]
+#: names served lazily (upscaling pulls in PIL and the tiling code; keep `import dlsr_infer` light) -> module
+_LAZY = {"upscale": "upscaling", "upscale_file": "upscaling", "Upscaler": "upscaling",
+         "ImageLoadError": "imageio", "ImageTooLargeError": "imageio", "OutputExistsError": "imageio",
+         "ColorConversionWarning": "imageio"}
+
+__all__ = ["DLSR", "Genotype", "GenotypeError", "ModelLoadError", *_LAZY, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # upscale() pulls in PIL and the tiling code; keep `import dlsr_infer` light.
-    if name == "upscale":
-        from .upscaling import upscale
+    if name in _LAZY:
+        import importlib
 
-        return upscale
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'dlsr_infer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

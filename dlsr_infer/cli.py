@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="NAME",
                    help="alias (x2, x3, x4, x2-s), model directory or Hub repo id (default: x<scale>)")
     p.add_argument("--tile", type=int, metavar="N",
-                   help="LR tile size in pixels; 0 = whole image at once (default: from free memory)")
+                   help="LR tile size in pixels; 0 = whole image at once (default: from free memory). At least "
+                        "2 x --tile-overlap + the network's alignment (134 with the default overlap), checked up "
+                        "front, also where every input is smaller than one tile")
     p.add_argument("--tile-overlap", type=int, metavar="N", help="overlap between tiles in LR pixels (default 64)")
     p.add_argument("--batch-size", type=int, metavar="N", help="tiles per batch (default: from memory)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -226,6 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         named = FORMATS.get(Path(args.output).suffix.lower())
         if args.format and named and named != FORMATS.get("." + args.format.lower()):  # a .png holding a JPEG
             return usage(f"-o {args.output} names a {named} file but --format {args.format} was given; drop one")
+    if args.output is not None and out_is_folder and not args.output.endswith(("/", os.sep)) \
+            and not Path(args.output).is_dir() and Path(args.output).suffix.lower() in FORMATS:
+        many = f"{len(sources)} inputs" if len(sources) > 1 else "a folder input"
+        return usage(f"-o {args.output} names an image file, but {many} need an output folder (end it with / for a "
+                     "folder of that name)")
     if args.output is not None and out_is_folder and Path(args.output).is_file():
         if not Path(args.output).suffix:
             return usage(f"-o {args.output} is an existing file without an image extension: name the output "

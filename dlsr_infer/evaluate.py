@@ -36,6 +36,7 @@ from .metrics import psnr_y, ssim_y
 __all__ = [
     "IMAGE_EXTENSIONS",
     "default_benchmarks_dir",
+    "default_shared_dir",
     "dataset_images",
     "dataset_name",
     "load_rgb",
@@ -55,14 +56,24 @@ DEFAULT_SETS = ("Set5", "Set14", "B100")
 Upscaler = Callable[[np.ndarray], np.ndarray]  # uint8 HxWx3 LR -> uint8 HxWx3 SR
 
 
-def default_benchmarks_dir() -> Path:
-    """``$DLSR_BENCHMARKS``, else ``<$DLSR_SHARED or ../shared beside the repo>/data/benchmarks``."""
-    env = os.environ.get("DLSR_BENCHMARKS")
+def default_shared_dir() -> Path:
+    """The project's shared material (benchmarks, training images): ``$DLSR_SHARED``; else ``../shared``
+    beside the source checkout this package runs from; else ``../shared`` seen from the current folder
+    (a `pip install .` runs from site-packages, where nothing is beside it). Where none exists, the first
+    candidate, for the error that names it."""
+    env = os.environ.get("DLSR_SHARED")
     if env:
         return Path(env)
-    shared = os.environ.get("DLSR_SHARED")
-    base = Path(shared) if shared else Path(__file__).resolve().parents[2] / "shared"
-    return base / "data" / "benchmarks"
+    checkout = Path(__file__).resolve().parents[1]
+    candidates = [checkout.parent / "shared"] if (checkout / "setup.cfg").is_file() else []
+    candidates.append(Path.cwd().parent / "shared")
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+def default_benchmarks_dir() -> Path:
+    """``$DLSR_BENCHMARKS``, else ``<shared>/data/benchmarks`` (`default_shared_dir`)."""
+    env = os.environ.get("DLSR_BENCHMARKS")
+    return Path(env) if env else default_shared_dir() / "data" / "benchmarks"
 
 
 def _image_dir(path: Path) -> Path:
@@ -358,7 +369,7 @@ def _parser(prog: str = "dlsr-eval") -> argparse.ArgumentParser:
                     help="model alias (e.g. x2), model directory or hub id; optional with --bicubic")
     ap.add_argument("--data", nargs="+", metavar="DIR",
                     help="dataset folders (<Set> with HR/, or a folder of images) or benchmark roots "
-                    "(default: $DLSR_BENCHMARKS or <shared>/data/benchmarks)")
+                    "(default: $DLSR_BENCHMARKS, else $DLSR_SHARED/data/benchmarks, else ../shared/data/benchmarks)")
     ap.add_argument("--sets", nargs="+", default=list(DEFAULT_SETS), metavar="NAME",
                     help="sets to take from a benchmark root (default: %(default)s)")
     ap.add_argument("--scale", type=int, help="upscale factor (default: the model's; required for --bicubic alone)")

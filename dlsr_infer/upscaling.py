@@ -26,7 +26,7 @@ from torch import nn
 
 from .imageio import (DEFAULT_MAX_PIXELS, ImageData, OutputExistsError, can_be_pil, check_quality, format_for,
                       from_pil, load_image, save_image, to_pil)
-from .pretrained import CONFIG_NAME, hides_no_alias
+from .pretrained import ALIASES, CONFIG_NAME, hides_no_alias
 from .tiling import (DEFAULT_OVERLAP, ProgressFn, TileStats, auto_tile, bytes_per_pixel, context_alignment, memory_budget,
                      pass_pixels, run_tiled)
 
@@ -177,6 +177,9 @@ def get_model(model: ModelLike = None, *, scale: int | None = None, device: str 
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 1):
         raise ValueError(f"scale must be a positive integer, got {scale!r}")
     if model is None:
+        if f"x{scale or 4}" not in ALIASES:
+            raise ValueError(f"no bundled model upscales by {scale}: they are x2, x3 and x4 (and x2-s); pass model= "
+                             "a model of that scale")
         model = f"x{scale or 4}"
     if isinstance(model, (str, os.PathLike)):
         ident, files = _cache_name(model)

@@ -48,6 +48,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; check its format and (optionally) its kind."""
     path = Path(path)
+    if path.is_dir():  # a run folder (or its best/): the checkpoint is the last.pt inside a run folder
+        hint = f"; give {path / 'last.pt'}" if (path / "last.pt").is_file() else " (a run folder holds last.pt)"
+        raise CheckpointError(f"{path} is a folder, not a checkpoint{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

@@ -8,8 +8,8 @@
     dlsr-search eval   models/my-x2 --data ../shared/data/benchmarks
 
 Every command also runs under ``torchrun --nproc_per_node=N -m dlsr_search.cli ...`` (gloo on CPU,
-NCCL on CUDA). Training data comes from ``--data`` or ``$DLSR_DATA`` (default: ../shared/data/train
-beside the repository).
+NCCL on CUDA). Training data comes from ``--data`` or ``$DLSR_DATA`` (default: ``$DLSR_SHARED/data/train``,
+else ../shared/data/train beside the source checkout or the current folder).
 """
 from __future__ import annotations
 
@@ -40,13 +40,13 @@ def _common_run_args(ap: argparse.ArgumentParser, kind: str) -> None:
                    help="continue the run in --out from its last.pt (starts fresh if there is none yet)")
     g.add_argument("--scale", type=int, help="upscale factor 2, 3 or 4 (default 2)")
     g.add_argument("--seed", type=int, help="seed for init and data order (default 0)")
-    g.add_argument("--steps", type=int, help="total optimizer steps of the run")
+    g.add_argument("--steps", type=int, help="total optimizer steps of the run (default: train 2,000,000, search 100,000)")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
     g.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice; "
                    "cores / processes under torchrun)")
     d = ap.add_argument_group("data")
     d.add_argument("--data", nargs="+", metavar="DIR", help="folders of HR training images, searched recursively "
-                   "(default $DLSR_DATA, else ../shared/data/train beside the repo)")
+                   "(default $DLSR_DATA, else $DLSR_SHARED/data/train, else ../shared/data/train)")
     d.add_argument("--batch", type=int, help="global batch size (split over torchrun processes)")
     d.add_argument("--patch", type=int, help="HR patch side in pixels (the LR patch is patch/scale)")
     d.add_argument("--workers", type=int, help="DataLoader worker processes (default 0: patches are cheap)")

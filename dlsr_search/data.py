@@ -20,12 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dlsr_infer.evaluate import IMAGE_EXTENSIONS, hr_digest, load_rgb, make_lr
+from dlsr_infer.evaluate import IMAGE_EXTENSIONS, default_shared_dir, hr_digest, load_rgb, make_lr
 from dlsr_infer.imresize import modcrop
 from dlsr_infer.model import MIN_INPUT_SIZE
 
-#: Folder used when neither --data nor $DLSR_DATA is given: ../shared/data/train beside the repo.
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
 
 
 class DataError(ValueError):
@@ -33,10 +31,12 @@ class DataError(ValueError):
 
 
 def default_data_roots() -> list[Path]:
+    """``$DLSR_DATA`` (folders joined by the path separator), else ``<shared>/data/train``, the shared
+    folder found as dlsr-eval finds it (``$DLSR_SHARED``, else ``../shared``: `default_shared_dir`)."""
     env = os.environ.get("DLSR_DATA")
     if env:
         return [Path(p) for p in env.split(os.pathsep) if p]
-    return [DEFAULT_DATA]
+    return [default_shared_dir() / "data" / "train"]
 
 
 def list_images(roots: Sequence[str | os.PathLike]) -> list[Path]:
@@ -228,7 +228,6 @@ def to_float(batch: torch.Tensor, device: torch.device, channels_last: bool = Fa
 
 
 __all__ = [
-    "DEFAULT_DATA",
     "DataError",
     "ImagePair",
     "PatchDataset",

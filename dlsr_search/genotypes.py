@@ -20,6 +20,8 @@ def resolve_genotype(spec: str | None, scale: int, channels: int | None = None) 
     notes: list[str] = []
     if spec is None:
         spec = f"dlsr_x{scale}"
+        if spec not in BUILTIN:
+            raise GenotypeError(f"--scale must be 2, 3 or 4, got {scale}")
     if spec in BUILTIN:
         genotype = builtin(spec)
     elif spec.lstrip().startswith("{"):

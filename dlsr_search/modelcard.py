@@ -794,6 +794,9 @@ def summary_table(weights: Path) -> str:
     lines = ["| model | params | Set5 | Set14 | B100 |", "|---|---|---|---|---|"]
     seen: set[str] = set()  # reference rows (paper, bicubic) shared by two cards of one scale appear once
     models = [(DLSR.from_pretrained(card.parent), card) for card in sorted(weights.glob("*/README.md"))]
+    if not models:  # an empty table would read as "no models", not as a wrong folder
+        what = "is not a folder" if not weights.is_dir() else "holds no model directory with a model card"
+        raise FileNotFoundError(f"{weights} {what} (give the folder of model directories, e.g. weights)")
     for model, card in sorted(models, key=lambda mc: (mc[0].scale, -mc[0].num_parameters)):
         text = card.read_text()
         if "| method |" not in text:
@@ -830,7 +833,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m dlsr_search.modelcard summary: error: {exc}", file=sys.stderr)
             return 2
         return 0
-    p = argparse.ArgumentParser(prog="python -m dlsr_search.modelcard", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m dlsr_search.modelcard", description=__doc__.splitlines()[0],
+                                epilog="python -m dlsr_search.modelcard summary [WEIGHTS_DIR]: README's results "
+                                "table, from the model cards in WEIGHTS_DIR (default weights)")
     p.add_argument("run", type=Path, help="run folder of dlsr-search train (log.jsonl, best/), or a model soup "
                    "written by `dlsr-search soup` (its soup.json names the fine-tunes, each a RUN/best)")
     p.add_argument("out", type=Path, help="model directory to write (e.g. weights/dlsr-x2)")

@@ -173,6 +173,12 @@ def test_usage_errors_exit_2(capsys, model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "result").write_text("x")
     rc, out, err = run(capsys, a, "-o", tmp_path / "result", "--model", model_dir)
     assert rc == 2 and "is an existing file without an image extension" in err
+    # -o naming an image file with two inputs made a folder called one.png (exit 0)
+    rc, out, err = run(capsys, a, b, "-o", tmp_path / "one.png", "--model", model_dir)
+    assert rc == 2 and "-o" in err and "names an image file, but 2 inputs need an output folder" in err
+    assert not (tmp_path / "one.png").exists()
+    assert run(capsys, a, b, "-o", f"{tmp_path / 'one.png'}/", "--model", model_dir)[0] == 0  # asked for: a folder
+    assert outputs(tmp_path / "one.png") == ["a.png", "b.png"]
 
 
 def test_a_failing_write_leaves_nothing_behind(capsys, monkeypatch, folder: Path, model_dir: Path,

@@ -141,6 +141,27 @@ def test_dataset_naming_and_default_root(benchmarks_dir: Path, monkeypatch) -> N
     monkeypatch.delenv("DLSR_BENCHMARKS")
     monkeypatch.setenv("DLSR_SHARED", "/somewhere")
     assert ev.default_benchmarks_dir() == Path("/somewhere/data/benchmarks")
+    # the trainer finds the shared folder by the same rule
+    from dlsr_search.data import default_data_roots
+
+    assert default_data_roots() == [Path("/somewhere/data/train")]
+
+
+def test_the_shared_folder_is_found_from_an_installed_package(tmp_path: Path, monkeypatch) -> None:
+    """After `pip install .` the package runs from site-packages, where no ../shared is beside it: the
+    default then is ../shared seen from the current folder (a checkout of the repo)."""
+    import dlsr_infer.evaluate as evaluate_mod
+
+    monkeypatch.delenv("DLSR_SHARED", raising=False)
+    monkeypatch.delenv("DLSR_BENCHMARKS", raising=False)
+    installed = tmp_path / "venv" / "lib" / "site-packages" / "dlsr_infer" / "evaluate.py"
+    monkeypatch.setattr(evaluate_mod, "__file__", str(installed))
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    assert ev.default_benchmarks_dir() == tmp_path / "shared" / "data" / "benchmarks"
+    (tmp_path / "shared").rmdir()  # nowhere: the error names ../shared from here
+    assert ev.default_shared_dir() == tmp_path / "shared"
 
 
 def test_cli_with_model(benchmarks_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:

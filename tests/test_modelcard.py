@@ -401,6 +401,10 @@ def test_summary_shows_each_paper_row_once(tmp_path):
         DLSR.from_genotype_name("dlsr_x2").save_pretrained(tmp_path / f"m{k}", model_card=card)
     names = [r.split("|")[1].strip() for r in summary_table(tmp_path).splitlines()[2:]]
     assert names == ["m1 (ours, bundled)", "DLSR, paper Table 2 (PSNR)", "bicubic x2", "m2 (ours, bundled)"]
+    # a folder without model cards (a typo, run outside the repo) is an error, not an empty table
+    for where, why in ((tmp_path / "nope", "is not a folder"), (tmp_path / "m1", "holds no model directory")):
+        with pytest.raises(FileNotFoundError, match=why):
+            summary_table(where)
 
 
 def test_a_card_is_written_all_or_none(chain, monkeypatch, capsys):

@@ -37,3 +37,47 @@ def test_install_from_another_directory(tmp_path):
         return sorted(str(f.relative_to(root)) for d in root.glob("*/config.json") for f in d.parent.iterdir())
 
     assert model_files(target / "dlsr_infer" / "_weights") == model_files(REPO_ROOT / "weights")
+
+
+def test_every_name_the_docs_give_resolves():
+    """`dlsr_infer.ImageLoadError` (docs/reliability.md) raised AttributeError: the error classes, upscale_file
+    and Upscaler lived only in submodules. Every `dlsr_infer.X[.Y]` / `dlsr_search.X[.Y]` the README and
+    docs name must import as written, and every name in `dlsr_infer.__all__` must resolve."""
+    import importlib
+    import importlib.util
+    import re
+
+    import dlsr_infer
+    from dlsr_infer.imageio import ImageLoadError
+
+    assert all(getattr(dlsr_infer, name) is not None for name in dlsr_infer.__all__)
+    assert dlsr_infer.ImageLoadError is ImageLoadError
+    docs = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs").glob("*.md"), *(REPO_ROOT / "benchmarks").glob("*.md")]
+    named, missing = 0, []
+    for doc in docs:
+        for m in re.finditer(r"\b(dlsr_infer|dlsr_search)((?:\.[A-Za-z_]\w*)+)", doc.read_text()):
+            parts = [m[1], *m[2].strip(".").split(".")]
+            obj = importlib.import_module(parts[0])
+            for i, name in enumerate(parts[1:], start=1):
+                if hasattr(obj, name):
+                    obj = getattr(obj, name)
+                elif importlib.util.find_spec(".".join(parts[:i + 1])) is not None:
+                    obj = importlib.import_module(".".join(parts[:i + 1]))
+                else:
+                    missing.append(f"{doc.name}: {m[0]}")
+                    break
+            named += 1
+    assert named > 10 and missing == [], missing
+
+
+def test_the_readme_and_docs_reliability_tables_are_one_table():
+    """README's bad-input tables are copies of docs/reliability.md's: they drifted (rows changed in one only)."""
+    import re
+
+    def tables(text: str) -> dict[str, str]:
+        return {m[1]: m[2] for m in re.finditer(r"^#+ (Files|Arrays)[^\n]*\n\n((?:\|[^\n]*\n)+)", text, re.M)}
+
+    readme = tables((REPO_ROOT / "README.md").read_text())
+    docs = tables((REPO_ROOT / "docs" / "reliability.md").read_text())
+    assert set(readme) == set(docs) == {"Files", "Arrays"}
+    assert readme == docs

@@ -368,6 +368,7 @@ def _copy_images(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize("option,value,message", [
+    ("--scale", "5", "--scale must be 2, 3 or 4, got 5"),
     ("--log-every", "0", "--log-every must be >= 1"),
     ("--lr", "nan", "--lr must be a finite number > 0"),
     ("--weight-decay", "-1", "--weight-decay must be a finite number >= 0"),
@@ -622,3 +623,8 @@ def test_a_resume_after_the_training_images_changed(tmp_path):
     assert resumed.step == 4
     (changed,) = [r for r in _records(tmp_path / "plain") if r["event"] == "data_changed"]
     assert changed["step"] == 3 and "(6 then, 7 now): the run goes on with them" in changed["note"]
+    (tmp_path / "run").mkdir()
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": "weird", "step": 1}, tmp_path / "run" / "last.pt")
+    assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2  # a run folder: was "not found"
+    assert f"{tmp_path / 'run'} is a folder, not a checkpoint; give {tmp_path / 'run' / 'last.pt'}" in \
+        capsys.readouterr().err

@@ -308,6 +308,9 @@ def test_model_scale_is_checked(model: DLSR) -> None:
     assert upscale(rgb(), scale=2, model=model).shape == (40, 52, 3)
     with pytest.raises(TypeError, match="model must be"):
         upscale(rgb(), model=42)  # type: ignore[arg-type]
+    for scale in (1, 5):  # no bundled model: said as such, not "no model directory at 'x5'"
+        with pytest.raises(ValueError, match=f"no bundled model upscales by {scale}: they are x2, x3 and x4"):
+            upscale(rgb(), scale=scale)
 
 
 def test_auto_dtype_on_cpu_is_bf16_only_where_native_and_parity_holds(monkeypatch) -> None:
