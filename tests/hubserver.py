@@ -75,6 +75,8 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []  # (method, path), hub and CDN alike
         #: Requests for huggingface_hub's own bookkeeping, kept apart from `requests` (see `_dispatch`).
         self.side_requests: list[tuple[str, str]] = []
+        #: the Authorization header of each request to the hub (None: none sent)
+        self.authorization: list[str | None] = []
         self._lock = threading.Lock()
         self._hub: _Server | None = None
         self._cdn: _Server | None = None
@@ -155,6 +157,7 @@ class FakeHub:
 
     # --- protocol --------------------------------------------------------------------------------
     def _serve_hub(self, h: "_Handler") -> None:
+        self.authorization.append(h.headers.get("Authorization"))
         parts = urlsplit(h.path).path.split("/")
         # ['', owner, name, 'resolve', revision, *filename]
         if len(parts) < 6 or parts[3] != "resolve":

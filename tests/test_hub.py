@@ -542,3 +542,15 @@ def test_save_pretrained_refuses_what_it_could_not_load_back_before_writing_anyt
 
     with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:
         assert f.metadata()["epoch"] == "5" and f.metadata()["format"] == "pt"
+
+
+def test_cache_dir_and_token_reach_the_download(hub, models, tmp_path):
+    """`cache_dir=` and `token=` are passed through to huggingface_hub: the files land in that cache (not
+    the default one) and the token is sent to the Hub."""
+    hub.add_commit("owner/private", models["a"][1])
+    cache = tmp_path / "elsewhere"
+    model = DLSR.from_pretrained("owner/private", cache_dir=cache, token="hf_not_a_real_token")
+    _same(model, models["a"][0])
+    assert Path(model.source).is_relative_to(cache)
+    assert not (hub.cache / "models--owner--private").exists()
+    assert hub.authorization and set(hub.authorization) == {"Bearer hf_not_a_real_token"}
