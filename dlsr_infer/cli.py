@@ -230,8 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return usage(f"-o {args.output} names a {named} file but --format {args.format} was given; drop one")
     if args.output is not None and out_is_folder and not args.output.endswith(("/", os.sep)) \
             and not Path(args.output).is_dir() and Path(args.output).suffix.lower() in FORMATS:
-        many = f"{len(sources)} inputs" if len(sources) > 1 else "a folder input"
-        return usage(f"-o {args.output} names an image file, but {many} need an output folder (end it with / for a "
+        many = f"{len(sources)} inputs need" if len(sources) > 1 else "a folder input needs"
+        return usage(f"-o {args.output} names an image file, but {many} an output folder (end it with / for a "
                      "folder of that name)")
     if args.output is not None and out_is_folder and Path(args.output).is_file():
         if not Path(args.output).suffix:

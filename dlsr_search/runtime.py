@@ -165,13 +165,17 @@ def start_run(cfg: Any, info: D.DistInfo, out: Path, ckpt: dict | None, *, desc:
     return RunStart(files, autocast_dtype, channels_last, threads, log)
 
 
-def image_list(files: Sequence[Path]) -> dict[str, Any]:
+def image_list(files: Sequence[Path], roots: Sequence[str | os.PathLike]) -> dict[str, Any]:
     """What a checkpoint records of the images a run found (in order: a held-out split and the patches
-    are drawn by index): their count and a digest of each file's folder and name, which survives the data
-    moving to another path (a GPU machine's copy) and not an image added, removed or renamed."""
+    are drawn by index): their count and a digest of their paths relative to the data folder each was
+    found in (`roots`, as `list_images` was given them), so that an image added, removed or renamed
+    changes it and the folders' own location does not."""
     digest = hashlib.sha256()
     for f in files:
-        digest.update(f"{Path(f).parent.name}/{Path(f).name}\n".encode())
+        f = Path(f)
+        root = next((Path(r) for r in roots if f == Path(r) or f.is_relative_to(Path(r))), None)
+        rel = f.name if root is None or f == root else f.relative_to(root).as_posix()
+        digest.update(f"{rel}\n".encode())
     return {"count": len(files), "sha256": digest.hexdigest()}
 
 
@@ -182,7 +186,9 @@ def check_resumed_images(ckpt: dict | None, images: dict[str, Any], *, held_out:
     was = ckpt.get("images") if ckpt else None
     if not was or was == images:  # (checkpoints written before this record: not checked)
         return None
-    what = f"the training images changed since the checkpoint was written ({was['count']} then, {images['count']} now)"
+    counts = f"{was['count']} then, {images['count']} now" if was["count"] != images["count"] else \
+        f"as many ({images['count']}), but not the same names"
+    what = f"the training images changed since the checkpoint was written ({counts})"
     if held_out:
         raise ConfigError(f"{what}: its held-out split would move images between training and validation; restore "
                           "the data folder as it was, or start a new run")

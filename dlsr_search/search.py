@@ -35,7 +35,7 @@ from dlsr_infer.genotype import MAX_CELLS, MAX_CHANNELS, Genotype, loads as load
 from dlsr_infer.imageio import atomic_write_text
 
 from . import distributed as D
-from .checkpoint import (CHECKPOINT_FORMAT, RunCheckpoints, load_checkpoint, resume_or_start, rng_state, seed_everything,
+from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, RunCheckpoints, load_checkpoint, resume_or_start, rng_state, seed_everything,
                          set_rng_state)
 from .config import ConfigError, check_common, from_json, to_json
 from .data import DataError, PatchDataset, default_data_roots, patch_loader, split_by_image, step_indices, to_float
@@ -85,7 +85,9 @@ class SearchConfig:
 class SearchResult:
     out: Path
     step: int
-    genotype: Genotype | None  # None (and no genotype_path) when the search was stopped before its last step
+    # None (and no genotype_path) when the search was stopped before its last step: its genotype.json, if any,
+    # is the latest searched one (written once warm-up is over), not a final one
+    genotype: Genotype | None
     genotype_path: Path | None
     snapshots: list[Path]
     resumed_from: int | None
@@ -121,6 +123,9 @@ def genotype_from_checkpoint(path: str | os.PathLike) -> Genotype:
     """The genotype a search checkpoint's alphas/betas derive (what `dlsr-search export` writes)."""
     ckpt = load_checkpoint(path, kind="search")
     cfg = from_json(SearchConfig, ckpt["config"])
+    if int(ckpt["step"]) <= cfg.warmup:  # A has not moved yet: the 'genotype' would be its random init
+        raise CheckpointError(f"{path} stopped at step {ckpt['step']}, within its {cfg.warmup}-step warm-up: its "
+                              "architecture has not been searched yet (resume the search past the warm-up)")
     state = ckpt["model"]
     betas = [state[f"betas.{i}"] for i in range(cfg.cells - 2)]
     return derive_genotype(state["alphas"], betas, scale=cfg.scale, channels=cfg.channels, num_cells=cfg.cells,
@@ -194,7 +199,8 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
         val_set = PatchDataset(val_pairs, cfg.scale, lr_patch, cfg.seed, stream=1)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    check_resumed_images(ckpt, image_list(files), held_out=True)
+    images = image_list(files, cfg.data)
+    check_resumed_images(ckpt, images, held_out=True)
 
     # ---- supernet, two optimizers: theta and A never share a step ---------------------------------------------
     seed_everything(cfg.seed)
@@ -270,7 +276,7 @@ def _search(cfg: SearchConfig, info: D.DistInfo, stop: StopRequest, explicit: It
             "w_scheduler": w_sched.state_dict(), "rng": rng_state(),
             "genotype_json": last_genotype.to_json() if last_genotype is not None else "",
             "samples_seen": step * cfg.batch, "world": info.world, "train_seconds": train_seconds,
-            "images": image_list(files),
+            "images": images,
         }, finite=[*sums.values(), *model.parameters()], step=step)
 
     # ---- the loop ----------------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     # Loaded before the run records its start (config.json, the start/resume records): a run that cannot
     # use its data leaves no history that claims it trained.
     lr_patch = cfg.hr_patch() // cfg.scale
-    images = image_list(files)
+    images = image_list(files, cfg.data)
     try:
         val_files = None
         if cfg.val_holdout:

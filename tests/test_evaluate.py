@@ -144,6 +144,7 @@ def test_dataset_naming_and_default_root(benchmarks_dir: Path, monkeypatch) -> N
     # the trainer finds the shared folder by the same rule
     from dlsr_search.data import default_data_roots
 
+    monkeypatch.delenv("DLSR_DATA", raising=False)
     assert default_data_roots() == [Path("/somewhere/data/train")]
 
 

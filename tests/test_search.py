@@ -337,6 +337,9 @@ def test_a_search_stopped_by_a_signal_gives_no_final_genotype_and_resumes(tmp_pa
     out = tmp_path / "run"
     assert not (out / "genotype.json").exists()
     assert [r["event"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())][-1] == "stop"
+    assert cli_main(["export", str(out / "last.pt"), str(tmp_path / "g.json")]) == 2  # the random init: refused
+    assert "stopped at step 2, within its 5-step warm-up" in capsys.readouterr().err
+    assert not (tmp_path / "g.json").exists()
     monkeypatch.setattr(search_mod, "search_step", real_step)
     # images added since the checkpoint: the held-out split would change under the run, so no resume
     write_images(tmp_path / "more", n=1, seed=3)

@@ -598,6 +598,11 @@ def test_exporting_a_checkpoint_of_no_known_kind_is_a_clean_error(tmp_path, caps
     assert cli_main(["export", str(tmp_path / "odd.pt"), str(tmp_path / "out")]) == 2  # was a traceback
     assert "is a 'weird' checkpoint; only 'train' checkpoints hold a network" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    (tmp_path / "run").mkdir()
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": "weird", "step": 1}, tmp_path / "run" / "last.pt")
+    assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2  # a run folder: was "not found"
+    assert f"{tmp_path / 'run'} is a folder, not a checkpoint; give {tmp_path / 'run' / 'last.pt'}" in \
+        capsys.readouterr().err
 
 
 def test_a_resume_after_the_training_images_changed(tmp_path):
@@ -623,8 +628,13 @@ def test_a_resume_after_the_training_images_changed(tmp_path):
     assert resumed.step == 4
     (changed,) = [r for r in _records(tmp_path / "plain") if r["event"] == "data_changed"]
     assert changed["step"] == 3 and "(6 then, 7 now): the run goes on with them" in changed["note"]
-    (tmp_path / "run").mkdir()
-    atomic_torch_save({"format": CHECKPOINT_FORMAT, "kind": "weird", "step": 1}, tmp_path / "run" / "last.pt")
-    assert cli_main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2  # a run folder: was "not found"
-    assert f"{tmp_path / 'run'} is a folder, not a checkpoint; give {tmp_path / 'run' / 'last.pt'}" in \
-        capsys.readouterr().err
+
+    # the record is of paths within the data folders: a copy elsewhere is the same list, a rename is not
+    from dlsr_search.runtime import check_resumed_images, image_list
+
+    copy = shutil.copytree(data, tmp_path / "gpu" / "dlsr_data")
+    assert image_list(list_images([data]), [data]) == image_list(list_images([copy]), [str(copy)])
+    (copy / "img_zzz.png").rename(copy / "img_yyy.png")
+    with pytest.raises(ConfigError, match=r"as many \(7\), but not the same names"):
+        check_resumed_images({"images": image_list(list_images([data]), [data])},
+                             image_list(list_images([copy]), [copy]), held_out=True)
