@@ -44,3 +44,27 @@ def test_gpu_session_packs_its_runs_and_a_later_session_resumes_them(tmp_path):
     log = (tmp_path / "runs" / "x2sg.log").read_text()
     assert f"resumed {tmp_path / 'runs' / 'x2sg'} at step {step1}" in log  # the console log is appended to
     assert load_checkpoint(tmp_path / "runs" / "x2sg" / "last.pt", kind="train")["step"] > step1
+
+
+@pytest.mark.slow
+def test_checks_only_call_unpacks_a_data_part_while_the_checks_run_and_trains_nothing(tmp_path):
+    """Device call 1 of a session: the CUDA tests and benchmarks (here, on a CPU, they skip or fail and the
+    script goes on), the first data part unpacked meanwhile and waited for, no DATA/VAL needed, no run."""
+    write_images(tmp_path / "shared" / "data" / "train" / "T91", n=2, size=72)
+    write_images(tmp_path / "shared" / "data" / "benchmarks" / "Set5" / "HR", n=1, size=48, seed=5)
+    packed = subprocess.run([sys.executable, "benchmarks/gpu_data.py", "pack", str(tmp_path / "gpu"), "--shared",
+                             str(tmp_path / "shared"), "--budget-mib", "1", "--jobs", "1"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert packed.returncode == 0, packed.stderr
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "CHECKS_ONLY": "1", "UNPACK": str(tmp_path / "gpu" / "part1"),
+           "UNPACK_TO": str(tmp_path / "unpacked"), "RUNS": str(tmp_path / "runs"), "PY": sys.executable,
+           "OMP_NUM_THREADS": "1"}
+    env.pop("DATA", None)
+    env.pop("VAL", None)
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "CUDA tests" in done.stdout and "done (checks only)" in done.stdout
+    assert "unpacked" in done.stdout and "(exit 0)" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "unpacked" / "train" / "T91").iterdir()) == ["img0.png", "img1.png"]
+    assert "training data" not in done.stdout and not any((tmp_path / "runs").iterdir())
