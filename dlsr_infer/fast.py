@@ -543,10 +543,11 @@ def param_key(model: nn.Module) -> tuple[Any, ...]:
     """A fingerprint of a module's tensors that changes whenever a parameter is replaced or edited.
 
     Each tensor's storage pointer, dtype, device, shape and autograd version counter (bumped by every
-    in-place write: optimizer steps, `load_state_dict`, `p.copy_()`, `p.add_()` ...), plus the float32
-    norm of every tensor and one position-weighted sum over all of them, which also catch writes through
-    `p.data` and into inference tensors (they bypass version counters: `dist.broadcast(p.data)`, old-style
-    EMA updates, an edit under `inference_mode`) - a sign flip or a permutation keeps a norm, not the sum.
+    in-place write: optimizer steps, `load_state_dict`, `p.copy_()`, `p.add_()` ...), plus one float64
+    position-weighted sum over all of them, which also catches writes through `p.data` and into inference
+    tensors (they bypass version counters: `dist.broadcast(p.data)`, old-style EMA updates, an edit under
+    `inference_mode`): a sign flip, a permutation, or a change of one weight by 1e-9 of the weights' scale.
+    One sum, not a norm per tensor as before: the per-tensor norms cost more than the sum and saw less.
     """
     tensors = list(model.parameters()) + list(model.buffers())
     key: list[Any] = []
@@ -556,23 +557,20 @@ def param_key(model: nn.Module) -> tuple[Any, ...]:
         except RuntimeError:  # inference tensor
             version = -1
         key.append((t.data_ptr(), version, t.dtype, t.device, tuple(t.shape)))
-    floats = [t.detach() for t in tensors if t.is_floating_point()]
+    floats = [t.detach().reshape(-1) for t in tensors if t.is_floating_point()]
     if floats:
         with torch.no_grad():
-            norms = torch.stack(torch._foreach_norm(floats)).float()
-            # one position-weighted sum over all tensors: a sign flip or a permutation keeps every norm
-            flat = torch.cat([t.reshape(-1).float() for t in floats])
-            mix = torch.dot(flat, _mixing_weights(flat.numel(), flat.device)).reshape(1)
-            # NaN never equals itself: a model with a NaN weight would rebuild on every call
-            sums = torch.nan_to_num(torch.cat([norms, mix]), nan=-1.0)
-        key.append(tuple(sums.tolist()))
+            same = len({t.dtype for t in floats}) == 1
+            flat = torch.cat(floats).double() if same else torch.cat([t.double() for t in floats])
+            mix = float(torch.dot(flat, _mixing_weights(flat.numel(), flat.device)))
+        key.append(-1.0 if math.isnan(mix) else mix)  # NaN never equals itself: it would rebuild on every call
     return tuple(key)
 
 
 @functools.lru_cache(maxsize=8)
 def _mixing_weights(n: int, device: torch.device) -> torch.Tensor:
-    """Fixed pseudo-random weights in [1, 2) for `param_key`'s position-weighted sum (n floats per model)."""
-    return (1 + torch.rand(n, generator=torch.Generator().manual_seed(n))).to(device)
+    """Fixed pseudo-random float64 weights in [1, 2) for `param_key`'s position-weighted sum (n per model)."""
+    return (1 + torch.rand(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)).to(device)
 
 
 # --- the cache `DLSR.forward` uses -------------------------------------------------------------

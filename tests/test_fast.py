@@ -153,7 +153,7 @@ def test_fused_form_is_not_part_of_the_module():
 
 
 @pytest.mark.parametrize("edit", ["inplace", "load_state_dict", "data", "replace", "optimizer", "data_sign",
-                                  "data_permute", "inference_tensor"])
+                                  "data_permute", "data_tiny", "inference_tensor"])
 def test_cache_follows_weight_changes(edit):
     model = _small_model(seed=1)
     x = torch.rand(1, 3, 18, 22)
@@ -174,6 +174,9 @@ def test_cache_follows_weight_changes(edit):
         model.upsampler.conv.weight.data.neg_()
     elif edit == "data_permute":  # e.g. a stem flipped to take BGR input: norms kept too
         model.stem.weight.data.copy_(model.stem.weight.data.flip(1).clone())
+    elif edit == "data_tiny":  # one weight nudged by 1e-7 of the largest: under float32 resolution of norms and sums
+        big = max(model.parameters(), key=lambda t: t.numel())
+        big.data.view(-1)[7] += 1e-7 * big.data.abs().max()
     elif edit == "inference_tensor":  # parameters made under inference_mode have no version counter
         with torch.inference_mode():
             model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
