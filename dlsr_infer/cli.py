@@ -217,9 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sources = expand_inputs(args.inputs, recursive=args.recursive)
     # -o is a folder when it says so (trailing /), exists as one, has no extension, or must be one.
-    out_is_folder = args.output is not None and (
-        args.output.endswith(("/", os.sep)) or Path(args.output).is_dir() or not Path(args.output).suffix
-        or len(sources) > 1 or any(root is not None for _, root, _ in sources))
+    said_folder = args.output is not None and (args.output.endswith(("/", os.sep)) or Path(args.output).is_dir())
+    needs_folder = len(sources) > 1 or any(root is not None for _, root, _ in sources)
+    out_is_folder = args.output is not None and (said_folder or not Path(args.output).suffix or needs_folder)
     if args.output is not None and not out_is_folder:
         try:
             format_for(args.output, args.format)
@@ -228,8 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         named = FORMATS.get(Path(args.output).suffix.lower())
         if args.format and named and named != FORMATS.get("." + args.format.lower()):  # a .png holding a JPEG
             return usage(f"-o {args.output} names a {named} file but --format {args.format} was given; drop one")
-    if args.output is not None and out_is_folder and not args.output.endswith(("/", os.sep)) \
-            and not Path(args.output).is_dir() and Path(args.output).suffix.lower() in FORMATS:
+    if args.output is not None and needs_folder and not said_folder and Path(args.output).suffix.lower() in FORMATS:
         many = f"{len(sources)} inputs need" if len(sources) > 1 else "a folder input needs"
         return usage(f"-o {args.output} names an image file, but {many} an output folder (end it with / for a "
                      "folder of that name)")

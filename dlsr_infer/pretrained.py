@@ -271,8 +271,9 @@ def _check_header_size(path: Path) -> None:
         raise _invalid(path, f"its header claims {claimed} bytes, over the {MAX_HEADER_BYTES} byte limit")
 
 
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors a safetensors file holds, as data-less 'meta' tensors (name, shape, dtype).
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors a safetensors file holds, as data-less 'meta' tensors (name, shape, dtype), and its
+    metadata (``{}`` when it has none).
 
     Reads and validates only the header (safetensors checks that the offsets tile the file exactly),
     so a file can be checked against a network before any of its data is read.
@@ -284,6 +285,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             specs = [(name, f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()]
+            metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise _invalid(path, e) from None
     out: dict[str, torch.Tensor] = {}
@@ -293,21 +295,15 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ModelLoadError(f"{path}: tensor {name!r} has dtype {dtype_name}, which is not a supported "
                                  "weight type")
         out[name] = torch.empty(shape, dtype=dtype, device="meta")
-    return out
+    return out, metadata
 
 
-def check_recorded_genotype(genotype: Genotype, weights: Path) -> None:
+def check_recorded_genotype(genotype: Genotype, metadata: Mapping[str, str], weights: Path) -> None:
     """Refuse a config.json that describes another network than the one its weights were saved from (as
-    the weights' safetensors metadata records it, `dlsr_genotype`): a cell's links change no tensor's
+    the weights' safetensors `metadata` records it, `dlsr_genotype`): a cell's links change no tensor's
     shape, so such a pair would load and give wrong images without a word. Files without the record
     (written by other tools) are checked by their tensors alone."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            recorded = (f.metadata() or {}).get(GENOTYPE_METADATA)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _invalid(weights, e) from None
+    recorded = metadata.get(GENOTYPE_METADATA)
     if recorded is None:
         return
     try:
@@ -384,8 +380,9 @@ def load_model_dir(cls: type["DLSR"], directory: Path, *, map_location: Any = "c
     except Exception:  # pragma: no cover - a subclass whose constructor needs real tensors
         model = cls(genotype)
     expected = model.state_dict()
-    check_state_dict(expected, read_safetensors_header(weights), source=str(weights))
-    check_recorded_genotype(genotype, weights)
+    header, metadata = read_safetensors_header(weights)
+    check_state_dict(expected, header, source=str(weights))
+    check_recorded_genotype(genotype, metadata, weights)
     state = read_state_dict(weights)
     check_state_dict(expected, state, source=str(weights))  # the file may have changed since
     state = {k: v.float() for k, v in state.items()}  # the network runs in float32: 1e300 in F64 is inf here

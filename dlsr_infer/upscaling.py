@@ -177,10 +177,10 @@ def get_model(model: ModelLike = None, *, scale: int | None = None, device: str 
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 1):
         raise ValueError(f"scale must be a positive integer, got {scale!r}")
     if model is None:
-        if f"x{scale or 4}" not in ALIASES:
+        model = f"x{scale or 4}"
+        if model not in ALIASES:
             raise ValueError(f"no bundled model upscales by {scale}: they are x2, x3 and x4 (and x2-s); pass model= "
                              "a model of that scale")
-        model = f"x{scale or 4}"
     if isinstance(model, (str, os.PathLike)):
         ident, files = _cache_name(model)
         key = (*ident, str(dev), cl, bool(compile))
