@@ -205,11 +205,28 @@ class NonFiniteOutput(ValueError):
     """The network's output held NaN or inf: clamped and rounded, it would score as a partly black image."""
 
 
-def super_resolve_fp32(model: Any, lr: np.ndarray, *, scale: int, device: str) -> np.ndarray:
+def _dihedral(x: Any, code: int, *, inverse: bool = False) -> Any:
+    """One of the 8 flips/transposes (code 0..7) of an NCHW tensor, or its inverse."""
+    if inverse and code & 4:
+        x = x.transpose(-2, -1)
+    if code & 1:
+        x = x.flip(-1)
+    if code & 2:
+        x = x.flip(-2)
+    if not inverse and code & 4:
+        x = x.transpose(-2, -1)
+    return x
+
+
+def super_resolve_fp32(model: Any, lr: np.ndarray, *, scale: int, device: str, ensemble: bool = False) -> np.ndarray:
     """The protocol's forward: ``lr`` (H x W x 3 uint8) -> the SR image (sH x sW x 3 uint8), in float32
     whatever the model was set to run in (its inference_precision) or a caller autocasts to, without
     changing the caller's model (perhaps in use by other threads). `dlsr-eval` and the trainer's validation
-    both score this, so the figure that picks a run's best/ is the one dlsr-eval reports."""
+    both score this, so the figure that picks a run's best/ is the one dlsr-eval reports.
+
+    ``ensemble``: the mean of the 8 flipped/transposed inputs' outputs, each mapped back (the "self-ensemble"
+    of EDSR+; 8x the time), rounded once: what a distillation teacher predicts (`dlsr-search train --teacher`).
+    """
     import torch
 
     from .fast import exact_fp32
@@ -219,17 +236,22 @@ def super_resolve_fp32(model: Any, lr: np.ndarray, *, scale: int, device: str) -
     with torch.inference_mode(), exact_fp32(), torch.autocast(torch.device(device).type, enabled=False):
         x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1)))
         x = x.to(device=device, dtype=torch.float32).div_(255.0).unsqueeze(0)
-        xp = pad_small(x)  # an LR under the network's 15 px minimum: padded, and the output cropped back
-        full = (1, 3, xp.shape[-2] * scale, xp.shape[-1] * scale)
-        y = model(xp)
-        if not isinstance(y, torch.Tensor) or tuple(y.shape) != full:
-            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"model output shape {got} is not {full}")
-        y = y[:, :, :expected[2], :expected[3]]
+        total = None
+        for code in range(8) if ensemble else (0,):
+            xc = _dihedral(x, code)
+            xp = pad_small(xc)  # an LR under the network's 15 px minimum: padded, and the output cropped back
+            full = (1, 3, xp.shape[-2] * scale, xp.shape[-1] * scale)
+            y = model(xp)
+            if not isinstance(y, torch.Tensor) or tuple(y.shape) != full:
+                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(f"model output shape {got} is not {full}")
+            y = _dihedral(y[:, :, :xc.shape[-2] * scale, :xc.shape[-1] * scale].float(), code, inverse=True)
+            total = y if total is None else total + y
+        y = total / 8 if ensemble else total
         if not bool(torch.isfinite(y).all()):
             raise NonFiniteOutput("the model's output is not finite (NaN or inf): no PSNR can be given")
         # round() is half-to-even; exact .5 values are practically impossible after *255 of floats.
-        y = y[0].float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+        y = y[0].clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
         return y.permute(1, 2, 0).cpu().numpy()
 
 
@@ -243,15 +265,19 @@ def evaluate(
     cache_dir: str | os.PathLike | None = None,
     method: str = "model",
     dtype: str = "fp32",
+    ensemble: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` (NCHW float [0,1] RGB -> NCHW RGB, ``scale`` x larger) on dataset folders.
 
     ``scale`` defaults to ``model.scale``; giving a different one is an error. The model is moved to
     ``device`` and put in eval mode. ``dtype`` 'fp32' (the published protocol, and the default) runs
     ``model(x)`` in float32; 'auto', 'bf16' or 'fp16' run it the way ``upscale(dtype=...)`` does, to
-    measure what a reduced precision costs. Returns one dict per dataset with keys ``dataset, scale,
+    measure what a reduced precision costs. ``ensemble`` (fp32 only) scores the x8 self-ensemble (the mean
+    over flips and transposes, EDSR+'s "+"), 8x the time: not the paper's Table 2 protocol. Returns one dict per dataset with keys ``dataset, scale,
     method, psnr, ssim, images, per_image`` (``per_image``: list of ``{image, psnr, ssim}``).
     """
+    if ensemble and dtype != "fp32":
+        raise ValueError(f"the self-ensemble is evaluated in fp32 only, not dtype={dtype!r}")
     model_scale = getattr(model, "scale", None)
     if scale is None:
         if model_scale is None:
@@ -268,7 +294,7 @@ def evaluate(
     if hasattr(model, "eval"):
         model.eval()
     if dtype == "fp32":
-        run = functools.partial(super_resolve_fp32, model, scale=scale, device=device)
+        run = functools.partial(super_resolve_fp32, model, scale=scale, device=device, ensemble=ensemble)
     else:
         from .upscaling import Upscaler as _Upscaler  # whole-image pass, the same rounding to uint8
 
@@ -381,6 +407,9 @@ def _parser(prog: str = "dlsr-eval") -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "auto", "bf16", "fp16"),
                     help="compute precision: fp32 (the published protocol, default) or as upscale(dtype=...) runs "
                     "it (auto: bf16 on CPUs with native bf16)")
+    ap.add_argument("--self-ensemble", action="store_true",
+                    help="score the x8 self-ensemble (mean over flips/transposes; fp32, 8x the time), reported as "
+                    "MODEL+ - not the paper's protocol, which scores one pass")
     ap.add_argument("--cache-dir", metavar="DIR", help="cache generated LR images as PNG here")
     ap.add_argument("--max-images", type=int, metavar="N", help="evaluate only the first N images of each set")
     return ap
@@ -405,6 +434,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dlsr-eval") -> int:
     args = ap.parse_args(argv)
     if args.model is None and not args.bicubic:
         ap.error("MODEL is required unless --bicubic is given")
+    if args.self_ensemble and (args.model is None or args.dtype != "fp32"):
+        ap.error("--self-ensemble needs a MODEL and --dtype fp32")
     if args.model is None and args.scale is None:
         ap.error("--bicubic without MODEL needs --scale")
     outputs = [(opt, path) for opt, path in (("--json", args.json), ("--markdown", args.markdown)) if path]
@@ -434,7 +465,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dlsr-eval") -> int:
         if args.model is not None:
             model = _load_model(args.model)
             results += evaluate(model, datasets, scale=scale, device=args.device, max_images=args.max_images,
-                                cache_dir=args.cache_dir, method=args.model, dtype=args.dtype)
+                                cache_dir=args.cache_dir, method=args.model + ("+" if args.self_ensemble else ""),
+                                dtype=args.dtype, ensemble=args.self_ensemble)
             scale = results[0]["scale"] if results else int(model.scale)
         if args.bicubic:
             results += evaluate_bicubic(datasets, scale=scale, max_images=args.max_images, cache_dir=args.cache_dir)
@@ -448,7 +480,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dlsr-eval") -> int:
     payloads = []
     for opt, path in outputs:
         if opt == "--json":
-            payload = {"model": args.model, "protocol": "Y (BT.601), border=scale, MATLAB bicubic LR", "results": results}
+            protocol = "Y (BT.601), border=scale, MATLAB bicubic LR" + (", x8 self-ensemble" if args.self_ensemble else "")
+            payload = {"model": args.model, "protocol": protocol, "results": results}
             payloads.append((opt, path, (json.dumps(_json_safe(payload), indent=2) + "\n").encode()))
         else:
             payloads.append((opt, path, format_markdown(results).encode()))

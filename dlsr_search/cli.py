@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--pixel-loss", choices=sorted(PIXEL_LOSSES), help="pixel loss: l1 (default, the paper's) or l2, "
                    "the squared error PSNR measures (for a last fine-tuning stage)")
     t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default 0: off)")
+    t.add_argument("--teacher", metavar="MODEL", help="distil: a trained model directory or alias of this scale whose "
+                   "predictions (from the same LR, made once, cached under --lr-cache) are a second target")
+    t.add_argument("--teacher-weight", type=float, metavar="W", help="loss = (1-W)*loss(SR, HR) + W*loss(SR, teacher) "
+                   "(default 0.5)")
+    _bool_flag(t, "teacher-ensemble", "the teacher predicts with its x8 self-ensemble (8x its time, once; default off)")
     t.add_argument("--ema", type=float, metavar="DECAY", help="keep a moving average of the weights with this decay, "
                    "e.g. 0.999; validation, best/ and export use it (default 0: off)")
     t.add_argument("--export", metavar="DIR", help="at the end, write the best (else last) model directory here")

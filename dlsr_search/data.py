@@ -82,6 +82,7 @@ class ImagePair:
     name: str
     hr: np.ndarray  # uint8 HxWx3, mod-cropped to the scale
     lr: np.ndarray  # uint8 (H/s)x(W/s)x3
+    target: np.ndarray | None = None  # uint8 like hr: a teacher's prediction from lr (train --teacher)
 
 
 def large_enough(hr_short_side: int, scale: int, min_lr_size: int) -> bool:
@@ -134,7 +135,8 @@ def _dihedral(img: np.ndarray, code: int) -> np.ndarray:
 
 
 class PatchDataset(Dataset):
-    """Sample ``k`` -> (LR patch, HR patch) as uint8 CHW tensors; deterministic in (seed, k)."""
+    """Sample ``k`` -> (LR patch, HR patch) as uint8 CHW tensors; deterministic in (seed, k). When the pairs
+    carry teacher predictions (``ImagePair.target``), a third tensor: the same crop and flip of the target."""
 
     def __init__(self, pairs: Sequence[ImagePair], scale: int, lr_patch: int, seed: int, *,
                  augment: bool = True, stream: int = 0) -> None:
@@ -142,6 +144,10 @@ class PatchDataset(Dataset):
         if not self.pairs:
             raise DataError(f"no image is large enough for an LR patch of {lr_patch} px at x{scale}")
         self.dropped = len(pairs) - len(self.pairs)
+        with_target = {p.target is not None for p in self.pairs}
+        if len(with_target) > 1:
+            raise DataError("either every image has a teacher prediction (target) or none has")
+        self.has_target = with_target == {True}
         self.scale, self.lr_patch, self.seed, self.augment = scale, lr_patch, seed, augment
         # stream: a second, independent sample stream from the same seed (the search's validation patches)
         self._salt = [stream] if stream else []
@@ -158,24 +164,23 @@ class PatchDataset(Dataset):
             self._perm_pass = pass_no
         return int(self._perm[k % n])
 
-    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
         """Samples stacked into a uint8 batch, in this process (no DataLoader needed for a side stream)."""
-        lrs, hrs = zip(*(self[k] for k in indices))
-        return torch.stack(lrs), torch.stack(hrs)
+        return tuple(torch.stack(parts) for parts in zip(*(self[k] for k in indices)))
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
         pair = self.pairs[self.image_index(k)]
         rng = np.random.default_rng([self.seed, 2, k, *self._salt])
         p, s = self.lr_patch, self.scale
         h, w = pair.lr.shape[:2]
         y, x = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
-        lr = pair.lr[y:y + p, x:x + p]
-        hr = pair.hr[y * s:(y + p) * s, x * s:(x + p) * s]
+        crops = [pair.lr[y:y + p, x:x + p], pair.hr[y * s:(y + p) * s, x * s:(x + p) * s]]
+        if pair.target is not None:
+            crops.append(pair.target[y * s:(y + p) * s, x * s:(x + p) * s])
         if self.augment:
             code = int(rng.integers(0, 8))
-            lr, hr = _dihedral(lr, code), _dihedral(hr, code)
-        to_chw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # noqa: E731
-        return to_chw(lr), to_chw(hr)
+            crops = [_dihedral(c, code) for c in crops]
+        return tuple(torch.from_numpy(np.ascontiguousarray(c.transpose(2, 0, 1))) for c in crops)
 
 
 class StepBatchSampler(Sampler[list[int]]):

@@ -251,6 +251,8 @@ _BOOL_FLAGS = frozenset({"bf16", "channels_last"})
 def command_line(config: dict[str, Any]) -> str:
     """The `dlsr-search train` command that reproduces a run, rebuilt from its stored config."""
     skip = {"genotype_json", "resume", "progress", "export"}
+    if not config.get("teacher"):  # their defaults, which train refuses to be given without --teacher
+        skip |= {"teacher_weight", "teacher_ensemble"}
     parts = ["dlsr-search", "train"]
     for key, value in config.items():
         if key in skip or value is None:
@@ -418,8 +420,14 @@ def _autocast(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
 
 
 def _loss(config: dict[str, Any]) -> str:
-    """The pixel loss a run trained with (configs from before --pixel-loss existed trained with L1)."""
-    return str(config.get("pixel_loss") or "l1").upper()
+    """The pixel loss a run trained with (configs from before --pixel-loss existed trained with L1), and
+    the teacher it distilled from, if any."""
+    loss = str(config.get("pixel_loss") or "l1").upper()
+    if not config.get("teacher"):
+        return loss
+    ensemble = ", its x8 self-ensemble" if config.get("teacher_ensemble") else ""
+    return (f"{loss} (distilled: (1-w) {loss}(SR, HR) + w {loss}(SR, teacher) with w {config.get('teacher_weight')}; "
+            f"teacher `{config['teacher']}`{ensemble}, predicting from the training LR)")
 
 
 def _trained_starts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -51,15 +51,20 @@ def autotune_convolutions(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def load_pairs_ranked(files: Sequence[Path], scale: int, info: D.DistInfo, **kw: Any) -> tuple[list[ImagePair], list[str]]:
-    """`load_pairs` on every rank, rank 0 first: it fills the on-disk LR cache, so ranks never write one file at once."""
-    result = None
+def ranked(fn: Callable[[], R], info: D.DistInfo) -> R:
+    """``fn()`` on every rank, rank 0 first: it fills an on-disk cache (LR images, teacher predictions) that
+    the other ranks then read, so ranks never write one file at once."""
+    result: list[R] = []
     for turn in ([0, 1] if info.enabled else [0]):
         if (turn == 0) == info.is_main:
-            result = load_pairs(files, scale, **kw)
+            result.append(fn())
         D.barrier(info)
-    assert result is not None
-    return result
+    return result[0]
+
+
+def load_pairs_ranked(files: Sequence[Path], scale: int, info: D.DistInfo, **kw: Any) -> tuple[list[ImagePair], list[str]]:
+    """`load_pairs` on every rank, rank 0 first (see `ranked`)."""
+    return ranked(lambda: load_pairs(files, scale, **kw), info)
 
 
 class StopRequest:

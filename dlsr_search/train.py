@@ -31,7 +31,8 @@ from .ema import WeightEMA
 from .export import save_model
 from .genotypes import resolve_genotype
 from .losses import PIXEL_LOSSES, sr_loss
-from .runtime import StopRequest, check_resumed_images, image_list, load_pairs_ranked, run_in_process, start_run
+from .runtime import StopRequest, check_resumed_images, image_list, load_pairs_ranked, ranked, run_in_process, start_run
+from .teacher import add_teacher_targets, load_teacher
 from .transfer import warm_start
 from .validation import ValidationSet
 
@@ -63,6 +64,9 @@ class TrainConfig:
     weight_decay: float = 1e-8
     hfen: float = 0.0                 # mu of L1 + mu*HFEN; the paper retrains with plain L1
     pixel_loss: str = "l1"            # "l2": squared error instead of L1 (a final PSNR fine-tune; not the paper's)
+    teacher: str | None = None        # distil: model dir / alias whose predictions are a second target (teacher.py)
+    teacher_weight: float = 0.5       # w of (1-w)*loss(sr, hr) + w*loss(sr, teacher)
+    teacher_ensemble: bool = False    # the teacher predicts with its x8 self-ensemble
     grad_clip: float = 0.0            # max grad norm; 0 = off
     ema: float = 0.0                  # decay of a moving average of the weights (0 = off); val/best/export use it
     seed: int = 0
@@ -107,6 +111,10 @@ def check_config(cfg: TrainConfig, world: int) -> None:
     check_common(cfg)
     if cfg.pixel_loss not in PIXEL_LOSSES:
         raise ConfigError(f"--pixel-loss must be one of {sorted(PIXEL_LOSSES)}, got {cfg.pixel_loss!r}")
+    if not 0.0 < cfg.teacher_weight <= 1.0:
+        raise ConfigError(f"--teacher-weight must be in (0, 1], got {cfg.teacher_weight}")
+    if cfg.teacher is None and (cfg.teacher_ensemble or cfg.teacher_weight != TrainConfig.teacher_weight):
+        raise ConfigError("--teacher-weight and --teacher-ensemble need --teacher MODEL")
     if not 0.0 <= cfg.ema < 1.0:
         raise ConfigError(f"--ema must be in [0, 1) (0: off), got {cfg.ema}")
     if cfg.val and cfg.val_holdout:
@@ -156,6 +164,18 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
             files, val_files = split_by_image(files, cfg.val_holdout, cfg.seed)
         pairs, skipped = load_pairs_ranked(files, cfg.scale, info, min_lr_size=lr_patch, cache_dir=cfg.lr_cache,
                                            threads=threads or 2, progress=log.bar is not None)
+        teacher_note = None
+        if cfg.teacher:  # predictions of the whole training images, before any crop (teacher.py)
+            teacher = load_teacher(cfg.teacher, cfg.scale, ensemble=cfg.teacher_ensemble, device=device)
+            if ckpt is not None and ckpt.get("teacher_sha256") not in (None, teacher.sha256):
+                raise ConfigError(f"--teacher {cfg.teacher}: its weights changed since this run started "
+                                  f"(sha256 {ckpt['teacher_sha256'][:12]}... then, {teacher.sha256[:12]}... now); "
+                                  "start a new run (--init-from this run's last.pt) to distil from the new ones")
+            counts = ranked(lambda: add_teacher_targets(pairs, teacher, cfg.scale, cache_dir=cfg.lr_cache,
+                                                        progress=log.bar is not None), info)
+            teacher_note = {"source": teacher.source, "sha256": teacher.sha256, "ensemble": teacher.ensemble,
+                            "weight": cfg.teacher_weight, **counts}
+            del teacher  # its predictions are all it is needed for
         dataset = PatchDataset(pairs, cfg.scale, lr_patch, cfg.seed)
         valset = None
         if info.is_main and (cfg.val or val_files):
@@ -216,6 +236,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     log.print(f"data: {len(dataset.pairs)} training images ({len(skipped)} too small for {lr_patch} px LR patches)"
               + (f", {len(valset)} validation images" if valset else ""))
     log.record("data", step, images=len(dataset.pairs), skipped=skipped, lr_patch=lr_patch)
+    if teacher_note is not None:
+        log.print(f"teacher: {teacher_note['source']}{' (x8 self-ensemble)' if cfg.teacher_ensemble else ''}, "
+                  f"weight {cfg.teacher_weight}: {teacher_note['predicted']} images predicted, "
+                  f"{teacher_note['cached']} from the cache, {teacher_note['seconds']} s")
+        log.record("teacher", step, **teacher_note)
     loader = patch_loader(dataset, cfg.batch // info.world, start_step=step, end_step=cfg.steps, rank=info.rank,
                           world=info.world, workers=cfg.workers, pin_memory=device.type == "cuda")
 
@@ -233,6 +258,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
             **({"ema": ema.state_dict()} if ema is not None else {}),
             "rng": rng_state(), "best_psnr": best_psnr, "last_val_psnr": last_val, "last_val_step": last_val_step,
             "samples_seen": step * cfg.batch, "world": info.world, "train_seconds": train_seconds, "images": images,
+            **({"teacher_sha256": teacher_note["sha256"]} if teacher_note is not None else {}),
         }, finite=[window_loss, *params], step=step)
 
     def run_info(val: float | None) -> dict[str, Any]:
@@ -249,13 +275,17 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     window_loss = torch.zeros((), device=device)  # summed on device; .item() only when logging (no per-step sync)
     window_steps, window_t0 = 0, time.perf_counter()
     last_ckpt_time = time.monotonic()
-    for lr_u8, hr_u8 in loader:
+    for lr_u8, hr_u8, *teacher_u8 in loader:
         t0 = time.perf_counter()
         x = to_float(lr_u8, device, channels_last)
         y = to_float(hr_u8, device, channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             sr = model(x)
         loss = sr_loss(sr.float(), y, cfg.hfen, cfg.pixel_loss)  # loss in fp32 even under autocast
+        if teacher_u8:  # distillation: the teacher's prediction as a second target
+            t = to_float(teacher_u8[0], device, channels_last)
+            w = cfg.teacher_weight
+            loss = (1.0 - w) * loss + w * sr_loss(sr.float(), t, cfg.hfen, cfg.pixel_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         D.average_gradients(params, info)  # every rank steps with the same averaged gradient

@@ -1,0 +1,119 @@
+"""Distillation targets for `dlsr-search train --teacher`: a trained model's prediction of every training
+image, made once from the very LR the student sees and kept beside each HR image.
+
+The student then learns from ``(1 - w) * loss(sr, hr) + w * loss(sr, teacher)``. A teacher's prediction is
+a function of the LR alone, so it holds none of the detail no network can infer from the LR, and a
+self-ensemble teacher (``ensemble``: the mean over the 8 flips/transposes) is rotation-consistent in a way
+one pass of a small network is not. Predictions are whole-image fp32 passes (the protocol's
+``super_resolve_fp32``), optionally cached as PNG under ``cache_dir/teacher-<key>/X<scale>/``, keyed by
+the teacher's weights, the ensemble flag and the HR pixels; an entry also records the digest of the LR
+it was predicted from, so a changed LR is never paired with a stale prediction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from dlsr_infer.evaluate import hr_digest, load_rgb, super_resolve_fp32
+from dlsr_infer.imageio import atomic_write
+from dlsr_infer.model import DLSR
+from dlsr_infer.pretrained import WEIGHTS_NAME, ModelLoadError, hash_file, resolve
+
+from .config import ConfigError
+from .data import ImagePair
+
+LR_DIGEST_KEY = "dlsr-lr-sha1"
+
+
+@dataclass(frozen=True)
+class Teacher:
+    model: Any        # a DLSR in eval mode, on the device it predicts on
+    source: str       # the model directory it was loaded from
+    sha256: str       # of its model.safetensors: what a resumed run checks
+    ensemble: bool
+
+    @property
+    def key(self) -> str:
+        """Names the cache folder: one per (weights, ensemble)."""
+        return hashlib.sha256(f"{self.sha256}|ensemble={int(self.ensemble)}".encode()).hexdigest()[:16]
+
+
+def load_teacher(source: str, scale: int, *, ensemble: bool, device: Any = "cpu") -> Teacher:
+    """The model directory / alias / Hub id ``source`` as a teacher of an x``scale`` run."""
+    try:
+        directory = resolve(source)
+        model = DLSR.from_pretrained(directory)
+    except (ModelLoadError, TypeError) as e:
+        raise ConfigError(f"--teacher {source}: {e}") from None
+    if model.scale != scale:
+        raise ConfigError(f"--teacher {source} is an x{model.scale} model; this run trains x{scale}")
+    sha = hash_file(directory / WEIGHTS_NAME)
+    return Teacher(model.to(device).eval(), str(directory), sha, ensemble)
+
+
+def _cache_path(cache_dir: Path | None, teacher: Teacher, scale: int, pair: ImagePair) -> Path | None:
+    if cache_dir is None:
+        return None
+    return cache_dir / f"teacher-{teacher.key}" / f"X{scale}" / f"{Path(pair.name).stem}_{hr_digest(pair.hr)[:16]}.png"
+
+
+def _lr_digest(lr: np.ndarray) -> str:
+    return hashlib.sha1(f"{lr.shape}|".encode() + np.ascontiguousarray(lr).tobytes()).hexdigest()
+
+
+def _cached(path: Path | None, digest: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            fresh = im.info.get(LR_DIGEST_KEY) == digest
+        img = load_rgb(path) if fresh else None
+    except (OSError, ValueError):  # unreadable or damaged: predicted again
+        return None
+    return img if img is not None and img.shape == shape else None
+
+
+def add_teacher_targets(pairs: Sequence[ImagePair], teacher: Teacher, scale: int, *,
+                        cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
+    """Set ``pair.target`` (uint8, the HR's shape) of every pair to the teacher's prediction from its LR.
+
+    Returns counts for the run log: ``{"images", "cached", "predicted", "seconds"}``.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else None
+    device = str(next(teacher.model.parameters()).device)
+    t0, cached = time.perf_counter(), 0
+    items: Any = pairs
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(pairs, desc="teacher predictions", leave=False)
+    for pair in items:
+        digest = _lr_digest(pair.lr)
+        path = _cache_path(cache, teacher, scale, pair)
+        target = _cached(path, digest, pair.hr.shape)
+        if target is not None:
+            cached += 1
+        else:
+            target = super_resolve_fp32(teacher.model, pair.lr, scale=scale, device=device, ensemble=teacher.ensemble)
+            if path is not None:
+                info = PngInfo()
+                info.add_text(LR_DIGEST_KEY, digest)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # a uniquely named temp file: runs started together may share the cache and write one image
+                atomic_write(path, lambda f, img=target: Image.fromarray(img).save(f, format="PNG", pnginfo=info),
+                             overwrite=True)
+        pair.target = target
+    return {"images": len(pairs), "cached": cached, "predicted": len(pairs) - cached,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+__all__ = ["Teacher", "add_teacher_targets", "load_teacher"]
