@@ -232,7 +232,6 @@ def super_resolve_fp32(model: Any, lr: np.ndarray, *, scale: int, device: str, e
     from .fast import exact_fp32
     from .tiling import pad_small
 
-    expected = (1, 3, lr.shape[0] * scale, lr.shape[1] * scale)
     with torch.inference_mode(), exact_fp32(), torch.autocast(torch.device(device).type, enabled=False):
         x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1)))
         x = x.to(device=device, dtype=torch.float32).div_(255.0).unsqueeze(0)
@@ -480,7 +479,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dlsr-eval") -> int:
     payloads = []
     for opt, path in outputs:
         if opt == "--json":
-            protocol = "Y (BT.601), border=scale, MATLAB bicubic LR" + (", x8 self-ensemble" if args.self_ensemble else "")
+            protocol = "Y (BT.601), border=scale, MATLAB bicubic LR" + (
+                f", {args.model}+: x8 self-ensemble" if args.self_ensemble else "")
             payload = {"model": args.model, "protocol": protocol, "results": results}
             payloads.append((opt, path, (json.dumps(_json_safe(payload), indent=2) + "\n").encode()))
         else:

@@ -571,6 +571,10 @@ def format_for(path: str | os.PathLike, fmt: str | None = None) -> str:
     return FORMATS[ext]
 
 
+#: The output formats that can carry an ICC profile and EXIF through Pillow's save().
+METADATA_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "TIFF"})
+
+
 def encode_image(data: ImageData, fmt: str, *, quality: int = 95) -> tuple[bytes, list[str]]:
     """Encode `data` as `fmt` (a Pillow format name). Returns (bytes, notes about what was lost)."""
     notes: list[str] = []
@@ -587,11 +591,11 @@ def encode_image(data: ImageData, fmt: str, *, quality: int = 95) -> tuple[bytes
         notes.append("GIF holds 256 colours; the output was quantised")
     im = to_pil(replace(data, pixels=np.ascontiguousarray(pixels)))
     params: dict[str, object] = {}
-    if data.icc_profile and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
+    if data.icc_profile and fmt in METADATA_FORMATS:
         params["icc_profile"] = data.icc_profile
     elif data.icc_profile:
         notes.append(f"{fmt} cannot hold the ICC colour profile; dropped (colours may look different)")
-    if data.exif and fmt in ("PNG", "JPEG", "WEBP", "TIFF"):
+    if data.exif and fmt in METADATA_FORMATS:
         params["exif"] = data.exif
     elif data.exif:
         notes.append(f"{fmt} cannot hold EXIF metadata; dropped")
@@ -812,6 +816,7 @@ __all__ = [
     "ImageData",
     "ImageLoadError",
     "ImageTooLargeError",
+    "METADATA_FORMATS",
     "OutputExistsError",
     "STALE_TEMP_MIN_AGE",
     "TEMP_SUFFIX",

@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--pixel-loss", choices=sorted(PIXEL_LOSSES), help="pixel loss: l1 (default, the paper's) or l2, "
                    "the squared error PSNR measures (for a last fine-tuning stage)")
     t.add_argument("--grad-clip", type=float, help="clip the gradient norm (default 0: off)")
-    t.add_argument("--teacher", metavar="MODEL", help="distil: a trained model directory or alias of this scale whose "
+    t.add_argument("--teacher", metavar="MODEL", help="distil: a trained model directory, alias or Hub id of this scale whose "
                    "predictions (from the same LR, made once, cached under --lr-cache) are a second target")
     t.add_argument("--teacher-weight", type=float, metavar="W", help="loss = (1-W)*loss(SR, HR) + W*loss(SR, teacher) "
                    "(default 0.5)")

@@ -144,10 +144,8 @@ class PatchDataset(Dataset):
         if not self.pairs:
             raise DataError(f"no image is large enough for an LR patch of {lr_patch} px at x{scale}")
         self.dropped = len(pairs) - len(self.pairs)
-        with_target = {p.target is not None for p in self.pairs}
-        if len(with_target) > 1:
+        if len({p.target is None for p in self.pairs}) > 1:
             raise DataError("either every image has a teacher prediction (target) or none has")
-        self.has_target = with_target == {True}
         self.scale, self.lr_patch, self.seed, self.augment = scale, lr_patch, seed, augment
         # stream: a second, independent sample stream from the same seed (the search's validation patches)
         self._salt = [stream] if stream else []

@@ -251,7 +251,7 @@ _BOOL_FLAGS = frozenset({"bf16", "channels_last"})
 def command_line(config: dict[str, Any]) -> str:
     """The `dlsr-search train` command that reproduces a run, rebuilt from its stored config."""
     skip = {"genotype_json", "resume", "progress", "export"}
-    if not config.get("teacher"):  # their defaults, which train refuses to be given without --teacher
+    if not config.get("teacher"):  # without --teacher they are their defaults (train refuses any other value)
         skip |= {"teacher_weight", "teacher_ensemble"}
     parts = ["dlsr-search", "train"]
     for key, value in config.items():
@@ -419,15 +419,17 @@ def _autocast(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
     return "bfloat16" if bf16 else "off"
 
 
-def _loss(config: dict[str, Any]) -> str:
+def _loss(config: dict[str, Any], records: Sequence[dict[str, Any]] = ()) -> str:
     """The pixel loss a run trained with (configs from before --pixel-loss existed trained with L1), and
-    the teacher it distilled from, if any."""
+    the teacher it distilled from, if any (by the sha256 of its weights: a folder or alias may later hold others)."""
     loss = str(config.get("pixel_loss") or "l1").upper()
     if not config.get("teacher"):
         return loss
     ensemble = ", its x8 self-ensemble" if config.get("teacher_ensemble") else ""
+    shas = dict.fromkeys(r["sha256"][:12] for r in records if r["event"] == "teacher" and r.get("sha256"))
+    weights = f" (sha256 {', '.join(shas)})" if shas else ""
     return (f"{loss} (distilled: (1-w) {loss}(SR, HR) + w {loss}(SR, teacher) with w {config.get('teacher_weight')}; "
-            f"teacher `{config['teacher']}`{ensemble}, predicting from the training LR)")
+            f"teacher `{config['teacher']}`{weights}{ensemble}, predicting from the training LR)")
 
 
 def _trained_starts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -453,7 +455,7 @@ def _stage_line(i: int | None, run: Path, records: list[dict[str, Any]], out: Pa
     steps = config["steps"]
     data = f"data: {note}; " if note is not None else ""
     return (f"  {'-' if i is None else f'{i}.'} `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, "
-            f"{_patch_note(config, records)}, {data}{_loss(config)} loss, lr {config.get('lr')} halved every "
+            f"{_patch_note(config, records)}, {data}{_loss(config, records)} loss, lr {config.get('lr')} halved every "
             f"{config.get('halve_every')}; warm start: {_warm_start(config, records, out)}; wall time "
             f"{wall_time_s(records) / 3600:.2f} h on {_devices(records)}; command: `{command_line(config)}`")
 
@@ -552,7 +554,7 @@ def make_card(run: Path, out: Path, *, title: str, benchmarks: Path, model_dir: 
 
 - data: `{', '.join(config.get('data') or ['$DLSR_DATA'])}` ({_data_note(config.get('data'), notes[-1])});
   validation: `{config.get('val') or 'held-out training images'}`; no Set14/B100 image was used.
-- steps: {steps:,} trained, weights from step {model_step:,}{pick_note}; batch {config.get('batch')}; {_patch_note(config, records)}; {_loss(config)} loss; lr {config.get('lr')} halved every
+- steps: {steps:,} trained, weights from step {model_step:,}{pick_note}; batch {config.get('batch')}; {_patch_note(config, records)}; {_loss(config, records)} loss; lr {config.get('lr')} halved every
   {config.get('halve_every')} steps; autocast: {_autocast(picked_config, picked)}; warm start: {_warm_start(config, records, out)}{_ema_note(picked_config, picked)}.
 - hardware: {hw} ({_devices(records)}); training wall time {hours:.2f} h.
 - command: `{command_line(config)}`

@@ -51,12 +51,17 @@ def load_teacher(source: str, scale: int, *, ensemble: bool, device: Any = "cpu"
     """The model directory / alias / Hub id ``source`` as a teacher of an x``scale`` run."""
     try:
         directory = resolve(source)
+        sha = hash_file(directory / WEIGHTS_NAME)
         model = DLSR.from_pretrained(directory)
-    except (ModelLoadError, TypeError) as e:
+        if hash_file(directory / WEIGHTS_NAME) != sha:  # rewritten while loading (a live run's best/, say)
+            raise ModelLoadError("its weights changed while they were read; try again once it is written")
+    except (ModelLoadError, TypeError, OSError) as e:
         raise ConfigError(f"--teacher {source}: {e}") from None
     if model.scale != scale:
         raise ConfigError(f"--teacher {source} is an x{model.scale} model; this run trains x{scale}")
-    sha = hash_file(directory / WEIGHTS_NAME)
+    g = model.genotype
+    if (g.in_channels, g.out_channels) != (3, 3):
+        raise ConfigError(f"--teacher {source} maps {g.in_channels} to {g.out_channels} channels; training is RGB")
     return Teacher(model.to(device).eval(), str(directory), sha, ensemble)
 
 
@@ -103,7 +108,11 @@ def add_teacher_targets(pairs: Sequence[ImagePair], teacher: Teacher, scale: int
         if target is not None:
             cached += 1
         else:
-            target = super_resolve_fp32(teacher.model, pair.lr, scale=scale, device=device, ensemble=teacher.ensemble)
+            try:
+                target = super_resolve_fp32(teacher.model, pair.lr, scale=scale, device=device,
+                                            ensemble=teacher.ensemble)
+            except ValueError as e:  # NonFiniteOutput, a wrong output shape: say whose and of what
+                raise ConfigError(f"--teacher {teacher.source} on training image {pair.name}: {e}") from None
             if path is not None:
                 info = PngInfo()
                 info.add_text(LR_DIGEST_KEY, digest)

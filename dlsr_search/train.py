@@ -113,6 +113,8 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"--pixel-loss must be one of {sorted(PIXEL_LOSSES)}, got {cfg.pixel_loss!r}")
     if not 0.0 < cfg.teacher_weight <= 1.0:
         raise ConfigError(f"--teacher-weight must be in (0, 1], got {cfg.teacher_weight}")
+    if cfg.teacher is not None and not cfg.teacher.strip():
+        raise ConfigError("--teacher needs a model directory, alias or Hub id (got an empty name)")
     if cfg.teacher is None and (cfg.teacher_ensemble or cfg.teacher_weight != TrainConfig.teacher_weight):
         raise ConfigError("--teacher-weight and --teacher-ensemble need --teacher MODEL")
     if not 0.0 <= cfg.ema < 1.0:
@@ -158,6 +160,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
     # use its data leaves no history that claims it trained.
     lr_patch = cfg.hr_patch() // cfg.scale
     images = image_list(files, cfg.data)
+    teacher = None
+    if cfg.teacher:  # loaded (and a changed one refused) before minutes of data loading, not after
+        teacher = load_teacher(cfg.teacher, cfg.scale, ensemble=cfg.teacher_ensemble, device=device)
+        if ckpt is not None and ckpt.get("teacher_sha256") not in (None, teacher.sha256):
+            raise ConfigError(f"--teacher {cfg.teacher}: its weights changed since this run started "
+                              f"(sha256 {ckpt['teacher_sha256'][:12]}... then, {teacher.sha256[:12]}... now); "
+                              "start a new run (--init-from this run's last.pt) to distil from the new ones")
     try:
         val_files = None
         if cfg.val_holdout:
@@ -165,12 +174,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
         pairs, skipped = load_pairs_ranked(files, cfg.scale, info, min_lr_size=lr_patch, cache_dir=cfg.lr_cache,
                                            threads=threads or 2, progress=log.bar is not None)
         teacher_note = None
-        if cfg.teacher:  # predictions of the whole training images, before any crop (teacher.py)
-            teacher = load_teacher(cfg.teacher, cfg.scale, ensemble=cfg.teacher_ensemble, device=device)
-            if ckpt is not None and ckpt.get("teacher_sha256") not in (None, teacher.sha256):
-                raise ConfigError(f"--teacher {cfg.teacher}: its weights changed since this run started "
-                                  f"(sha256 {ckpt['teacher_sha256'][:12]}... then, {teacher.sha256[:12]}... now); "
-                                  "start a new run (--init-from this run's last.pt) to distil from the new ones")
+        if teacher is not None:  # predictions of the whole training images, before any crop (teacher.py)
             counts = ranked(lambda: add_teacher_targets(pairs, teacher, cfg.scale, cache_dir=cfg.lr_cache,
                                                         progress=log.bar is not None), info)
             teacher_note = {"source": teacher.source, "sha256": teacher.sha256, "ensemble": teacher.ensemble,

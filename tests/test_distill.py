@@ -37,16 +37,19 @@ def teacher_dir(tmp_path_factory) -> Path:
     return _model(1).save_pretrained(tmp_path_factory.mktemp("teacher") / "t")
 
 
-def _manual_ensemble(model: DLSR, lr: np.ndarray) -> np.ndarray:
-    """The definition, in numpy: each of the 8 flips/transposes through the model, mapped back, averaged."""
+def _manual_ensemble(model: DLSR, lr: np.ndarray, scale: int = 2) -> np.ndarray:
+    """The definition, in numpy: each of the 8 flips/transposes through the model (edge-padded on the
+    bottom/right to 15 px where smaller, its output cropped back), mapped back, averaged, rounded once."""
     outs = []
     for transpose in (False, True):
         for k in range(4):
             a = np.rot90(lr, k)
             a = a.transpose(1, 0, 2) if transpose else a
+            h, w = a.shape[:2]
+            a = np.pad(a, ((0, max(0, 15 - h)), (0, max(0, 15 - w)), (0, 0)), mode="edge")
             x = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float().div(255).unsqueeze(0)
             with torch.no_grad():
-                y = model(x)[0].permute(1, 2, 0).double().numpy()
+                y = model(x)[0].permute(1, 2, 0).double().numpy()[:h * scale, :w * scale]
             y = y.transpose(1, 0, 2) if transpose else y
             outs.append(np.rot90(y, -k))
     return np.clip(np.round(np.mean(outs, axis=0) * 255), 0, 255).astype(np.uint8)
@@ -63,8 +66,10 @@ def test_self_ensemble_is_the_mean_of_the_eight_mapped_back_outputs():
     assert diff.max() <= 1 and diff.mean() < 0.01  # float sums in another order: a rare rounding tie
     assert np.abs(ens.astype(int) - single.astype(int)).mean() > 0.5  # a random net is not flip-equivariant
     # under the network's 15 px minimum: each transformed input is padded and its output cropped back
-    small = super_resolve_fp32(model, lr[:9, :12], scale=2, device="cpu", ensemble=True)
-    assert small.shape == (18, 24, 3)
+    for small in (lr[:9, :12], lr[:20, :5]):
+        ens = super_resolve_fp32(model, small, scale=2, device="cpu", ensemble=True)
+        diff = np.abs(ens.astype(int) - _manual_ensemble(model, small).astype(int))
+        assert ens.shape == (2 * small.shape[0], 2 * small.shape[1], 3) and diff.max() <= 1 and diff.mean() < 0.01
 
 
 def test_dlsr_eval_self_ensemble_is_labelled_and_refused_in_low_precision(tmp_path, data_dir, teacher_dir, capsys):
@@ -86,7 +91,6 @@ def test_patches_of_a_target_share_the_crop_and_flip_of_the_hr(data_dir):
     for p in pairs:
         p.target = 255 - p.hr
     ds = PatchDataset(pairs, 2, 16, seed=3)
-    assert ds.has_target
     for k in range(40):
         lr, hr, t = ds[k]
         assert t.shape == hr.shape == (3, 32, 32) and torch.equal(t, 255 - hr)
@@ -98,7 +102,7 @@ def test_patches_of_a_target_share_the_crop_and_flip_of_the_hr(data_dir):
     assert len(PatchDataset([ImagePair(p.name, p.hr, p.lr) for p in pairs], 2, 16, seed=3)[0]) == 2
 
 
-def test_teacher_predictions_are_cached_per_teacher_and_lr(tmp_path, data_dir, teacher_dir, monkeypatch):
+def test_teacher_predictions_are_cached_per_teacher_and_lr(tmp_path, data_dir, teacher_dir):
     pairs, _ = load_pairs(list_images([data_dir]), 2, min_lr_size=16)
     teacher = load_teacher(str(teacher_dir), 2, ensemble=False)
     first = add_teacher_targets(pairs, teacher, 2, cache_dir=tmp_path / "cache")
@@ -122,10 +126,27 @@ def test_teacher_predictions_are_cached_per_teacher_and_lr(tmp_path, data_dir, t
     assert add_teacher_targets(pairs, teacher, 2, cache_dir=tmp_path / "cache")["predicted"] == 1
 
 
-def test_a_teacher_of_another_scale_or_no_model_is_refused(tmp_path):
+def test_a_teacher_of_another_scale_or_no_model_is_refused(tmp_path, data_dir, teacher_dir, monkeypatch):
     x4 = _model(2, scale=4).save_pretrained(tmp_path / "x4")
     with pytest.raises(ConfigError, match="is an x4 model; this run trains x2"):
         load_teacher(str(x4), 2, ensemble=False)
+    gray = DLSR(builtin("dlsr_x2").replace(channels=8, in_channels=1, out_channels=1)).save_pretrained(tmp_path / "g")
+    with pytest.raises(ConfigError, match="maps 1 to 1 channels; training is RGB"):
+        load_teacher(str(gray), 2, ensemble=False)
+    with pytest.raises(ConfigError, match="--teacher needs a model directory"):  # was: trained with no teacher
+        train(_cfg(tmp_path, data_dir, "empty", teacher="", teacher_weight=0.3))
+    assert not (tmp_path / "empty").exists()
+    # A teacher whose output is not finite (weights that load can still overflow): an error naming the
+    # teacher and the image, before any step - not a traceback
+    from dlsr_infer.evaluate import NonFiniteOutput
+
+    def overflow(*a, **kw):
+        raise NonFiniteOutput("the model's output is not finite")
+
+    monkeypatch.setattr(teacher_mod, "super_resolve_fp32", overflow)
+    with pytest.raises(ConfigError, match=r"--teacher .* on training image .*\.png: the model's output is not finite"):
+        train(_cfg(tmp_path, data_dir, "nan-run", teacher=str(teacher_dir)))
+    assert not (tmp_path / "nan-run" / "last.pt").exists()
     with pytest.raises(ConfigError, match="--teacher"):
         load_teacher(str(tmp_path / "missing"), 2, ensemble=False)
 
@@ -147,6 +168,13 @@ def test_distillation_trains_on_the_weighted_sum_of_both_targets(tmp_path, data_
     records = [json.loads(line) for line in (distilled.out / "log.jsonl").read_text().splitlines()]
     (rec,) = [r for r in records if r["event"] == "teacher"]
     assert rec["weight"] == 0.7 and rec["ensemble"] is False and rec["predicted"] == rec["images"] > 0
+
+    # The first step's logged loss is (1-w) L(SR, HR) + w L(SR, teacher): same init, same first batch.
+    first = {w: train(_cfg(tmp_path, data_dir, f"w{w}", steps=1, log_every=1, teacher=str(teacher_dir),
+                           teacher_weight=w)).losses[0][1] for w in (0.3, 1.0)}
+    plain_first = train(_cfg(tmp_path, data_dir, "w0", steps=1, log_every=1)).losses[0][1]
+    assert first[1.0] != pytest.approx(plain_first, rel=1e-3)  # the teacher is not the HR
+    assert first[0.3] == pytest.approx(0.7 * plain_first + 0.3 * first[1.0], rel=1e-5)
 
     # A teacher that predicts the HR exactly: (1-w)*loss + w*loss is the plain loss, so the run is the plain run.
     def hr_as_target(pairs, teacher, scale, **kw):
@@ -195,6 +223,9 @@ def test_a_model_card_names_the_teacher_of_a_distilled_run():
     assert _loss({"pixel_loss": "l2"}) == "L2"
     text = _loss({"pixel_loss": "l2", "teacher": "weights/dlsr-x2", "teacher_weight": 0.5, "teacher_ensemble": True})
     assert text.startswith("L2 (distilled:") and "w 0.5" in text and "`weights/dlsr-x2`, its x8 self-ensemble" in text
+    records = [{"event": "teacher", "sha256": "ab" * 32}, {"event": "train"}, {"event": "teacher", "sha256": "ab" * 32}]
+    text = _loss({"pixel_loss": "l1", "teacher": "x2", "teacher_weight": 0.5}, records)
+    assert "teacher `x2` (sha256 abababababab), predicting" in text
 
 
 def test_a_card_command_parses_back_to_the_runs_teacher_options():
