@@ -175,6 +175,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
                                            threads=threads or 2, progress=log.bar is not None)
         teacher_note = None
         if teacher is not None:  # predictions of the whole training images, before any crop (teacher.py)
+            log.print(f"teacher: {teacher.source}: predicting {len(pairs)} training images"
+                      + (" (x8 self-ensemble)" if teacher.ensemble else "")
+                      + (f", or reading them from {cfg.lr_cache}" if cfg.lr_cache else " (no --lr-cache: not kept)"))
             counts = ranked(lambda: add_teacher_targets(pairs, teacher, cfg.scale, cache_dir=cfg.lr_cache,
                                                         progress=log.bar is not None), info)
             teacher_note = {"source": teacher.source, "sha256": teacher.sha256, "ensemble": teacher.ensemble,
