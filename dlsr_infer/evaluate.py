@@ -117,8 +117,31 @@ HR_DIGEST_KEY = "dlsr-hr-sha1"
 
 
 def hr_digest(hr: np.ndarray) -> str:
-    """sha1 of an HR image's shape and pixels: what an LR made from it depends on."""
+    """sha1 of an image's shape and pixels (an HR: what an LR made from it depends on)."""
     return hashlib.sha1(f"{hr.shape}|".encode() + np.ascontiguousarray(hr).tobytes()).hexdigest()
+
+
+def read_cached_png(path: Path, key: str, digest: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A cache entry written by `write_cached_png`, if it records ``digest`` under ``key`` (the pixels it
+    was made from) and has ``shape``; None for a missing, stale, unreadable or damaged one (made again)."""
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:  # `info`: the text we write before the pixels, read undecoded
+            fresh = im.info.get(key) == digest
+        cached = load_rgb(path) if fresh else None
+    except (OSError, ValueError):
+        return None
+    return cached if cached is not None and cached.shape == shape else None
+
+
+def write_cached_png(path: Path, img: np.ndarray, key: str, digest: str) -> None:
+    """Write a cache entry atomically, recording ``digest`` under ``key`` in its PNG text."""
+    info = PngInfo()
+    info.add_text(key, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a uniquely named temp file: runs started together share one cache and may write the same image
+    atomic_write(path, lambda f: Image.fromarray(img).save(f, format="PNG", pnginfo=info), overwrite=True)
 
 
 def make_lr(hr: np.ndarray, scale: int, cache_path: Path | None = None) -> np.ndarray:
@@ -129,24 +152,15 @@ def make_lr(hr: np.ndarray, scale: int, cache_path: Path | None = None) -> np.nd
     """
     expected = (hr.shape[0] // scale, hr.shape[1] // scale, 3)
     digest = hr_digest(hr) if cache_path is not None else ""
-    if cache_path is not None and cache_path.is_file():
-        try:
-            with Image.open(cache_path) as im:  # `info`: the text we write before the pixels, read undecoded
-                fresh = im.info.get(HR_DIGEST_KEY) == digest
-            cached = load_rgb(cache_path) if fresh else None
-        except (OSError, ValueError):  # an unreadable or damaged entry: made again below
-            cached = None
-        if cached is not None and cached.shape == expected:
+    if cache_path is not None:
+        cached = read_cached_png(cache_path, HR_DIGEST_KEY, digest, expected)
+        if cached is not None:
             return cached
     lr = imresize(hr, 1.0 / scale)
     if lr.shape != expected:  # cannot happen for a mod-cropped HR; guards against misuse
         raise ValueError(f"LR shape {lr.shape} != expected {expected}; was the HR image mod-cropped?")
     if cache_path is not None:
-        info = PngInfo()
-        info.add_text(HR_DIGEST_KEY, digest)
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        # a uniquely named temp file: runs started together share one cache and may write the same image
-        atomic_write(cache_path, lambda f: Image.fromarray(lr).save(f, format="PNG", pnginfo=info), overwrite=True)
+        write_cached_png(cache_path, lr, HR_DIGEST_KEY, digest)
     return lr
 
 
@@ -272,8 +286,9 @@ def evaluate(
     ``device`` and put in eval mode. ``dtype`` 'fp32' (the published protocol, and the default) runs
     ``model(x)`` in float32; 'auto', 'bf16' or 'fp16' run it the way ``upscale(dtype=...)`` does, to
     measure what a reduced precision costs. ``ensemble`` (fp32 only) scores the x8 self-ensemble (the mean
-    over flips and transposes, EDSR+'s "+"), 8x the time: not the paper's Table 2 protocol. Returns one dict per dataset with keys ``dataset, scale,
-    method, psnr, ssim, images, per_image`` (``per_image``: list of ``{image, psnr, ssim}``).
+    over flips and transposes, EDSR+'s "+"), 8x the time: not the paper's Table 2 protocol. Returns one
+    dict per dataset with keys ``dataset, scale, method, psnr, ssim, images, per_image`` (``per_image``:
+    list of ``{image, psnr, ssim}``).
     """
     if ensemble and dtype != "fp32":
         raise ValueError(f"the self-ensemble is evaluated in fp32 only, not dtype={dtype!r}")

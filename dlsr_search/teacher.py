@@ -19,12 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
-
-from dlsr_infer.evaluate import hr_digest, load_rgb, super_resolve_fp32
-from dlsr_infer.imageio import atomic_write
+from dlsr_infer.evaluate import hr_digest, read_cached_png, super_resolve_fp32, write_cached_png
 from dlsr_infer.model import DLSR
 from dlsr_infer.pretrained import WEIGHTS_NAME, ModelLoadError, hash_file, resolve
 
@@ -71,22 +66,6 @@ def _cache_path(cache_dir: Path | None, teacher: Teacher, scale: int, pair: Imag
     return cache_dir / f"teacher-{teacher.key}" / f"X{scale}" / f"{Path(pair.name).stem}_{hr_digest(pair.hr)[:16]}.png"
 
 
-def _lr_digest(lr: np.ndarray) -> str:
-    return hashlib.sha1(f"{lr.shape}|".encode() + np.ascontiguousarray(lr).tobytes()).hexdigest()
-
-
-def _cached(path: Path | None, digest: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    if path is None or not path.is_file():
-        return None
-    try:
-        with Image.open(path) as im:
-            fresh = im.info.get(LR_DIGEST_KEY) == digest
-        img = load_rgb(path) if fresh else None
-    except (OSError, ValueError):  # unreadable or damaged: predicted again
-        return None
-    return img if img is not None and img.shape == shape else None
-
-
 def add_teacher_targets(pairs: Sequence[ImagePair], teacher: Teacher, scale: int, *,
                         cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
     """Set ``pair.target`` (uint8, the HR's shape) of every pair to the teacher's prediction from its LR.
@@ -102,9 +81,9 @@ def add_teacher_targets(pairs: Sequence[ImagePair], teacher: Teacher, scale: int
 
         items = tqdm(pairs, desc="teacher predictions", leave=False)
     for pair in items:
-        digest = _lr_digest(pair.lr)
+        digest = hr_digest(pair.lr)  # the same digest of shape and pixels, taken of the LR it predicts from
         path = _cache_path(cache, teacher, scale, pair)
-        target = _cached(path, digest, pair.hr.shape)
+        target = read_cached_png(path, LR_DIGEST_KEY, digest, pair.hr.shape) if path is not None else None
         if target is not None:
             cached += 1
         else:
@@ -114,12 +93,7 @@ def add_teacher_targets(pairs: Sequence[ImagePair], teacher: Teacher, scale: int
             except ValueError as e:  # NonFiniteOutput, a wrong output shape: say whose and of what
                 raise ConfigError(f"--teacher {teacher.source} on training image {pair.name}: {e}") from None
             if path is not None:
-                info = PngInfo()
-                info.add_text(LR_DIGEST_KEY, digest)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                # a uniquely named temp file: runs started together may share the cache and write one image
-                atomic_write(path, lambda f, img=target: Image.fromarray(img).save(f, format="PNG", pnginfo=info),
-                             overwrite=True)
+                write_cached_png(path, target, LR_DIGEST_KEY, digest)
         pair.target = target
     return {"images": len(pairs), "cached": cached, "predicted": len(pairs) - cached,
             "seconds": round(time.perf_counter() - t0, 1)}
