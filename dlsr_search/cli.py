@@ -24,6 +24,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, TrainingDiverged
 from .losses import PIXEL_LOSSES
 from .soup import SoupError
+from .teacher import PredictionsStopped
 
 
 def _bool_flag(ap: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -203,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, GenotypeError, ModelLoadError, SoupError, FileNotFoundError) as e:
         print(f"dlsr-search {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except PredictionsStopped as e:  # a stop before the first step: nothing to checkpoint yet
+        print(f"dlsr-search {args.command}: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"dlsr-search {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from dlsr_infer.evaluate import hr_digest, read_cached_png, super_resolve_fp32, write_cached_png
 from dlsr_infer.model import DLSR
@@ -27,6 +27,16 @@ from .config import ConfigError
 from .data import ImagePair
 
 LR_DIGEST_KEY = "dlsr-lr-sha1"
+
+
+class PredictionsStopped(Exception):
+    """A stop request (SIGTERM / Ctrl-C) arrived between two of the teacher's predictions."""
+
+    def __init__(self, done: int, total: int, kept: bool) -> None:
+        where = "kept in the --lr-cache, so the same command goes on from there" if kept else \
+            "not kept (no --lr-cache): the same command starts them again"
+        super().__init__(f"stopped while the teacher predicted the training images ({done} of {total} done, {where})")
+        self.done, self.total = done, total
 
 
 @dataclass(frozen=True)
@@ -67,36 +77,47 @@ def _cache_path(cache_dir: Path | None, teacher: Teacher, scale: int, pair: Imag
 
 
 def add_teacher_targets(pairs: Sequence[ImagePair], teacher: Teacher, scale: int, *,
-                        cache_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
+                        cache_dir: str | os.PathLike | None = None, progress: bool = False,
+                        stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Set ``pair.target`` (uint8, the HR's shape) of every pair to the teacher's prediction from its LR.
 
-    Returns counts for the run log: ``{"images", "cached", "predicted", "seconds"}``.
+    ``stop`` is asked before each prediction (an ensemble of a large image takes half a minute on a CPU,
+    all of them an hour): when it says so, `PredictionsStopped` is raised, the predictions made so far
+    already in the cache. Returns counts for the run log: ``{"images", "cached", "predicted", "seconds"}``.
     """
     cache = Path(cache_dir) if cache_dir is not None else None
     device = str(next(teacher.model.parameters()).device)
     t0, cached = time.perf_counter(), 0
-    items: Any = pairs
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        items = tqdm(pairs, desc="teacher predictions", leave=False)
-    for pair in items:
-        digest = hr_digest(pair.lr)  # the same digest of shape and pixels, taken of the LR it predicts from
-        path = _cache_path(cache, teacher, scale, pair)
-        target = read_cached_png(path, LR_DIGEST_KEY, digest, pair.hr.shape) if path is not None else None
-        if target is not None:
-            cached += 1
-        else:
-            try:
-                target = super_resolve_fp32(teacher.model, pair.lr, scale=scale, device=device,
-                                            ensemble=teacher.ensemble)
-            except ValueError as e:  # NonFiniteOutput, a wrong output shape: say whose and of what
-                raise ConfigError(f"--teacher {teacher.source} on training image {pair.name}: {e}") from None
-            if path is not None:
-                write_cached_png(path, target, LR_DIGEST_KEY, digest)
-        pair.target = target
+        bar = tqdm(total=len(pairs), desc="teacher predictions", leave=False)
+    try:
+        for done, pair in enumerate(pairs):
+            digest = hr_digest(pair.lr)  # the same digest of shape and pixels, taken of the LR it predicts from
+            path = _cache_path(cache, teacher, scale, pair)
+            target = read_cached_png(path, LR_DIGEST_KEY, digest, pair.hr.shape) if path is not None else None
+            if target is not None:
+                cached += 1
+            else:
+                if stop is not None and stop():
+                    raise PredictionsStopped(done, len(pairs), kept=cache is not None)
+                try:
+                    target = super_resolve_fp32(teacher.model, pair.lr, scale=scale, device=device,
+                                                ensemble=teacher.ensemble)
+                except ValueError as e:  # NonFiniteOutput, a wrong output shape: say whose and of what
+                    raise ConfigError(f"--teacher {teacher.source} on training image {pair.name}: {e}") from None
+                if path is not None:
+                    write_cached_png(path, target, LR_DIGEST_KEY, digest)
+            pair.target = target
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
     return {"images": len(pairs), "cached": cached, "predicted": len(pairs) - cached,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-__all__ = ["Teacher", "add_teacher_targets", "load_teacher"]
+__all__ = ["PredictionsStopped", "Teacher", "add_teacher_targets", "load_teacher"]

@@ -179,7 +179,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
                       + (" (x8 self-ensemble)" if teacher.ensemble else "")
                       + (f", or reading them from {cfg.lr_cache}" if cfg.lr_cache else " (no --lr-cache: not kept)"))
             counts = ranked(lambda: add_teacher_targets(pairs, teacher, cfg.scale, cache_dir=cfg.lr_cache,
-                                                        progress=log.bar is not None), info)
+                                                        progress=log.bar is not None,
+                                                        stop=lambda: stop.requested), info)
             teacher_note = {"source": teacher.source, "sha256": teacher.sha256, "ensemble": teacher.ensemble,
                             "weight": cfg.teacher_weight, **counts}
             del teacher  # its predictions are all it is needed for

@@ -245,3 +245,54 @@ def test_a_card_command_parses_back_to_the_runs_teacher_options():
             (cfg["teacher"], cfg["teacher_weight"], cfg["teacher_ensemble"])
         if not teacher:  # train refuses --teacher-weight / --teacher-ensemble without --teacher
             assert "--teacher" not in command_line(cfg)
+
+
+def test_a_stop_during_the_teachers_predictions_keeps_them_and_leaves_no_run(tmp_path, data_dir, teacher_dir,
+                                                                             monkeypatch, capsys):
+    """SIGTERM while the teacher predicts (an hour for an ensemble on a CPU) stops before the next image;
+    the predictions made are in the cache for the same command to go on from, and no run is left behind."""
+    import os
+    import signal
+
+    real, calls, signalled = teacher_mod.super_resolve_fp32, [], []
+
+    def predict_then_signal(*a, **kw):
+        calls.append(1)
+        if not signalled:
+            signalled.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's StopRequest: a request, not an exit
+        return real(*a, **kw)
+
+    monkeypatch.setattr(teacher_mod, "super_resolve_fp32", predict_then_signal)
+    cache = tmp_path / "cache"
+    argv = ["train", "--out", str(tmp_path / "run"), "--data", str(data_dir), "--channels", "8", "--batch", "2",
+            "--patch", "32", "--steps", "2", "--no-progress", "--threads", "1", "--teacher", str(teacher_dir),
+            "--lr-cache", str(cache)]
+    handler = signal.getsignal(signal.SIGTERM)
+    assert cli_main(argv) == 130
+    err = capsys.readouterr().err
+    n = len(list_images([data_dir]))
+    assert f"stopped while the teacher predicted the training images (1 of {n} done, kept in the --lr-cache" in err
+    assert len(calls) == 1 and not (tmp_path / "run").exists()
+    assert len(list(cache.glob("teacher-*/X2/*.png"))) == 1
+    assert signal.getsignal(signal.SIGTERM) is handler  # the run's handler is gone with it
+    calls.clear()
+    assert cli_main(argv) == 0  # the same command goes on: one from the cache, the rest predicted
+    assert len(calls) == n - 1
+    (rec,) = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+              if json.loads(l)["event"] == "teacher"]
+    assert (rec["cached"], rec["predicted"]) == (1, n - 1)
+
+
+def test_a_stop_without_a_cache_says_the_predictions_are_lost(tmp_path, data_dir, teacher_dir):
+    pairs, _ = load_pairs(list_images([data_dir]), 2, min_lr_size=16)
+    teacher = load_teacher(str(teacher_dir), 2, ensemble=False)
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(teacher_mod.PredictionsStopped, match=rf"2 of {len(pairs)} done, not kept \(no --lr-cache\)"):
+        add_teacher_targets(pairs, teacher, 2, stop=stop)
+    assert len(asked) == 3
