@@ -222,9 +222,12 @@ def _write_stages(out: Path, stages: Sequence[Any], run: Path, records: list[dic
 
 
 def wall_time_s(records: list[dict[str, Any]]) -> float:
-    """Training wall time: the sum of each segment (start/resume to its last record)."""
+    """Training wall time: the sum of each segment (start/resume to its last record), plus the time a
+    distilled run's teacher spent predicting the training images before its segment began."""
     total, seg_start, last = 0.0, None, None
     for r in records:
+        if r["event"] == "teacher":  # recorded after the start record, of work done before it
+            total += float(r.get("seconds") or 0.0)
         if r["event"] in ("start", "resume"):
             if seg_start is not None and last is not None:
                 total += last - seg_start

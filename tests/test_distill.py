@@ -296,3 +296,12 @@ def test_a_stop_without_a_cache_says_the_predictions_are_lost(tmp_path, data_dir
     with pytest.raises(teacher_mod.PredictionsStopped, match=rf"2 of {len(pairs)} done, not kept \(no --lr-cache\)"):
         add_teacher_targets(pairs, teacher, 2, stop=stop)
     assert len(asked) == 3
+
+
+def test_a_cards_wall_time_counts_the_teachers_predictions():
+    from dlsr_search.modelcard import wall_time_s
+
+    plain = [{"event": "start", "step": 0, "time": 100.0}, {"event": "train", "step": 10, "time": 160.0}]
+    teacher = {"event": "teacher", "step": 0, "time": 100.5, "seconds": 900.0, "predicted": 50, "cached": 0}
+    assert wall_time_s(plain) == pytest.approx(60.0)
+    assert wall_time_s([plain[0], teacher, plain[1]]) == pytest.approx(960.0)
