@@ -19,7 +19,7 @@
 # after the start at which the runs are sent SIGTERM (each finishes its step and writes its checkpoint).
 # Each run's folder (last.pt, best/, log.jsonl, config.json, console log) is packed into $OUT every
 # PACK_EVERY seconds and at the end, so a session cut short still returns its latest checkpoints. NAMES:
-# the runs to start (default x4 and x2-s: see below); CHECKS=0 skips the tests and benchmarks. To go on with runs from
+# the runs to start (default x4 distilled and x2-s: see below); CHECKS=0 skips the tests and benchmarks. To go on with runs from
 # an earlier session, carry their folders, point RUNS at them and pass EXTRA=--resume.
 set -u
 T0=$(date +%s)
@@ -51,8 +51,8 @@ fi
 # well as three or four (~2,000 patches/s together). Third session (2026-11-28): x2-s +0.010 / +0.024 /
 # +0.014 (bundled), x4 -0.013 / +0.004 / +0.011 (not bundled: Set5 is its shortfall). Fourth (H200, 330 s):
 # x2-s +0.001 / +0.008 / +0.006 as a greedy soup with its weights (bundled); x4 at lr 5e-5 flat on Set5
-# (-0.014 / +0.002 / +0.007, not bundled).
-NAMES=${NAMES:-x4g x2sg}
+# (-0.014 / +0.002 / +0.007, not bundled). Since then x4 runs distilled from its own self-ensemble (x4t, below).
+NAMES=${NAMES:-x4t x2sg}
 if [ "${CHECKS:-1}" != 0 ] || [ "${CHECKS_ONLY:-0}" != 0 ]; then
 say "CUDA tests"
 timeout 180 $PY -m pytest -q -m cuda -p no:cacheprovider tests
@@ -96,9 +96,14 @@ declare -A ARGS=(
   [x3g]="--scale 3 --init-from weights/dlsr-x3 --pixel-loss l2 --lr 3e-5 --patch 192"
   [x4g]="--scale 4 --init-from weights/dlsr-x4 --pixel-loss l2 --lr 5e-5 --patch 256"
   [x2sg]="--scale 2 --genotype dlsr_s_x2 --init-from weights/dlsr-s-x2 --pixel-loss l2 --lr 1e-4 --patch 128"
+  # distilled (dlsr_search/teacher.py; the teacher predicts the training images on the GPU first): on the
+  # CPU, x4 from its own x8 self-ensemble was the one stage since the second session to gain on all three
+  # sets (+0.007 / +0.009 / +0.004 as a soup), where plain GPU stages of x4 lost on Set5.
+  [x4t]="--scale 4 --init-from weights/dlsr-x4 --pixel-loss l2 --lr 5e-5 --patch 256 --teacher weights/dlsr-x4 --teacher-ensemble --teacher-weight 0.5"
+  [x2st]="--scale 2 --genotype dlsr_s_x2 --init-from weights/dlsr-s-x2 --pixel-loss l2 --lr 1e-4 --patch 128 --teacher weights/dlsr-x2 --teacher-ensemble --teacher-weight 0.7"
 )
-# packs (at most 16 MiB each): x2 with x2-s, x3, x4
-declare -A PACKS=([g2]="x2g x2sg" [g3]="x3g" [g4]="x4g")
+# packs (at most 16 MiB each): x2 with x2-s, x3, x4; the distilled runs on their own
+declare -A PACKS=([g2]="x2g x2sg" [g3]="x3g" [g4]="x4g" [g4t]="x4t" [g2t]="x2st")
 PIDS=()
 for name in $NAMES; do
   # shellcheck disable=SC2086

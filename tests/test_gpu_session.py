@@ -16,10 +16,10 @@ from dlsr_search.synthetic import write_images
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _session(tmp_path: Path, out: Path, extra: str) -> str:
+def _session(tmp_path: Path, out: Path, extra: str, names: str = "x2sg x4g") -> str:
     env = {**os.environ, "OUT": str(out), "DATA": str(tmp_path / "data"), "VAL": str(tmp_path / "val"),
            "RUNS": str(tmp_path / "runs"), "WORK_DATA": str(tmp_path / "decoded"), "END": "12", "PACK_EVERY": "5", "PY": sys.executable,
-           "NAMES": "x2sg x4g", "CHECKS": "0", "OMP_NUM_THREADS": "1",
+           "NAMES": names, "CHECKS": "0", "OMP_NUM_THREADS": "1",
            "EXTRA": f"--channels 8 --batch 2 --patch 64 --log-every 2 --val-every 4 --ckpt-every 4 --workers 0 --threads 1 {extra}"}
     done = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
@@ -68,3 +68,18 @@ def test_checks_only_call_unpacks_a_data_part_while_the_checks_run_and_trains_no
     assert "unpacked" in done.stdout and "(exit 0)" in done.stdout
     assert sorted(p.name for p in (tmp_path / "unpacked" / "train" / "T91").iterdir()) == ["img0.png", "img1.png"]
     assert "training data" not in done.stdout and not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+def test_the_distilled_recipes_predict_with_their_teachers_and_pack_apart(tmp_path):
+    """x4t / x2st (the default x4 run since distillation gained on the CPU): each run loads its bundled
+    teacher, predicts the training images with its self-ensemble, trains, and lands in its own pack."""
+    write_images(tmp_path / "data" / "a", n=2, size=96)
+    write_images(tmp_path / "val", n=1, size=48, seed=3)
+    _session(tmp_path, tmp_path / "out", "", names="x4t x2st")
+    for name, teacher, pack in (("x4t", "weights/dlsr-x4", "g4t"), ("x2st", "weights/dlsr-x2", "g2t")):
+        log = (tmp_path / "runs" / f"{name}.log").read_text()
+        assert f"teacher: {teacher} (x8 self-ensemble)" in log and "2 images predicted" in log, log[-2000:]
+        assert load_checkpoint(tmp_path / "runs" / name / "last.pt", kind="train")["step"] > 0
+        with tarfile.open(tmp_path / "out" / f"{pack}.tar") as tar:
+            assert {f"{name}/last.pt", f"{name}.log"} <= set(tar.getnames())
