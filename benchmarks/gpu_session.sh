@@ -16,7 +16,8 @@
 # first so that a resumed run finds its data at the path its checkpoint names. VAL: HR validation
 # images (Set5). EXTRA: trainer options appended to every run (a CPU dry run:
 # EXTRA="--channels 8 --batch 2 --patch 64 --workers 0", as in tests/test_gpu_session.py). END: seconds
-# after the start at which the runs are sent SIGTERM (each finishes its step and writes its checkpoint).
+# after the start at which the runs are sent SIGTERM (each finishes its step and writes its checkpoint; a
+# distilled run still making its teacher's predictions then stops with none: give it time).
 # Each run's folder (last.pt, best/, log.jsonl, config.json, console log) is packed into $OUT every
 # PACK_EVERY seconds and at the end, so a session cut short still returns its latest checkpoints. NAMES:
 # the runs to start (default x4 distilled and x2-s: see below); CHECKS=0 skips the tests and benchmarks. To go on with runs from

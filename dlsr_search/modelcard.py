@@ -223,7 +223,8 @@ def _write_stages(out: Path, stages: Sequence[Any], run: Path, records: list[dic
 
 def wall_time_s(records: list[dict[str, Any]]) -> float:
     """Training wall time: the sum of each segment (start/resume to its last record), plus the time a
-    distilled run's teacher spent predicting the training images before its segment began."""
+    distilled run's teacher spent predicting the training images before each segment began (this run's
+    time: predictions an earlier, stopped attempt or another run left in the cache cost it nothing)."""
     total, seg_start, last = 0.0, None, None
     for r in records:
         if r["event"] == "teacher":  # recorded after the start record, of work done before it

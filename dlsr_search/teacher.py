@@ -33,9 +33,13 @@ class PredictionsStopped(Exception):
     """A stop request (SIGTERM / Ctrl-C) arrived between two of the teacher's predictions."""
 
     def __init__(self, done: int, total: int, kept: bool) -> None:
-        where = "kept in the --lr-cache, so the same command goes on from there" if kept else \
-            "not kept (no --lr-cache): the same command starts them again"
-        super().__init__(f"stopped while the teacher predicted the training images ({done} of {total} done, {where})")
+        if done == 0:
+            message = f"stopped before the teacher's first prediction of the {total} training images"
+        else:
+            where = "kept in the --lr-cache, so the same command goes on from there" if kept else \
+                "not kept (no --lr-cache): the same command starts them again"
+            message = f"stopped while the teacher predicted the training images ({done} of {total} done, {where})"
+        super().__init__(message)
         self.done, self.total = done, total
 
 

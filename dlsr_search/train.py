@@ -178,9 +178,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
             log.print(f"teacher: {teacher.source}: predicting {len(pairs)} training images"
                       + (" (x8 self-ensemble)" if teacher.ensemble else "")
                       + (f", or reading them from {cfg.lr_cache}" if cfg.lr_cache else " (no --lr-cache: not kept)"))
+            # One process: a stop is honoured between predictions. Under torchrun the ranks predict in turn
+            # and wait for each other at a barrier, so one rank leaving early would strand the others: they
+            # finish and the first training step stops them all together.
+            asked_to_stop = (lambda: stop.requested) if info.world == 1 else None
             counts = ranked(lambda: add_teacher_targets(pairs, teacher, cfg.scale, cache_dir=cfg.lr_cache,
                                                         progress=log.bar is not None,
-                                                        stop=lambda: stop.requested), info)
+                                                        stop=asked_to_stop), info)
             teacher_note = {"source": teacher.source, "sha256": teacher.sha256, "ensemble": teacher.ensemble,
                             "weight": cfg.teacher_weight, **counts}
             del teacher  # its predictions are all it is needed for

@@ -296,6 +296,8 @@ def test_a_stop_without_a_cache_says_the_predictions_are_lost(tmp_path, data_dir
     with pytest.raises(teacher_mod.PredictionsStopped, match=rf"2 of {len(pairs)} done, not kept \(no --lr-cache\)"):
         add_teacher_targets(pairs, teacher, 2, stop=stop)
     assert len(asked) == 3
+    with pytest.raises(teacher_mod.PredictionsStopped, match=rf"before the teacher's first prediction of the {len(pairs)}"):
+        add_teacher_targets(pairs, teacher, 2, stop=lambda: True)
 
 
 def test_a_cards_wall_time_counts_the_teachers_predictions():
