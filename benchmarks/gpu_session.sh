@@ -98,8 +98,9 @@ declare -A ARGS=(
   [x4g]="--scale 4 --init-from weights/dlsr-x4 --pixel-loss l2 --lr 5e-5 --patch 256"
   [x2sg]="--scale 2 --genotype dlsr_s_x2 --init-from weights/dlsr-s-x2 --pixel-loss l2 --lr 1e-4 --patch 128"
   # distilled (dlsr_search/teacher.py; the teacher predicts the training images on the GPU first): on the
-  # CPU, x4 from its own x8 self-ensemble was the one stage since the second session to gain on all three
-  # sets (+0.007 / +0.009 / +0.004 as a soup), where plain GPU stages of x4 lost on Set5.
+  # CPU, x4 from its own x8 self-ensemble gave the only stages since the second session to gain on all three
+  # sets (two rounds, each souped with its start: +0.008 / +0.012 / +0.006 together), where plain GPU
+  # stages of x4 lost on Set5; x2-s from x2's ensemble at w 0.7 gained +0.002 / +0.002 / +0.001.
   [x4t]="--scale 4 --init-from weights/dlsr-x4 --pixel-loss l2 --lr 5e-5 --patch 256 --teacher weights/dlsr-x4 --teacher-ensemble --teacher-weight 0.5"
   [x2st]="--scale 2 --genotype dlsr_s_x2 --init-from weights/dlsr-s-x2 --pixel-loss l2 --lr 1e-4 --patch 128 --teacher weights/dlsr-x2 --teacher-ensemble --teacher-weight 0.7"
 )
