@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", default="model", choices=("model", "bicubic"), help="how alpha channels are upscaled")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (worth it for many images)")
     p.add_argument("--suffix", help="added to output file names (default: _x<scale> next to the inputs, none with -o)")
-    p.add_argument("--format", choices=sorted({k[1:] for k in FORMATS}), help="output format (default: the input's)")
+    p.add_argument("--format", choices=sorted({k[1:] for k in FORMATS}), help="output format (default: the input's; PNG for GIF, TGA, PPM and PGM inputs)")
     p.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG/WebP quality (default 95)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -221,13 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     needs_folder = len(sources) > 1 or any(root is not None for _, root, _ in sources)
     out_is_folder = args.output is not None and (said_folder or not Path(args.output).suffix or needs_folder)
     if args.output is not None and not out_is_folder:
+        named = FORMATS.get(Path(args.output).suffix.lower())
+        if args.format and named and named != FORMATS.get("." + args.format.lower()):  # a .png holding a JPEG
+            return usage(f"-o {args.output} names a {named} file but --format {args.format} was given; drop one")
         try:
             format_for(args.output, args.format)
         except ValueError as e:
             return usage(f"-o {args.output}: {e}")
-        named = FORMATS.get(Path(args.output).suffix.lower())
-        if args.format and named and named != FORMATS.get("." + args.format.lower()):  # a .png holding a JPEG
-            return usage(f"-o {args.output} names a {named} file but --format {args.format} was given; drop one")
     if args.output is not None and needs_folder and not said_folder and Path(args.output).suffix.lower() in FORMATS:
         many = f"{len(sources)} inputs need" if len(sources) > 1 else "a folder input needs"
         return usage(f"-o {args.output} names an image file, but {many} an output folder (end it with / for a "
@@ -269,10 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .tiling import DEFAULT_OVERLAP, context_alignment, least_tile
 
         overlap = DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap
-        least = least_tile(overlap, context_alignment(upscaler.eager))
+        align = context_alignment(upscaler.eager)
+        least = least_tile(overlap, align)
         if args.tile < least:
+            hint = "a larger --tile" if least_tile(0, align) >= least else "a larger --tile or a smaller --tile-overlap"
             return usage(f"--tile {args.tile} is too small for --tile-overlap {overlap}: tiles must be at least "
-                         f"{least} px; use a larger --tile or a smaller --tile-overlap")
+                         f"{least} px; use {hint}")
     scale = upscaler.scale
     suffix = args.suffix if args.suffix is not None else ("" if args.output is not None else f"_x{scale}")
 

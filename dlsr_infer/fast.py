@@ -49,6 +49,7 @@ __all__ = [
     "build",
     "dispatch",
     "exact_fp32",
+    "ieee_cuda_convs",
     "fast_module",
     "invalidate",
     "tune_malloc",
@@ -708,14 +709,57 @@ _EXACT = threading.local()
 
 @contextlib.contextmanager
 def exact_fp32() -> Iterator[None]:
-    """Within this block (in this thread), a DLSR's fused form runs in float32 whatever its
-    `inference_precision` says: what `dtype="fp32"` and the fp32 re-run of a non-finite tile promise."""
+    """Within this block a DLSR runs in IEEE float32: its fused CPU form whatever its
+    `inference_precision` says (in this thread), and, where CUDA is available, cuDNN convolutions without
+    TF32 (`ieee_cuda_convs`). What `dtype="fp32"`, the fp32 re-run of a non-finite tile and `dlsr-eval`
+    promise."""
     before = getattr(_EXACT, "on", False)
     _EXACT.on = True
     try:
-        yield
+        with ieee_cuda_convs() if torch.cuda.is_available() else contextlib.nullcontext():
+            yield
     finally:
         _EXACT.on = before
+
+
+_IEEE_LOCK = threading.Lock()
+_IEEE_USERS = 0
+_IEEE_BEFORE: tuple[Any, ...] = ()
+
+
+@contextlib.contextmanager
+def ieee_cuda_convs() -> Iterator[None]:
+    """cuDNN convolutions in IEEE float32 within this block, not in TF32 (torch's default for them on
+    Ampere and later GPUs: a 10-bit mantissa, about 1e-3 relative error per convolution, so "fp32" on
+    such a GPU would be neither exact nor equal to the CPU's result). torch's setting is process-wide:
+    it holds while any thread is inside such a block (they are counted), and the last one out restores
+    what the process had set."""
+    global _IEEE_USERS, _IEEE_BEFORE
+    cudnn = torch.backends.cudnn
+    new_api = hasattr(getattr(cudnn, "conv", None), "fp32_precision")
+    with _IEEE_LOCK:
+        if _IEEE_USERS == 0:
+            # Read both forms, set the legacy one: it sets conv and rnn alike, as torch's own
+            # `cudnn.flags(allow_tf32=False)` does (the newer per-op setters leave the legacy flag behind,
+            # and torch then refuses every legacy `allow_tf32` read while the two disagree).
+            try:
+                legacy = cudnn.allow_tf32
+            except RuntimeError:  # a process that already mixed the two forms
+                legacy = None
+            _IEEE_BEFORE = (legacy, (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) if new_api else None)
+            cudnn.allow_tf32 = False
+        _IEEE_USERS += 1
+    try:
+        yield
+    finally:
+        with _IEEE_LOCK:
+            _IEEE_USERS -= 1
+            if _IEEE_USERS == 0:
+                legacy, per_op = _IEEE_BEFORE
+                if legacy is not None:
+                    cudnn.allow_tf32 = legacy
+                if per_op is not None:
+                    cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = per_op
 
 
 def dispatch(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:

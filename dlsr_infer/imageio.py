@@ -557,12 +557,17 @@ def encode_png16(pixels: np.ndarray, *, icc_profile: bytes | None = None, exif: 
 
 
 def format_for(path: str | os.PathLike, fmt: str | None = None) -> str:
-    """The Pillow format name for an explicit `fmt` ('png', 'jpg', ...) or the path's extension."""
+    """The Pillow format name for an explicit `fmt` ('png', 'jpg', ...) or the path's extension. Both,
+    disagreeing (a JPEG asked for under a .png name), is an error: no file whose name lies about it."""
     if fmt:
         key = "." + fmt.lower().lstrip(".")
         if key not in FORMATS:
             raise ValueError(f"unsupported output format {fmt!r}; choose from "
                              f"{', '.join(sorted({k[1:] for k in FORMATS}))}")
+        named = FORMATS.get(Path(path).suffix.lower())
+        if named is not None and named != FORMATS[key]:
+            raise ValueError(f"{Path(path).name!r} names a {named} file but format {fmt!r} was asked; drop one "
+                             "or make them agree")
         return FORMATS[key]
     ext = Path(path).suffix.lower()
     if ext not in FORMATS:

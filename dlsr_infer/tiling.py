@@ -469,7 +469,9 @@ def run_tiled(model: Any, x: torch.Tensor, *, scale: int, tile: int, overlap: in
                 f"out of memory running the whole {h}x{w} image at once on {device} ({err}); "
                 "use tiles (tile=None or e.g. tile=256) to bound memory"
             )
-        if side <= floor:
+        # `current <= floor`: the floor was already asked for; the grid can still be a few px over it (tiles
+        # keep to the alignment grid), and asking again would lay out the same grid forever.
+        if side <= floor or 0 < current <= floor:
             raise TileOOMError(
                 f"out of memory on {device} even with {grid.tile_w}x{grid.tile_h} tiles ({err}), the smallest "
                 f"allowed for tile_overlap={overlap} (floor {floor}). Free device memory, use a smaller "

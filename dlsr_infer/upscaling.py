@@ -15,7 +15,6 @@ import copy
 import logging
 import os
 import threading
-import weakref
 from pathlib import Path
 from typing import Any, Callable, Literal, Union
 
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .imageio import (DEFAULT_MAX_PIXELS, ImageData, OutputExistsError, can_be_pil, check_quality, format_for,
-                      from_pil, load_image, save_image, to_pil)
+                      from_pil, load_image, save_image, to_8bit, to_pil)
 from .pretrained import ALIASES, CONFIG_NAME, hides_no_alias
 from .tiling import (DEFAULT_OVERLAP, ProgressFn, TileStats, auto_tile, bytes_per_pixel, context_alignment, memory_budget,
                      pass_pixels, run_tiled)
@@ -47,7 +46,9 @@ _DTYPES = {
 
 # --- device, dtype -----------------------------------------------------------------------------
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' (or None): CUDA when available, else CPU. An unavailable CUDA device is a clear error."""
+    """'auto' (or None): CUDA when available, else CPU. A device this torch build or machine lacks (CUDA
+    without a GPU, 'mps' off a Mac build, ...) or one that holds no data ('meta') is a clear error here,
+    not a traceback from the first tensor sent to it."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -59,6 +60,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise ValueError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type == "meta":
+        raise ValueError(f"device {device!r} holds no data to upscale; use 'auto', 'cpu' or 'cuda'")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:  # noqa: BLE001 - each backend fails its own way (RuntimeError, AssertionError, ...)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = reason if len(reason) <= 160 else reason[:157] + "..."  # MPS's names every backend there is
+            raise ValueError(f"device {device!r} is not available here ({reason}); use 'auto', 'cpu' or 'cuda'") from None
     return dev
 
 
@@ -110,7 +120,20 @@ def auto_dtype(model: nn.Module, device: torch.device, *, compile: bool = False)
 # --- models --------------------------------------------------------------------------------------
 _CACHE: dict[tuple[Any, ...], tuple[Any, nn.Module, nn.Module]] = {}
 _CACHE_LOCK = threading.Lock()
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], nn.Module]]" = weakref.WeakKeyDictionary()
+_COMPILED_ATTR = "_dlsr_compiled"
+
+
+class _CompiledForms(dict):
+    """A caller's model's `torch.compile`d forms by device, kept in the model's own `__dict__` so that they
+    live and die with it (as values of a weak-keyed dict they would keep their key alive through
+    `_orig_mod`: every model ever passed with compile=True would stay in memory). A copy or a pickle of
+    the model starts without them."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_CompiledForms":
+        return _CompiledForms()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_CompiledForms, ())
 
 
 def clear_model_cache() -> None:
@@ -209,7 +232,7 @@ def get_model(model: ModelLike = None, *, scale: int | None = None, device: str 
         return _compiled(eager, compile), eager, model_scale
     if not compile:
         return model, model, model_scale
-    per_model = _COMPILED.setdefault(model, {})
+    per_model = model.__dict__.setdefault(_COMPILED_ATTR, _CompiledForms())
     ckey = (str(dev),)
     if ckey not in per_model:
         per_model[ckey] = torch.compile(model, dynamic=False)
@@ -483,7 +506,8 @@ class Upscaler:
         from PIL import Image
 
         if isinstance(image, Image.Image):
-            return to_pil(self.image_data(from_pil(image)))
+            out = self.image_data(from_pil(image))  # a lazily opened 16-bit colour PNG is read with its 16 bits
+            return to_pil(out if can_be_pil(out) else out.with_pixels(to_8bit(out.pixels)))
         if isinstance(image, np.ndarray):
             return self.pixels(image)
         if isinstance(image, torch.Tensor):
@@ -505,7 +529,10 @@ def upscale(image: ImageLike, scale: int | None = None, model: ModelLike = None,
           no 16-bit colour mode (`upscale_file` and the CLI write it as a 16-bit PNG);
         * a PIL image -> a PIL image: RGB, RGBA, L, LA and I;16 keep their mode; P becomes RGB (RGBA
           if it had transparency), 1 becomes L, I becomes I;16, CMYK becomes RGB (with a
-          `ColorConversionWarning`); EXIF orientation is applied and the ICC profile kept in `.info`;
+          `ColorConversionWarning`); EXIF orientation is applied and the ICC profile kept in `.info`.
+          A 16-bit colour PNG just opened (`Image.open`: Pillow shows it as 8-bit RGB/RGBA/LA) is read
+          with its 16 bits and the result rounded to 8 bits: a PIL image cannot hold 16-bit colour
+          (pass the path, or use `upscale_file`, to keep them);
         * a numpy array, H x W or H x W x C (C = 1..4: L, LA, RGB, RGBA), uint8, uint16 or float in
           [0, 1] -> the same layout and dtype (floats clamped to [0, 1]);
         * a torch tensor, C x H x W or N x C x H x W in [0, 1] (float, or uint8) -> same dtype, device

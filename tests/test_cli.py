@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageCms
 
 from conftest import lively_model, write_image as image, write_image_folder
@@ -157,6 +158,13 @@ def test_usage_errors_exit_2(capsys, model_dir: Path, tmp_path: Path) -> None:
     assert rc == 2 and "--tile must be >= 0" in err
     rc, out, err = run(capsys, a, "--tile", "40", "--model", model_dir)  # under 2 * 64 + the ESA alignment
     assert rc == 2 and "--tile 40 is too small for --tile-overlap 64: tiles must be at least 134 px" in err
+    rc, out, err = run(capsys, a, "--tile", "10", "--tile-overlap", "0", "--model", model_dir)
+    assert rc == 2 and "tiles must be at least 15 px; use a larger --tile\n" in err  # the network's own minimum
+    rc, out, err = run(capsys, a, "--device", "meta", "--model", model_dir)
+    assert rc == 2 and "cannot set up the model: device 'meta' holds no data" in err
+    if not torch.backends.mps.is_available():  # a Mac-only backend: not in this torch build
+        rc, out, err = run(capsys, a, "--device", "mps", "--model", model_dir)
+        assert rc == 2 and "device 'mps' is not available here" in err and "Traceback" not in err
     rc, out, err = run(capsys, a, "--tile", "40", "--tile-overlap", "8", "--model", model_dir,
                        "-o", tmp_path / "t.png")
     assert rc == 0 and (tmp_path / "t.png").exists()

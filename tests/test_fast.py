@@ -226,6 +226,38 @@ def test_one_build_per_precision_and_exact_fp32_whatever_the_model_is_set_to():
     assert (exact - _layers(model, x)).abs().max().item() <= ATOL < (low - exact).abs().max().item()
 
 
+def test_exact_fp32_turns_cudnn_tf32_off_while_any_thread_is_inside(monkeypatch):
+    """torch runs float32 cuDNN convolutions in TF32 on Ampere and later GPUs unless told not to:
+    dtype="fp32" and dlsr-eval on CUDA were neither exact nor equal to the CPU. The flag is process-wide,
+    so it is counted: it stays off until the last block ends, then the process's own setting returns."""
+    import threading
+
+    conv = torch.backends.cudnn.conv
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(conv, "fp32_precision", "tf32")  # the default, restored after the test
+    monkeypatch.setattr(torch.backends.cudnn.rnn, "fp32_precision", "tf32")
+    inside, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with fast.exact_fp32():
+            inside.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=other)
+    with fast.exact_fp32():
+        assert conv.fp32_precision != "tf32" and not torch.backends.cudnn.allow_tf32  # both forms agree
+        t.start()
+        assert inside.wait(10)
+    assert conv.fp32_precision != "tf32"  # the other thread is still inside
+    leave.set()
+    t.join()
+    assert conv.fp32_precision == "tf32" and torch.backends.cudnn.rnn.fp32_precision == "tf32"
+    assert torch.backends.cudnn.allow_tf32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with fast.exact_fp32():  # no CUDA: the process-wide setting is left alone
+        assert conv.fp32_precision == "tf32"
+
+
 @pytest.mark.parametrize("channels", [(1, 3), (3, 1), (4, 4)])
 def test_bf16_form_of_a_network_whose_input_and_output_channels_differ(channels):
     """The bf16 form adds an upscaled copy of the input to the output (only its difference is rounded):

@@ -501,7 +501,10 @@ def test_the_no_clobber_check_is_atomic(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_format_names() -> None:
-    assert format_for("a.JPG") == "JPEG" and format_for("a.png", "webp") == "WEBP"
+    assert format_for("a.JPG") == "JPEG" and format_for("a.webp", "webp") == "WEBP"
+    assert format_for("a.jpeg", "jpg") == "JPEG" and format_for("a.out", "png") == format_for("a", "png") == "PNG"
+    with pytest.raises(ValueError, match="'a.png' names a PNG file but format 'webp' was asked"):
+        format_for("a.png", "webp")
     with pytest.raises(ValueError, match="cannot tell the output format"):
         format_for("a.xyz")
     with pytest.raises(ValueError, match="unsupported output format"):

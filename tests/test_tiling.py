@@ -282,6 +282,26 @@ def test_oom_at_the_floor_and_in_exact_mode_is_a_clear_error() -> None:
         run_tiled(double, x, scale=2, tile=0, allow_tile_fallback=False)
 
 
+def test_oom_at_the_floor_ends_when_the_grid_cannot_shrink_to_it() -> None:
+    # Asked for the floor (2 * 64 + 6 = 134 px), plan_tiles lays 141 px out as tiles of 135+ px to stay on
+    # ESA's 6-px grid: the back-off must end there, not ask for the same grid again and again.
+    double = OOMAbove(lively("dlsr_s_x2"), max_side=10)
+    calls = 0
+    forward = double.forward
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls > 20:
+            raise AssertionError("the OOM back-off does not end")
+        return forward(x)
+
+    double.forward = counted  # type: ignore[method-assign]
+    with pytest.raises(TileOOMError, match=r"even with \d+x\d+ tiles .* the smallest allowed"):
+        run_tiled(double, texture(141, 141), scale=2, tile=256)
+    assert calls == 2  # 141 px (the whole image), then the floor's grid
+
+
 def test_upscale_backs_off_through_the_public_api() -> None:
     from dlsr_infer.upscaling import Upscaler
 

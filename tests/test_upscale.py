@@ -245,6 +245,14 @@ def test_sixteen_bit_colour_path_comes_back_as_uint16(model: DLSR, tmp_path: Pat
     Image.fromarray(a16[:, :, 0]).save(tmp_path / "g16.png")  # gray 16-bit: PIL I;16 out
     out = upscale(tmp_path / "g16.png", model=model)
     assert out.mode == "I;16" and out.size == (30, 24)
+    # the same colour file opened by Pillow: a PIL image in, a PIL image out (rounded to 8 bits), not
+    # "PIL has no 16-bit RGB mode" after the whole network had run
+    from dlsr_infer.imageio import to_8bit
+
+    with Image.open(tmp_path / "c16.png") as im:
+        out = upscale(im, model=model)
+    assert isinstance(out, Image.Image) and out.mode == "RGB" and out.size == (30, 24)
+    assert np.array_equal(np.asarray(out), to_8bit(upscale(a16, model=model)))
 
 
 def test_upscale_file_keeps_depth_alpha_and_icc(model: DLSR, tmp_path: Path) -> None:
@@ -358,6 +366,8 @@ def test_device_and_dtype_choices() -> None:
         resolve_dtype("fp16", cpu)
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int8", cpu)
+    with pytest.raises(ValueError, match="holds no data"):
+        resolve_device("meta")
     if not torch.cuda.is_available():
         assert resolve_device("auto") == cpu
         assert resolve_dtype("auto", resolve_device("auto")) == torch.float32
@@ -431,6 +441,25 @@ def test_a_passed_model_is_left_alone(model: DLSR) -> None:
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) and after[k].is_contiguous() for k in before)
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_a_model_passed_with_compile_is_freed_with_it() -> None:
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    net = lively()
+    run, eager, _ = get_model(net, device="cpu", compile=True)
+    assert eager is net and run is not net and get_model(net, device="cpu", compile=True)[0] is run  # made once
+    assert "_dlsr_compiled" not in "".join(net.state_dict())
+    twin = copy.deepcopy(net)  # a copy (or a pickle) starts without the compiled forms
+    assert get_model(twin, device="cpu", compile=True)[0] is not run
+    assert isinstance(pickle.loads(pickle.dumps(net)), DLSR)
+    alive = weakref.ref(net)
+    del net, run, eager, twin
+    gc.collect()
+    assert alive() is None  # before, a process-wide table of compiled forms kept every such model
 
 
 def test_progress_callback_and_upscaler_reuse(model: DLSR) -> None:
@@ -540,3 +569,8 @@ def test_cuda_fp32_matches_cpu(model: DLSR) -> None:
     gpu = upscale(a, model=model, device="cuda", dtype="fp32")
     cpu = upscale(a, model=model, device="cpu", dtype="fp32")
     assert np.abs(gpu.astype(int) - cpu.astype(int)).max() <= 1
+    # in float: IEEE fp32 on both (TF32 convolutions, torch's default on Ampere and later, err ~1e-3)
+    f = a.astype(np.float32) / 255
+    gpu_f = upscale(f, model=model, device="cuda", dtype="fp32", tile=0)
+    cpu_f = upscale(f, model=model, device="cpu", dtype="fp32", tile=0)
+    assert np.abs(gpu_f - cpu_f).max() < 1e-4
