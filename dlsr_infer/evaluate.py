@@ -417,6 +417,7 @@ def _parser(prog: str = "dlsr-eval") -> argparse.ArgumentParser:
                     help="also/only evaluate the MATLAB-bicubic baseline (only, when no MODEL is given)")
     ap.add_argument("--json", metavar="PATH", help="write results (with per-image scores) as JSON")
     ap.add_argument("--markdown", metavar="PATH", help="write the summary table as Markdown")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing --json/--markdown files")
     ap.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "auto", "bf16", "fp16"),
                     help="compute precision: fp32 (the published protocol, default) or as upscale(dtype=...) runs "
@@ -452,14 +453,19 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dlsr-eval") -> int:
         ap.error("--self-ensemble needs a MODEL and --dtype fp32")
     if args.model is None and args.scale is None:
         ap.error("--bicubic without MODEL needs --scale")
-    outputs = [(opt, path) for opt, path in (("--json", args.json), ("--markdown", args.markdown)) if path]
+    outputs = [(opt, path) for opt, path in (("--json", args.json), ("--markdown", args.markdown))
+               if path is not None]
     for opt, path in outputs:  # refused before an evaluation that may take minutes, not after it
+        if not path:  # an unset shell variable: nothing would be written, silently
+            ap.error(f"{opt} needs a file path, got an empty one")
         try:
-            is_dir = Path(path).is_dir()
+            is_dir, exists = Path(path).is_dir(), Path(path).exists()
         except OSError as exc:
             ap.error(f"{opt} {path}: {exc.strerror or exc}")
         if is_dir:
             ap.error(f"{opt} {path} is a folder; give the path of a file to write")
+        if exists and not args.overwrite:
+            ap.error(f"{opt} {path} already exists; pass --overwrite to replace it")
     if len(outputs) == 2 and Path(args.json).resolve() == Path(args.markdown).resolve():
         ap.error("--json and --markdown name the same file")
     folders = [(opt, Path(path).parent) for opt, path in outputs]
@@ -474,12 +480,18 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dlsr-eval") -> int:
             ap.error(f"{opt}: {blocked} is a file, so the folder {folder} cannot be made")
     try:
         datasets = _resolve_datasets(args.data, args.sets)
+        for opt, path in outputs:  # an image file among the data is an input (or becomes one): never written
+            target = Path(path).resolve()
+            if target.suffix.lower() in IMAGE_EXTENSIONS and any(d.resolve() in target.parents for d in datasets):
+                raise ValueError(f"{opt} {path} is an image file in the data being evaluated; write the results "
+                                 "elsewhere")
         results: list[dict[str, Any]] = []
         scale = args.scale
         if args.model is not None:
             model = _load_model(args.model)
             results += evaluate(model, datasets, scale=scale, device=args.device, max_images=args.max_images,
-                                cache_dir=args.cache_dir, method=args.model + ("+" if args.self_ensemble else ""),
+                                cache_dir=args.cache_dir, method=args.model + ("+" if args.self_ensemble else "")
+                                + ("" if args.dtype == "fp32" else f"@{args.dtype}"),
                                 dtype=args.dtype, ensemble=args.self_ensemble)
             scale = results[0]["scale"] if results else int(model.scale)
         if args.bicubic:
@@ -495,7 +507,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dlsr-eval") -> int:
     for opt, path in outputs:
         if opt == "--json":
             protocol = "Y (BT.601), border=scale, MATLAB bicubic LR" + (
-                f", {args.model}+: x8 self-ensemble" if args.self_ensemble else "")
+                f", {args.model}+: x8 self-ensemble" if args.self_ensemble else "") + (
+                f", {args.model}@{args.dtype}: run under --dtype {args.dtype}" if args.model and args.dtype != "fp32"
+                else "")
             payload = {"model": args.model, "protocol": protocol, "results": results}
             payloads.append((opt, path, (json.dumps(_json_safe(payload), indent=2) + "\n").encode()))
         else:
@@ -503,7 +517,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dlsr-eval") -> int:
     try:  # both whole or neither written: a results file is never left half written or beside a stale other
         for _, path, _ in payloads:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_all([(path, lambda f, data=data: f.write(data)) for _, path, data in payloads], overwrite=True)
+        atomic_write_all([(path, lambda f, data=data: f.write(data)) for _, path, data in payloads],
+                         overwrite=args.overwrite)
     except OSError as exc:
         what = " and ".join(f"{opt} {path}" for opt, path, _ in payloads)
         done = [f"{opt} {path}" for opt, path, _ in payloads if Path(path) in getattr(exc, "committed", [])]

@@ -181,8 +181,41 @@ def test_cli_with_model(benchmarks_dir: Path, tmp_path: Path, monkeypatch, capsy
     rows = json.loads(js.read_text())["results"]
     assert [(r["method"], r["scale"], r["images"]) for r in rows] == [("x4", 4, 2), ("bicubic", 4, 2)]
     assert "x4" in capsys.readouterr().out
+    # a reduced-precision run is labelled as one: it is not the published (fp32) protocol's figure
+    assert ev.main(["x4", "--data", str(benchmarks_dir / "Set5"), "--max-images", "1", "--dtype", "bf16",
+                    "--json", str(js), "--overwrite"]) == 0
+    payload = json.loads(js.read_text())
+    assert payload["results"][0]["method"] == "x4@bf16" and "x4@bf16: run under --dtype bf16" in payload["protocol"]
+    assert "x4@bf16" in capsys.readouterr().out
     assert ev.main(["x4", "--scale", "2", "--data", str(benchmarks_dir / "Set5")]) == 2
     assert "does not match" in capsys.readouterr().err
+
+
+def test_result_files_are_not_written_over_unasked_and_never_over_the_data(benchmarks_dir: Path, tmp_path: Path,
+                                                                           capsys) -> None:
+    """--json/--markdown replaced any existing file without a word, an HR image being evaluated included;
+    an empty path (an unset shell variable) was taken as 'no file'."""
+    import shutil
+
+    data = tmp_path / "Set5"
+    shutil.copytree(benchmarks_dir / "Set5", data)
+    hr = sorted((data / "HR").iterdir())[0]
+    before = hr.read_bytes()
+    common = ["--bicubic", "--scale", "2", "--data", str(data), "--max-images", "1"]
+    (tmp_path / "old.json").write_text("an earlier run's results")
+    for opt, path in (("--json", tmp_path / "old.json"), ("--markdown", hr), ("--json", "")):
+        with pytest.raises(SystemExit) as exit_:
+            ev.main([*common, opt, str(path)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and (f"{opt} {path} already exists; pass --overwrite" in err if path
+                                          else "--json needs a file path" in err), err
+    assert ev.main([*common, "--json", str(hr), "--overwrite"]) == 2  # an input, even with --overwrite
+    assert "is an image file in the data being evaluated" in capsys.readouterr().err
+    assert ev.main([*common, "--markdown", str(data / "HR" / "new.png")]) == 2  # it would join the set
+    capsys.readouterr()
+    assert hr.read_bytes() == before and (tmp_path / "old.json").read_text() == "an earlier run's results"
+    assert ev.main([*common, "--json", str(tmp_path / "old.json"), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "old.json").read_text())["results"][0]["method"] == "bicubic"
 
 
 def test_result_files_that_cannot_be_written(benchmarks_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -221,7 +254,7 @@ def test_result_files_that_cannot_be_written(benchmarks_dir: Path, tmp_path: Pat
 
     (tmp_path / "ok.json").write_text("an earlier run's results")
     monkeypatch.setattr(imageio_mod, "_stage_temp", disk_full_for_markdown)
-    assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "r.md")]) == 1
+    assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "r.md"), "--overwrite"]) == 1
     out, err = capsys.readouterr()
     assert "Set5" in out and (f"dlsr-eval: error: cannot write --json {tmp_path / 'ok.json'} and --markdown "
                               f"{tmp_path / 'r.md'}: No space left on device (neither was written") in err, err
@@ -238,13 +271,13 @@ def test_result_files_that_cannot_be_written(benchmarks_dir: Path, tmp_path: Pat
         return real_commit(tmp, path, overwrite)
 
     monkeypatch.setattr(imageio_mod, "_commit_temp", md_rename_fails)
-    assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "r.md")]) == 1
+    assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "r.md"), "--overwrite"]) == 1
     err = capsys.readouterr().err
     assert f"Permission denied (only --json {tmp_path / 'ok.json'} was written; the table above" in err, err
     assert json.loads((tmp_path / "ok.json").read_text())["results"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ok.json"]
     monkeypatch.undo()
-    assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "r.md")]) == 0
+    assert ev.main([*common, "--json", str(tmp_path / "ok.json"), "--markdown", str(tmp_path / "r.md"), "--overwrite"]) == 0
     assert json.loads((tmp_path / "ok.json").read_text())["results"][0]["images"] == 1
     assert "| Set5 | x2 | bicubic |" in (tmp_path / "r.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ok.json", "r.md"]
