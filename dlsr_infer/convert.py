@@ -86,8 +86,9 @@ def load_authors_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint (truncated, or not written by "
                              f"torch.save?): {e}") from None
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"{path}: expected a dict with a 'state_dict' of tensors")
+    if (not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values())
+            or not all(isinstance(k, str) for k in state)):
+        raise ModelLoadError(f"{path}: expected a dict with a 'state_dict' of tensors by name")
     return state
 
 
@@ -150,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     card = (f"# Converted DLSR checkpoint\n\nConverted by `dlsr-convert` from `{Path(args.checkpoint).name}` "
             f"(input range [0, {args.input_range:g}] rescaled to [0, 1]). Parameters: {model.num_parameters:,}.\n")
-    out = model.save_pretrained(args.output, model_card=card)
+    try:
+        out = model.save_pretrained(args.output, model_card=card)
+    except OSError as e:  # a file where a folder must be made, a full disk: the folder is all or none
+        print(f"dlsr-convert: error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"wrote {out} ({model.num_parameters:,} parameters)")
     return 0
 

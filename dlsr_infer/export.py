@@ -65,7 +65,7 @@ def export_onnx(model: DLSR, path: str | os.PathLike, *, opset: int = DEFAULT_OP
     h, w = example_size
     if min(h, w) < MIN_INPUT_SIZE:
         raise ValueError(f"example_size must be at least {MIN_INPUT_SIZE} on each side, got {example_size}")
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give the path of the .onnx file to write")
     p = next(model.parameters())
@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing file at --onnx")
     ap.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
     ap.add_argument("--static", nargs=2, type=int, metavar=("H", "W"),
-                    help="export for this one input size instead of dynamic height/width")
+                    help="export for this one input size (and a batch of 1) instead of dynamic batch/height/width")
     ap.add_argument("--check", action="store_true",
                     help="run the export with onnxruntime and compare it with the network (needs onnxruntime)")
     return ap
@@ -169,8 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dlsr-export: error: cannot load the model: {e}", file=sys.stderr)
         return 2
     size = tuple(args.static) if args.static else (64, 64)
+    if args.check and not onnxruntime_available():  # before the export, not after it
+        print("dlsr-export: error: --check needs onnxruntime (pip install 'dlsr[onnx]')", file=sys.stderr)
+        return 2
+    final = Path(args.onnx)
+    # --check: exported beside the destination and renamed into place only once it passed, so a failed
+    # check leaves neither an unverified file under the name nor a replaced earlier export
+    target = final.with_name(f".{final.name}.{os.getpid()}.unchecked") if args.check else final
     try:
-        path = export_onnx(model, args.onnx, opset=args.opset, dynamic=args.static is None, example_size=size)
+        path = export_onnx(model, target, opset=args.opset, dynamic=args.static is None, example_size=size)
     except (ValueError, OSError) as e:
         print(f"dlsr-export: error: {e}", file=sys.stderr)
         return 2
@@ -178,19 +185,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dlsr-export: error: ONNX export failed (opset {args.opset}): {type(e).__name__}: "
               f"{str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, opset {args.opset}, "
-          f"{'static ' + 'x'.join(map(str, size)) if args.static else 'dynamic N/H/W'}, x{model.genotype.scale})")
+    what = (f"{path.stat().st_size / 1e6:.2f} MB, opset {args.opset}, "
+            f"{'static ' + 'x'.join(map(str, size)) if args.static else 'dynamic N/H/W'}, x{model.genotype.scale}")
     if args.check:
-        if not onnxruntime_available():
-            print("dlsr-export: error: --check needs onnxruntime (pip install 'dlsr[onnx]')", file=sys.stderr)
-            return 2
         sizes = [size] if args.static else [(48, 64), (37, 53)]
         try:
             diff = check_onnx(model, path, sizes=sizes)
-        except AssertionError as e:
-            print(f"dlsr-export: check failed: {e}", file=sys.stderr)
+            if final.exists() and not args.overwrite:  # made while the check ran
+                raise FileExistsError(f"{final} appeared while the export was checked; it was left as it was")
+            os.replace(path, final)
+        except (AssertionError, OSError) as e:
+            path.unlink(missing_ok=True)
+            failed = "check failed" if isinstance(e, AssertionError) else "error"
+            print(f"dlsr-export: {failed}: {e}; nothing written to {final}", file=sys.stderr)
             return 2
-        print(f"onnxruntime check: max abs diff {diff:.2e} vs the network")
+        print(f"wrote {final} ({what}); onnxruntime check: max abs diff {diff:.2e} vs the network")
+        return 0
+    print(f"wrote {path} ({what})")
     return 0
 
 

@@ -421,7 +421,7 @@ def save_model_dir(model: "DLSR", directory: str | os.PathLike, *, model_card: s
                    metadata: Mapping[str, str] | None = None) -> Path:
     from safetensors.torch import save as st_save
 
-    directory = Path(directory)
+    directory = Path(directory).expanduser()  # as from_pretrained reads it: '~/m' is not a folder named '~'
     metadata = dict(metadata or {})
     bad = [f"{k!r}: {v!r}" for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from dlsr_infer.genotype import GenotypeError
@@ -168,17 +169,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
     kind = load_checkpoint(args.checkpoint).get("kind")
+    run, dest = Path(args.checkpoint).resolve().parent, Path(args.dest)
+    if dest.resolve() in (run, run / "best", Path(args.checkpoint).resolve()):
+        raise ConfigError(f"{args.dest} is the checkpoint, its run folder or that run's best/: export to a "
+                          "path of its own")
     if kind == "search":
-        from .search import genotype_from_checkpoint
-
-        genotype = genotype_from_checkpoint(args.checkpoint)
-        from pathlib import Path
-
+        from dlsr_infer.genotype import load as load_genotype
         from dlsr_infer.imageio import atomic_write_text
 
-        Path(args.dest).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.dest, genotype.to_json())
-        print(f"genotype: {args.dest}")
+        from .search import genotype_from_checkpoint
+
+        if dest.is_dir():
+            dest = dest / "genotype.json"
+        if dest.exists():  # an earlier export of a genotype may be replaced; any other file is not ours
+            try:
+                load_genotype(dest)
+            except (GenotypeError, OSError, ValueError):
+                raise ConfigError(f"{dest} exists and is not a genotype JSON; export to a new path") from None
+        genotype = genotype_from_checkpoint(args.checkpoint)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(dest, genotype.to_json())
+        print(f"genotype: {dest}")
     else:
         print(f"model directory: {export_checkpoint(args.checkpoint, args.dest)}")
     return 0
@@ -214,7 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dlsr-search {args.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # disk full, permissions: checkpoints are atomic, so the last one is intact
-        hint = " (the last checkpoint is intact; fix this and --resume)" if args.command in ("train", "search") else ""
+        try:
+            saved = args.command in ("train", "search") and (Path(args.out) / "last.pt").is_file()
+        except OSError:
+            saved = False
+        hint = " (the last checkpoint is intact; fix this and --resume)" if saved else ""
         print(f"dlsr-search {args.command}: error: {e}{hint}", file=sys.stderr)
         return 1
 

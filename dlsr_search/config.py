@@ -11,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Iterable, TypeVar
 
 C = TypeVar("C")
 
-#: Fields a resumed run may change freely.
+#: Fields a resumed run may change freely. Not --val-max-images (nor --val): best/ is the best score on one
+#: validation set; a resume that scored on another would compare the two.
 OPERATIONAL = frozenset({
-    "out", "resume", "steps", "val_every", "val_max_images", "log_every", "ckpt_every", "ckpt_every_minutes",
+    "out", "resume", "steps", "val_every", "log_every", "ckpt_every", "ckpt_every_minutes",
     "snapshot_every", "threads", "workers", "device", "bf16", "channels_last", "lr_cache", "export", "progress",
     "ema",  # the weight average is kept beside the trained weights: it never changes what they become
 })
@@ -60,6 +62,17 @@ def from_json(cls: type[C], text: str) -> C:
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
+#: Folder options, compared as the folders they name: `data/` and `./data` are the run's `data`.
+_FOLDERS = frozenset({"data", "val"})
+
+
+def _comparable(name: str, value: Any) -> Any:
+    if name not in _FOLDERS or not value:
+        return value
+    norm = lambda p: os.path.normpath(os.path.abspath(os.path.expanduser(p)))  # noqa: E731
+    return [norm(p) for p in value] if isinstance(value, list) else norm(value)
+
+
 def merge_for_resume(saved: C, requested: C, explicit: Iterable[str] | None) -> C:
     """The config a resumed run uses: ``saved``, with the operational fields the user set in ``requested``.
 
@@ -77,7 +90,7 @@ def merge_for_resume(saved: C, requested: C, explicit: Iterable[str] | None) -> 
         new, old = getattr(requested, f.name), getattr(saved, f.name)
         if f.name in ("out", "resume") or (f.name in OPERATIONAL and f.name in explicit):
             updates[f.name] = new
-        elif f.name in explicit and new != old and not f.name.endswith("_json"):
+        elif f.name in explicit and _comparable(f.name, new) != _comparable(f.name, old) and not f.name.endswith("_json"):
             conflicts.append(f"{f.name}: run has {old!r}, command line asks {new!r}")
     if conflicts:
         raise ConfigError("--resume cannot change how the run trains (start a new --out, or drop these options):\n  "

@@ -36,12 +36,16 @@ class DistInfo:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    return dev
+    """'auto': CUDA when available, else the CPU; a name this machine cannot run (CUDA without a GPU, a
+    misspelt or missing backend) is a `ConfigError` naming it, not a traceback from torch."""
+    from dlsr_infer.upscaling import resolve_device
+
+    from .config import ConfigError
+
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise ConfigError(f"--device: {e}") from None
 
 
 def setup(device: str = "auto") -> DistInfo:

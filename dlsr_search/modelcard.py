@@ -872,6 +872,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = dict(n.split("=", 1) for n in a.data_note if "=" in n)
     if len(notes) != len(a.data_note):
         p.error("--data-note takes FOLDER=TEXT")
+    if (a.out / "last.pt").is_file():  # a run folder: its config.json would be replaced
+        p.error(f"OUT {a.out} is a run folder (it holds last.pt): the card's weights and config.json "
+                "would replace the run's own, which could then not be resumed; write the card to a folder of its own")
     try:
         if (a.run / "soup.json").is_file():  # a model soup: its ingredients say which runs trained it
             if a.model or a.earlier or a.continues is None:

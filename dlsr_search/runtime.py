@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import threading
@@ -109,6 +110,9 @@ class RunFolderLock:
     def __enter__(self) -> "RunFolderLock":
         if not self.enabled or fcntl is None:
             return self
+        blocked = next((p for p in (self.out, *self.out.parents) if p.exists() and not p.is_dir()), None)
+        if blocked is not None:  # before: "[Errno 17] File exists ... (the last checkpoint is intact; ...)"
+            raise ConfigError(f"--out {self.out}: {blocked} is a file, not a folder; give a folder for the run")
         self._created = [p for p in (self.out, *self.out.parents) if not p.exists()]
         self.out.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -135,11 +139,27 @@ class RunFolderLock:
         self._fd = None
 
 
+def device_to_run(cfg: Any, explicit: Iterable[str] | None) -> str:
+    """The device a run is set up on: a resumed run's own (its checkpoint's config wins, as for every
+    option) unless --device is given again; before, a run pinned to the CPU moved to a GPU on resume,
+    and with it to bf16 and channels_last, which follow the device."""
+    asked = set(explicit) if explicit is not None else ({"device"} if cfg.device != "auto" else set())
+    path = Path(cfg.out) / "last.pt"
+    if not getattr(cfg, "resume", False) or "device" in asked or not path.is_file():
+        return cfg.device
+    from .checkpoint import load_checkpoint  # checkpoint imports this module's neighbours: kept lazy
+
+    try:
+        return str(json.loads(load_checkpoint(path)["config"]).get("device") or cfg.device)
+    except Exception:  # noqa: BLE001 - resume_or_start reads it again and says what is wrong with it
+        return cfg.device
+
+
 def run_in_process(body: Callable[[Any, D.DistInfo, StopRequest, Iterable[str] | None], R], cfg: Any,
                    explicit: Iterable[str] | None) -> R:
     """Run ``body`` inside the process group (torchrun or none) with SIGTERM/SIGINT turned into a clean stop,
     holding the ``--out`` folder's lock (on the main process) for the whole run."""
-    info = D.setup(cfg.device)
+    info = D.setup(device_to_run(cfg, explicit))
     try:
         with RunFolderLock(cfg.out, enabled=info.is_main), StopRequest() as stop:
             return body(cfg, info, stop, explicit)

@@ -99,6 +99,20 @@ class TrainResult:
     resumed_from: int | None
 
 
+def refuse_run_folders(cfg: TrainConfig) -> None:
+    """A run folder given where a model or genotype goes is a natural slip; it failed with messages about a
+    corrupt safetensors file or an unknown genotype format_version (the run's own config.json)."""
+    for option, value in (("--init-from", cfg.init_from), ("--teacher", cfg.teacher), ("--genotype", cfg.genotype)):
+        folder = Path(value) if value else None
+        if folder is None or not folder.is_dir() or (folder / "model.safetensors").exists():
+            continue
+        if (folder / "last.pt").is_file() or (folder / "log.jsonl").is_file():
+            what = {"--init-from": f"{folder / 'best'} (its best validation) or {folder / 'last.pt'}",
+                    "--teacher": f"{folder / 'best'} (its best validation) or an export of it",
+                    "--genotype": f"{folder / 'best'} (a model directory: its genotype) or a genotype JSON"}[option]
+            raise ConfigError(f"{option} {value} is a dlsr-search run folder, not a model: give {what}")
+
+
 def check_config(cfg: TrainConfig, world: int) -> None:
     if cfg.scale not in PATCH_BY_SCALE:
         raise ConfigError(f"--scale must be one of {sorted(PATCH_BY_SCALE)}, got {cfg.scale}")
@@ -144,12 +158,15 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
 
     # ---- resume or start: the checkpoint's config wins over the command line -------------------------------
     cfg, ckpt = resume_or_start(cfg, kind="train", explicit=explicit, announce=info.is_main)
+    refuse_run_folders(cfg)
     if not cfg.genotype_json:
         genotype, notes = resolve_genotype(cfg.genotype, cfg.scale, cfg.channels)
         cfg.genotype_json = genotype.to_json()
     else:
         genotype, notes = load_genotype_json(cfg.genotype_json), []
     check_config(cfg, info.world)
+    if cfg.init_from and ckpt is None:  # a source that does not fit is refused now, not after the data loads
+        warm_start(DLSR(genotype), cfg.init_from)
     files, autocast_dtype, channels_last, threads, log = start_run(cfg, info, out, ckpt, desc=f"train x{cfg.scale}")
     device = info.device
     for note in notes:

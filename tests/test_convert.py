@@ -139,6 +139,14 @@ def test_output_that_is_a_file_is_a_usage_error(authors_dir, tmp_path, capsys):
         main([str(authors_dir / TINY), "--genotype", "dlsr_s_x2", "-o", str(tmp_path / "m")])
     assert e.value.code == 2 and "is a file; give a model directory" in capsys.readouterr().err
     assert (tmp_path / "m").read_text() == "precious"
+    # below a file: a clean error (it was a NotADirectoryError traceback, after the conversion)
+    assert main([str(authors_dir / TINY), "--genotype", "dlsr_s_x2", "-o", str(tmp_path / "m" / "sub")]) == 1
+    err = capsys.readouterr().err
+    assert f"dlsr-convert: error: cannot write {tmp_path / 'm' / 'sub'}" in err and "Traceback" not in err
+    # tensors under keys that are not names: refused, not an AttributeError from the renaming
+    torch.save({"state_dict": {0: torch.zeros(1)}}, tmp_path / "intkey.pt")
+    with pytest.raises(ModelLoadError, match="a 'state_dict' of tensors by name"):
+        load_authors_state_dict(tmp_path / "intkey.pt")
 
 
 def test_weights_that_convert_to_nan_or_inf_are_refused_before_anything_is_written(authors_dir, tmp_path, capsys):

@@ -54,13 +54,25 @@ def test_onnxruntime_parity_dynamic_shapes(tmp_path, name):
         assert (y - ref).abs().max().item() <= 1e-4
 
 
-def test_cli_export_and_check(tmp_path, capsys):
+def test_cli_export_and_check(tmp_path, capsys, monkeypatch):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     out = tmp_path / "x.onnx"
     assert main(["--genotype", "dlsr_s_x2", "--onnx", str(out), "--check"]) == 0
     text = capsys.readouterr().out
     assert out.is_file() and "dynamic" in text and "max abs diff" in text
+    # a failed check leaves the earlier export as it was and no unverified file, under any name
+    import dlsr_infer.export as export_mod
+
+    before = out.read_bytes()
+
+    def fails(*a, **k):
+        raise AssertionError("ONNX output differs from the network by 0.003 (> 0.0001)")
+
+    monkeypatch.setattr(export_mod, "check_onnx", fails)
+    assert main(["--genotype", "dlsr_s_x2", "--onnx", str(out), "--check", "--overwrite"]) == 2
+    assert "check failed: ONNX output differs" in capsys.readouterr().err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
 
 
 def test_cli_usage_errors(tmp_path, capsys):

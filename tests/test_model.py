@@ -50,6 +50,15 @@ def test_round_trip_every_bundled_genotype(name, tmp_path):
     assert torch.equal(before, after)
 
 
+def test_save_pretrained_expands_the_home_folder_as_from_pretrained_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = DLSR.from_genotype_name("dlsr_s_x2")
+    assert model.save_pretrained("~/m") == tmp_path / "home" / "m"  # not ./~/m
+    assert not (tmp_path / "~").exists()
+    assert DLSR.from_pretrained("~/m").genotype == model.genotype
+
+
 def test_random_genotype_with_all_ops_builds_and_round_trips(tmp_path):
     cells = [{"ops": list(OP_NAMES[i:i + 3]), "inputs": inputs}
              for i, inputs in zip(range(0, 9, 3), ([0], [0, 1], [2, 0, 1]))]

@@ -280,6 +280,18 @@ def test_a_failed_card_leaves_the_model_directory_as_it_was(chain, tmp_path, cap
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # evaluated before anything was copied
 
 
+def test_a_card_is_not_written_into_a_run_folder(chain, tmp_path, capsys):
+    """`modelcard RUN RUN` put model.safetensors into the run folder and replaced its config.json: the run
+    could no longer be resumed ('is a model directory, not a run folder')."""
+    run = tmp_path / "B"
+    shutil.copytree(chain / "B", run)
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        modelcard.main([str(run), str(run), "--title", "T", "--benchmarks", str(chain / "bench")])
+    assert exit_.value.code == 2 and "is a run folder" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
+
+
 def test_a_run_without_best_asks_for_a_model(chain, tmp_path, capsys):
     run = tmp_path / "noval"
     shutil.copytree(chain / "A", run, ignore=shutil.ignore_patterns("best", "export"))

@@ -238,6 +238,18 @@ def test_search_resume_continues_exactly_and_exports_its_genotype(tmp_path):
     assert cli_main(["export", str(tmp_path / "split" / "last.pt"), str(tmp_path / "g.json")]) == 0
     exported = loads((tmp_path / "g.json").read_text())
     assert exported.architecture_equals(resumed.genotype) and exported.provenance["step"] == 8
+    # an earlier genotype export is replaced; the checkpoint itself, or any other file, is not (export
+    # onto last.pt made it a genotype JSON, and --resume then failed); a folder gets genotype.json
+    assert cli_main(["export", str(tmp_path / "split" / "last.pt"), str(tmp_path / "g.json")]) == 0
+    before = (tmp_path / "split" / "last.pt").read_bytes()
+    assert cli_main(["export", str(tmp_path / "split" / "last.pt"), str(tmp_path / "split" / "last.pt")]) == 2
+    assert (tmp_path / "split" / "last.pt").read_bytes() == before
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli_main(["export", str(tmp_path / "split" / "last.pt"), str(tmp_path / "notes.txt")]) == 2
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "gdir").mkdir()
+    assert cli_main(["export", str(tmp_path / "split" / "last.pt"), str(tmp_path / "gdir")]) == 0
+    assert loads((tmp_path / "gdir" / "genotype.json").read_text()).architecture_equals(resumed.genotype)
     # a search checkpoint is no warm start for a retrained network (its mixed ops are not the network's),
     # and a mistyped .pt path is a missing checkpoint, not 'no model directory ... nor a Hub repo id'
     from dlsr_search.checkpoint import CheckpointError

@@ -101,6 +101,35 @@ def test_warm_start_x2_to_x4_loads_matching_tensors_and_reports_skipped(tmp_path
     assert rec["sha256"] == report.sha256 == hashlib.sha256((tmp_path / "x2" / "model.safetensors").read_bytes()).hexdigest()
 
 
+def test_a_warm_start_that_fits_nothing_is_refused_before_the_data_loads(tmp_path, data_dir, monkeypatch):
+    """`--genotype dlsr_s_x2 --init-from x4` loaded 0 of 214 tensors, exited 0, and its card said 'warm
+    start: x4': a network trained from scratch under another's name."""
+    DLSR(builtin("dlsr_x2").replace(channels=12)).save_pretrained(tmp_path / "wide")
+    before = DLSR(builtin("dlsr_x2").replace(channels=8)).state_dict()
+    model = DLSR(builtin("dlsr_x2").replace(channels=8))
+    model.load_state_dict(before)
+    with pytest.raises(ConfigError, match=r"only \d+ of this network's \d+ tensors fit .* no warm start"):
+        warm_start(model, tmp_path / "wide")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # left as it was
+
+    from dlsr_search import train as train_mod
+
+    monkeypatch.setattr(train_mod, "load_pairs_ranked", lambda *a, **k: pytest.fail("the data was loaded first"))
+    with pytest.raises(ConfigError, match="no warm start"):
+        train(_cfg(tmp_path, data_dir, "run", init_from=str(tmp_path / "wide")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_warm_start_from_a_checkpoint_takes_its_averaged_weights(tmp_path, data_dir):
+    """As its export, its validation and its best/ have them (the raw weights were taken before)."""
+    train(_cfg(tmp_path, data_dir, "ema", steps=4, ema=0.5))
+    ckpt = load_checkpoint(tmp_path / "ema" / "last.pt")
+    model = DLSR(builtin("dlsr_x2").replace(channels=8))
+    warm_start(model, tmp_path / "ema" / "last.pt")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["ema"]["model"].items())
+    assert any(not torch.equal(ckpt["ema"]["model"][k], v) for k, v in ckpt["model"].items())
+
+
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, data_dir):
     steps = 60
     common = ["--scale", "2", "--data", str(data_dir), "--channels", "8", "--batch", "2", "--patch", "32",
@@ -295,6 +324,12 @@ def test_resume_keeps_the_run_definition(tmp_path, data_dir):
         train(_cfg(tmp_path, data_dir, "run", steps=2))
     with pytest.raises(ConfigError, match="batch"):
         train(_cfg(tmp_path, data_dir, "run", steps=4, batch=4, resume=True), explicit={"batch", "steps", "resume"})
+    spelt_otherwise = str(data_dir) + "/"  # the same folder: not a change
+    train(_cfg(tmp_path, data_dir, "run", steps=2, data=[spelt_otherwise], resume=True),
+          explicit={"data", "steps", "resume"})
+    with pytest.raises(ConfigError, match="val_max_images"):  # best/ would compare scores on two sets
+        train(_cfg(tmp_path, data_dir, "run", steps=4, val_max_images=1, resume=True),
+              explicit={"val_max_images", "steps", "resume"})
     # operational options may change; unset options come from the checkpoint, not the defaults
     result = train(TrainConfig(out=str(tmp_path / "run"), steps=4, resume=True, progress=False, threads=1),
                    explicit={"out", "steps", "resume", "progress", "threads"})
@@ -310,6 +345,23 @@ def test_resume_keeps_the_run_definition(tmp_path, data_dir):
     plain = train(_cfg(tmp_path, data_dir, "plain", steps=7))
     reference = load_checkpoint(plain.out / "last.pt")["model"]
     assert all(torch.equal(ckpt["model"][k], v) for k, v in reference.items())
+
+
+def test_a_resumed_run_is_set_up_on_its_own_device_unless_told_otherwise(tmp_path, data_dir, monkeypatch):
+    """D.setup ran on the command line's --device (default 'auto') before the checkpoint's config was read:
+    a run pinned to the CPU would resume on a GPU, and with it on bf16 and channels_last."""
+    from dlsr_search import runtime
+
+    train(_cfg(tmp_path, data_dir, "run", steps=2, device="cpu"))
+    seen = []
+    real = runtime.D.setup
+    monkeypatch.setattr(runtime.D, "setup", lambda device: seen.append(device) or real("cpu"))
+    common = {"out": str(tmp_path / "run"), "resume": True, "progress": False, "threads": 1}
+    train(TrainConfig(steps=3, **common), explicit={"out", "steps", "resume", "progress", "threads"})
+    train(TrainConfig(steps=4, device="auto", **common), explicit={"out", "steps", "resume", "progress", "threads",
+                                                                   "device"})
+    assert seen == ["cpu", "auto"]  # the run's own; then what --device asked for (an operational option)
+    assert runtime.device_to_run(TrainConfig(out=str(tmp_path / "new"), resume=True), None) == "auto"
 
 
 def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, data_dir, capsys):
@@ -416,6 +468,39 @@ def test_an_export_over_another_models_files_is_refused(tmp_path, data_dir, caps
     for target in ("run3", "run3/best", "run3/best/x"):
         assert cli_main(_tiny_argv(tmp_path / "run3", data_dir, "--export", str(tmp_path / target))) == 2
         assert "is the run folder" in capsys.readouterr().err and not (tmp_path / "run3").exists()
+    # the same through `export`: a run's checkpoint onto its own best/ or run folder
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    for target in ("run/best", "run"):
+        assert cli_main(["export", ckpt, str(tmp_path / target)]) == 2
+        assert "its run folder or that run's best/" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_a_device_this_machine_cannot_run_is_a_usage_error(tmp_path, data_dir, capsys):
+    devices = ["bogus", "meta"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        assert cli_main(_tiny_argv(tmp_path / "run", data_dir, "--device", device)) == 2
+        err = capsys.readouterr().err
+        assert "dlsr-search train: error: --device: " in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_where_a_model_goes_and_a_file_as_out_are_named(tmp_path, data_dir, capsys):
+    """A run folder as --init-from/--teacher/--genotype failed as 'not a valid safetensors file' or 'unknown
+    genotype format_version'; a file as --out as '[Errno 17] File exists (the last checkpoint is intact;
+    fix this and --resume)', with no checkpoint anywhere."""
+    assert cli_main(_tiny_argv(tmp_path / "run", data_dir)) == 0
+    capsys.readouterr()
+    for option in ("--init-from", "--teacher", "--genotype"):
+        assert cli_main(_tiny_argv(tmp_path / "new", data_dir, option, str(tmp_path / "run"))) == 2
+        err = capsys.readouterr().err
+        assert f"{option} {tmp_path / 'run'} is a dlsr-search run folder, not a model: give" in err, err
+    (tmp_path / "afile").write_text("keep")
+    for out in ("afile", "afile/sub"):
+        assert cli_main(_tiny_argv(tmp_path / out, data_dir)) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'afile'} is a file, not a folder" in err and "checkpoint is intact" not in err, err
+    assert (tmp_path / "afile").read_text() == "keep" and not (tmp_path / "new").exists()
 
 
 def test_search_checks_the_shared_options_too(tmp_path, data_dir, capsys):
