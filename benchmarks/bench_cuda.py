@@ -6,13 +6,16 @@
 What it measures (random weights, seeded: speed and memory do not depend on trained values)
   * x2 / x3 / x4 at 720p output (one image), each path, GPU time per image (CUDA-synchronised wall
     time) and, for reduced precision, PSNR of its output against the fp32 path:
-      fp32        eager `DLSR` layers in float32, NCHW (on CUDA the fused CPU form does not apply)
+      fp32        eager `DLSR` layers in float32, NCHW (on CUDA the fused CPU form does not apply), under
+                  torch's default for cuDNN convolutions: TF32 on Ampere and later GPUs
       fp32-cl     the same with channels_last input and weights
+      ieee-cl     fp32-cl with TF32 off (`fast.exact_fp32`): what `upscale(dtype="fp32")` and the small
+                  passes of 'auto' run since TF32 was turned off for them
       bf16-cl     channels_last under `torch.autocast("cuda", torch.bfloat16)`
       fp16-cl     channels_last under fp16 autocast: what `upscale(device="cuda")` runs by default for
                   passes of 160k+ LR pixels (below, fp32-cl: `upscaling.CUDA_FP16_MIN_PIXELS`)
       compile     `torch.compile` of the fp16-cl path (x4 only by default; compile time reported)
-  * x4 fp32 against fp16 autocast from one 320x180 LR image to a batch of four 960x540 ones;
+  * x4 fp32 (TF32 and IEEE) against fp16 autocast from one 320x180 LR image to a batch of four 960x540 ones;
   * peak CUDA memory per LR pixel of one fp16 / fp32 forward at several sizes, next to the estimate
     `tiling.bytes_per_pixel` makes (it sizes the automatic tiles);
   * `upscale()` x4 with dtype 'auto' against 'fp16' at LR 320x180, 427x240, 640x360 (CUDA);
@@ -37,6 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from dlsr_infer import tiling  # noqa: E402
+from dlsr_infer.fast import exact_fp32  # noqa: E402
 from dlsr_infer.upscaling import upscale  # noqa: E402
 from bench_inference import LR_720P, interleaved, make_model, psnr, synthetic_photo  # noqa: E402
 
@@ -77,7 +81,14 @@ def bench_scale(scale: int, args: argparse.Namespace, device: torch.device) -> d
                 return m(inp)
         return run
 
-    paths: dict[str, Callable[[], torch.Tensor]] = {"fp32": under(None, model, x), "fp32-cl": under(None, model_cl, x_cl)}
+    def ieee(run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def exact() -> torch.Tensor:
+            with exact_fp32():
+                return run()
+        return exact
+
+    paths: dict[str, Callable[[], torch.Tensor]] = {"fp32": under(None, model, x), "fp32-cl": under(None, model_cl, x_cl),
+                                                    "ieee-cl": ieee(under(None, model_cl, x_cl))}
     extra: dict[str, Any] = {}
     if cuda:
         paths["bf16-cl"] = under(torch.bfloat16, model_cl, x_cl)
@@ -118,11 +129,15 @@ def bench_sizes(args: argparse.Namespace, device: torch.device) -> list[dict[str
             with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
                                                         enabled=dtype is not None):
                 model(inp)
-        times = timed({"fp32": lambda: run(None), "fp16": lambda: run(torch.float16)},
+        def run_ieee() -> None:
+            with exact_fp32():
+                run(None)
+        times = timed({"fp32": lambda: run(None), "ieee": run_ieee, "fp16": lambda: run(torch.float16)},
                       max(5, args.repeats // 2), args.warmup, device)
-        fp32, fp16 = (statistics.median(times[k]) for k in ("fp32", "fp16"))
-        rows.append({"batch": n, "lr": [h, w], "fp32_ms": round(fp32 * 1e3, 2), "fp16_ms": round(fp16 * 1e3, 2),
-                     "fp16_speedup": round(fp32 / fp16, 2)})
+        fp32, ieee, fp16 = (statistics.median(times[k]) for k in ("fp32", "ieee", "fp16"))
+        rows.append({"batch": n, "lr": [h, w], "fp32_ms": round(fp32 * 1e3, 2), "ieee_ms": round(ieee * 1e3, 2),
+                     "fp16_ms": round(fp16 * 1e3, 2), "fp16_speedup": round(fp32 / fp16, 2),
+                     "fp16_speedup_vs_ieee": round(ieee / fp16, 2)})
         del x
     return rows
 
@@ -229,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         result["sizes_x4"] = bench_sizes(args, device)
         for r in result["sizes_x4"]:
-            print(f"x4 {r['batch']} x LR {r['lr'][0]}x{r['lr'][1]}: fp32 {r['fp32_ms']} ms, fp16 {r['fp16_ms']} ms "
-                  f"({r['fp16_speedup']}x)", flush=True)
+            print(f"x4 {r['batch']} x LR {r['lr'][0]}x{r['lr'][1]}: fp32 {r['fp32_ms']} ms (TF32), "
+                  f"{r['ieee_ms']} ms (IEEE), fp16 {r['fp16_ms']} ms ({r['fp16_speedup']}x, "
+                  f"{r['fp16_speedup_vs_ieee']}x vs IEEE)", flush=True)
         result["memory"] = bench_memory(args, device)
         for m in result["memory"]:
             print(f"memory x{m['scale']} {m['dtype']} LR {m['lr'][0]}x{m['lr'][1]}: {m['peak_mib']} MiB, "
