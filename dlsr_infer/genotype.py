@@ -208,6 +208,12 @@ def validate(data: Mapping[str, Any]) -> None:
             json.dumps(prov, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise GenotypeError(f"genotype field 'provenance' must be plain JSON without NaN/Infinity: {e}") from None
+    for field in ("name", "provenance"):  # '\ud800' parses as JSON but is no text a file can hold
+        try:
+            json.dumps(data.get(field), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise GenotypeError(f"genotype field {field!r} holds a lone surrogate (\\ud800-\\udfff): not text "
+                                "that UTF-8 can store") from None
 
     cells = data.get("cells")
     if not isinstance(cells, Sequence) or isinstance(cells, (str, bytes)):

@@ -432,7 +432,6 @@ def save_model_dir(model: "DLSR", directory: str | os.PathLike, *, model_card: s
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     check_finite(tensors, f"not saving {directory}", why="a model that would give black or NaN images")
     meta = {**metadata, "format": "pt", GENOTYPE_METADATA: json.dumps(genotype.to_dict(), sort_keys=True)}
-    directory.mkdir(parents=True, exist_ok=True)
     blob = canonical_safetensors(st_save(tensors, metadata=meta))
     config = genotype.to_json().encode()
     files = [(directory / WEIGHTS_NAME, lambda f: f.write(blob)), (directory / CONFIG_NAME, lambda f: f.write(config))]
@@ -441,6 +440,7 @@ def save_model_dir(model: "DLSR", directory: str | os.PathLike, *, model_card: s
     if model_card is not None:
         card = model_card.encode()
         files.append((directory / CARD_NAME, lambda f: f.write(card)))
+    directory.mkdir(parents=True, exist_ok=True)  # only once everything is encoded: a failure leaves no folder
     # all or none: new weights beside the old config.json would be a directory that no longer loads
     atomic_write_all(files, overwrite=True)
     return directory

@@ -149,3 +149,15 @@ def test_provenance_must_be_json_that_loads_again(value):
     # NaN used to be accepted, saved as the non-JSON token NaN, and then refused on load.
     with pytest.raises(GenotypeError, match="provenance' must be plain JSON"):
         builtin("dlsr_s_x2").replace(provenance={"final_loss": [1.0, value]})
+
+
+@pytest.mark.parametrize("field, value", [("name", "\ud800"), ("provenance", {"note": "a\udfffb"})])
+def test_text_utf8_cannot_store_is_refused(field, value, tmp_path):
+    """A config.json with "\\ud800" in its name loaded; save_pretrained then failed (UnicodeEncodeError) and
+    left an empty folder behind."""
+    with pytest.raises(GenotypeError, match=f"'{field}' holds a lone surrogate"):
+        builtin("dlsr_s_x2").replace(**{field: value})
+    text = builtin("dlsr_s_x2").to_json().replace('"name": "dlsr_s_x2"', '"name": "\\ud800"')
+    with pytest.raises(GenotypeError, match="lone surrogate"):
+        loads(text)
+    assert builtin("dlsr_s_x2").replace(name="ünï 😀").name == "ünï 😀"  # any real text is fine
