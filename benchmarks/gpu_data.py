@@ -113,8 +113,10 @@ def pack(shared: Path, out: Path, budget_mib: float, method: int, jobs: int) -> 
                 break
         else:
             parts.append([e])
-    # names this pack, so that parts of two different packs are never counted as one complete set
-    listing = json.dumps(sorted((e["path"], e["rgb_sha256"]) for e in entries))
+    # names this pack, so that parts of two different packs are never counted as one complete set: the
+    # images and how they are split (the same images packed under another budget split otherwise)
+    listing = json.dumps([sorted((e["path"], e["rgb_sha256"]) for e in entries),
+                          [sorted(e["path"] for e in part) for part in parts]])
     pack_id = hashlib.sha256(listing.encode()).hexdigest()[:16]
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -190,6 +192,10 @@ def unpack(part: Path, dest: Path, jobs: int, require_complete: bool) -> int:
         return 1
     if require_complete:  # exactly the pack's images: nothing else in dest that a trainer would also read
         listed = {f["path"] for m in done.values() for f in m["files"]}
+        if len(listed) != manifest["files_total"]:  # (parts of one split cover them all; a check all the same)
+            print(f"gpu_data: {dest}: its parts list {len(listed)} of the pack's {manifest['files_total']} images: "
+                  f"remove {dest} and unpack every part again", file=sys.stderr)
+            return 1
         present = {p.relative_to(dest).as_posix() for p in dest.rglob("*")
                    if p.is_file() and DONE not in p.relative_to(dest).parts}
         extra = sorted(present - listed)

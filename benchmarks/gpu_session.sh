@@ -7,7 +7,7 @@
 #   # data needed, no training; it waits for the unpacking it was given as UNPACK=...)
 #   OUT=$OUT CHECKS_ONLY=1 UNPACK=.gpu/part1 bash benchmarks/gpu_session.sh
 #   # device call 2 right after (the machine keeps .gpu_data while warm), carry .gpu/part2:
-#   python benchmarks/gpu_data.py unpack .gpu/part2 .gpu_data --require-complete &&
+#   export T0=$(date +%s); python benchmarks/gpu_data.py unpack .gpu/part2 .gpu_data --require-complete &&
 #     OUT=$OUT DATA=.gpu_data/train VAL=.gpu_data/Set5/HR END=540 CHECKS=0 bash benchmarks/gpu_session.sh
 #   (one call, checks and training: leave out CHECKS=0 and CHECKS_ONLY; the fourth session lost 4 of its 15
 #   minutes to a hand-written call 1 that waited on itself: use this one.)
@@ -15,16 +15,20 @@
 # DATA: training images (folders of PNG/JPEG, as `gpu_data.py unpack` writes them), copied to WORK_DATA
 # first so that a resumed run finds its data at the path its checkpoint names. VAL: HR validation
 # images (Set5). EXTRA: trainer options appended to every run (a CPU dry run:
-# EXTRA="--channels 8 --batch 2 --patch 64 --workers 0", as in tests/test_gpu_session.py). END: seconds
-# after the start at which the runs are sent SIGTERM (each finishes its step and writes its checkpoint; a
-# distilled run still making its teacher's predictions then stops with none: give it time).
+# EXTRA="--batch 2 --patch 64 --workers 0", as in tests/test_gpu_session.py; the bundled widths, so the warm starts fit). END: seconds
+# after the start (T0: this script's start, or the call's if exported before the unpack, as above) at which
+# the runs are sent SIGTERM (each finishes its step and writes its checkpoint; a distilled run still making
+# its teacher's predictions then stops with none: give it time); GRACE seconds later any run still alive
+# is killed, and the last pack is made after that, so nothing is written after it. END + GRACE + a pack
+# must fit the call's limit (600 s): END 540 and GRACE 30 leave half a minute.
 # Each run's folder (last.pt, best/, log.jsonl, config.json, console log) is packed into $OUT every
 # PACK_EVERY seconds and at the end, so a session cut short still returns its latest checkpoints. NAMES:
 # the runs to start (default x4 distilled and x2-s: see below); CHECKS=0 skips the tests and benchmarks. To go on with runs from
 # an earlier session, carry their folders, point RUNS at them and pass EXTRA=--resume.
 set -u
-T0=$(date +%s)
-END=${END:-560}
+T0=${T0:-$(date +%s)}
+END=${END:-540}
+GRACE=${GRACE:-30}
 PACK_EVERY=${PACK_EVERY:-45}
 OUT=${OUT:?set OUT}
 if [ "${CHECKS_ONLY:-0}" = 0 ]; then DATA=${DATA:?set DATA}; VAL=${VAL:?set VAL}; fi
@@ -43,7 +47,9 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 UNPACK_PID=
 if [ -n "${UNPACK:-}" ]; then  # a data part, unpacked on the CPU while the GPU checks run
-  $PY benchmarks/gpu_data.py unpack "$UNPACK" "${UNPACK_TO:-.gpu_data}" > "$OUT/unpack.txt" 2>&1 &
+  # checks only: any part (the others come with later calls); before training: the whole pack, or no training
+  complete=(); [ "${CHECKS_ONLY:-0}" = 0 ] && complete=(--require-complete)
+  $PY benchmarks/gpu_data.py unpack "$UNPACK" "${UNPACK_TO:-.gpu_data}" "${complete[@]}" > "$OUT/unpack.txt" 2>&1 &
   UNPACK_PID=$!
 fi
 
@@ -68,6 +74,10 @@ fi
 if [ -n "$UNPACK_PID" ]; then
   wait "$UNPACK_PID"; rc=$?
   say "unpacked $UNPACK (exit $rc): $(tail -1 "$OUT/unpack.txt")"
+  if [ "$rc" != 0 ] && [ "${CHECKS_ONLY:-0}" = 0 ]; then
+    say "the training data is incomplete: no training (unpack every part first)"
+    exit 1
+  fi
 fi
 if [ "${CHECKS_ONLY:-0}" != 0 ]; then
   say "done (checks only)"
@@ -79,7 +89,8 @@ $PY - "$DATA" "$WORK_DATA" <<'EOF'
 import shutil, sys
 from pathlib import Path
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-shutil.copytree(src, dst, dirs_exist_ok=True)
+shutil.rmtree(dst, ignore_errors=True)  # a warm machine's earlier copy may hold images this pack does not
+shutil.copytree(src, dst)
 print(f"{sum(f.is_file() for f in dst.rglob('*'))} files in {dst}")
 EOF
 
@@ -127,7 +138,7 @@ pack() {
 
 last_pack=$(elapsed)
 while [ "$(elapsed)" -lt "$END" ]; do
-  sleep 15
+  left=$(( END - $(elapsed) )); sleep $(( left < 15 ? left : 15 ))
   alive=0; for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=$((alive + 1)); done
   if [ $(( $(elapsed) - last_pack )) -ge "$PACK_EVERY" ]; then
     pack; last_pack=$(elapsed)
@@ -139,11 +150,15 @@ done
 
 say "stopping the runs"
 for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-for _ in $(seq 30); do
+for _ in $(seq "$GRACE"); do
   alive=0; for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
   [ "$alive" -eq 0 ] && break
   sleep 1
 done
+for pid in "${PIDS[@]}"; do  # past the grace: killed, so that nothing is written after the last pack
+  kill -0 "$pid" 2>/dev/null && { say "pid $pid still alive after ${GRACE} s: killed"; kill -KILL "$pid"; }
+done
+wait "${PIDS[@]}" 2>/dev/null  # (not a bare wait: that may wait for the tee above, which ends with the script)
 pack
 for name in $NAMES; do echo "== $name"; tail -4 "$RUNS/$name.log"; done
 ls -la "$OUT"

@@ -394,10 +394,10 @@ def _patch_note(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
 
 
 def run_config(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The config the weights were trained under: the last (re)start's (a resume may change operational
-    options, e.g. add --ema), with `steps` set to the steps actually taken, so that the card's command
+    """The config the weights were trained under: the last (re)start's that trained a step (a resume may
+    change operational options, e.g. add --ema; one that only closed the run trained nothing), with `steps` set to the steps actually taken, so that the card's command
     reproduces the run as it stopped (the data stream and lr schedule do not depend on `steps`)."""
-    config = json.loads([r for r in records if r["event"] == "start"][-1]["config"])
+    config = json.loads(_trained_starts(records)[-1]["config"])  # not a closing --resume's (its --out, say)
     return {**config, "steps": max(r["step"] for r in records)}
 
 
@@ -460,7 +460,7 @@ def _stage_line(i: int | None, run: Path, records: list[dict[str, Any]], out: Pa
     data = f"data: {note}; " if note is not None else ""
     return (f"  {'-' if i is None else f'{i}.'} `{run}`, x{config.get('scale')}: {steps:,} steps, batch {config.get('batch')}, "
             f"{_patch_note(config, records)}, {data}{_loss(config, records)} loss, lr {config.get('lr')} halved every "
-            f"{config.get('halve_every')}; warm start: {_warm_start(config, records, out)}; wall time "
+            f"{config.get('halve_every')}; warm start: {_warm_start(config, records, out)}{_ema_note(config, records)}; wall time "
             f"{wall_time_s(records) / 3600:.2f} h on {_devices(records)}; command: `{command_line(config)}`")
 
 

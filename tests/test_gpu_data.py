@@ -88,6 +88,22 @@ def test_pack_splits_under_the_budget_and_unpack_restores_every_pixel(tmp_path):
     assert stray.returncode == 1 and "holds 1 file(s) that are not in this pack (e.g. train/stray.png)" in stray.stderr
 
 
+def test_the_same_images_split_another_way_are_another_pack(tmp_path):
+    """Packed twice under two budgets, the parts had one pack id: part 1 of one and part 2 of the other
+    passed --require-complete with images missing (training on a subset, silently)."""
+    shared = _shared(tmp_path / "shared")
+    for name, budget in (("a", "0.06"), ("b", "0.1")):
+        assert _run("pack", str(tmp_path / name), "--shared", str(shared), "--budget-mib", budget).returncode == 0
+    a, b = sorted((tmp_path / "a").iterdir()), sorted((tmp_path / "b").iterdir())
+    assert len(a) != len(b)
+    ids = {json.loads((p / "manifest.json").read_text())["pack"] for p in (a[0], b[0])}
+    assert len(ids) == 2
+    dest = tmp_path / "dest"
+    assert _run("unpack", str(a[0]), str(dest)).returncode == 0
+    mixed = _run("unpack", str(b[-1]), str(dest), "--require-complete")
+    assert mixed.returncode == 1 and "held images of another pack; removed" in mixed.stdout
+
+
 def test_unpack_refuses_a_corrupted_image_and_pack_refuses_to_overwrite(tmp_path):
     shared = _shared(tmp_path / "shared")
     assert _run("pack", str(tmp_path / "gpu"), "--shared", str(shared), "--jobs", "2").returncode == 0

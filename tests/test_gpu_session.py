@@ -20,7 +20,7 @@ def _session(tmp_path: Path, out: Path, extra: str, names: str = "x2sg x4g", end
     env = {**os.environ, "OUT": str(out), "DATA": str(tmp_path / "data"), "VAL": str(tmp_path / "val"),
            "RUNS": str(tmp_path / "runs"), "WORK_DATA": str(tmp_path / "decoded"), "END": str(end), "PACK_EVERY": "5", "PY": sys.executable,
            "NAMES": names, "CHECKS": "0", "OMP_NUM_THREADS": "1",
-           "EXTRA": f"--channels 8 --batch 2 --patch 64 --log-every 2 --val-every 4 --ckpt-every 4 --workers 0 --threads 1 {extra}"}
+           "EXTRA": f"--batch 2 --patch 64 --log-every 2 --val-every 4 --ckpt-every 4 --workers 0 --threads 1 {extra}"}
     done = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -68,6 +68,33 @@ def test_checks_only_call_unpacks_a_data_part_while_the_checks_run_and_trains_no
     assert "unpacked" in done.stdout and "(exit 0)" in done.stdout
     assert sorted(p.name for p in (tmp_path / "unpacked" / "train" / "T91").iterdir()) == ["img0.png", "img1.png"]
     assert "training data" not in done.stdout and not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+def test_a_session_that_trains_refuses_an_incomplete_unpack_and_drops_stale_images(tmp_path):
+    """With UNPACK= and no CHECKS_ONLY, one part of two was unpacked and the runs trained on it; and images an
+    earlier copy left in WORK_DATA were trained on too."""
+    write_images(tmp_path / "shared" / "data" / "train" / "T91", n=4, size=96)
+    write_images(tmp_path / "shared" / "data" / "benchmarks" / "Set5" / "HR", n=1, size=48, seed=5)
+    packed = subprocess.run([sys.executable, "benchmarks/gpu_data.py", "pack", str(tmp_path / "gpu"), "--shared",
+                             str(tmp_path / "shared"), "--budget-mib", "0.03", "--jobs", "1"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert packed.returncode == 0 and (tmp_path / "gpu" / "part2").is_dir(), packed.stdout + packed.stderr
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "UNPACK": str(tmp_path / "gpu" / "part1"), "CHECKS": "0",
+           "UNPACK_TO": str(tmp_path / "unpacked"), "DATA": str(tmp_path / "unpacked" / "train"),
+           "VAL": str(tmp_path / "unpacked" / "Set5" / "HR"), "RUNS": str(tmp_path / "runs"), "PY": sys.executable,
+           "OMP_NUM_THREADS": "1", "NAMES": "x2sg", "END": "5"}
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and "the training data is incomplete: no training" in done.stdout, done.stdout
+    assert "started x2sg" not in done.stdout and not any((tmp_path / "runs").iterdir())
+
+    (tmp_path / "decoded" / "old").mkdir(parents=True)  # an earlier session's copy, on a warm machine
+    (tmp_path / "decoded" / "old" / "stale.png").write_bytes(b"not this pack's")
+    write_images(tmp_path / "data" / "a", n=2, size=80)
+    write_images(tmp_path / "val", n=1, size=48, seed=3)
+    _session(tmp_path, tmp_path / "out2", "", names="x2sg", end=3)
+    assert not (tmp_path / "decoded" / "old").exists() and (tmp_path / "decoded" / "a" / "img0.png").is_file()
 
 
 @pytest.mark.slow

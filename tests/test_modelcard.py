@@ -259,14 +259,23 @@ def test_a_data_note_stays_with_its_stage_when_a_later_stage_reuses_the_folder(c
 def test_a_resume_that_only_closes_a_run_is_not_where_it_trained():
     """A GPU run stopped by SIGTERM and closed here with `--resume --steps N` (no step trained on the CPU):
     the card says it trained on cuda:0 under bf16, not 'cuda:0, cpu' and 'off'."""
-    records = [{"event": "start", "step": 0, "time": 0.0, "device": "cuda:0", "autocast": "bfloat16"},
+    gpu = json.dumps({"out": "/tmp/dlsr_runs/x4g", "ema": 0.999, "steps": 20000})
+    here = json.dumps({"out": "runs/x4g2", "ema": 0.999, "steps": 100})
+    records = [{"event": "start", "step": 0, "time": 0.0, "device": "cuda:0", "autocast": "bfloat16", "config": gpu},
                {"event": "train", "step": 100, "time": 10.0},
                {"event": "end", "step": 100, "time": 11.0},
-               {"event": "start", "step": 100, "time": 50.0, "device": "cpu", "autocast": None},
+               {"event": "start", "step": 100, "time": 50.0, "device": "cpu", "autocast": None, "config": here},
                {"event": "end", "step": 100, "time": 51.0}]
     assert modelcard._devices(records) == "cuda:0" and modelcard._autocast({}, records) == "bfloat16"
+    # its command is the one that trained: --out where its checkpoints were written, not the closing one's
+    assert modelcard.run_config(records)["out"] == "/tmp/dlsr_runs/x4g" and run_config(records)["steps"] == 100
     records[-1] = {"event": "train", "step": 120, "time": 60.0}  # a resume that trained: both count
     assert modelcard._devices(records) == "cuda:0, cpu" and modelcard._autocast({}, records) == "bfloat16, off"
+    assert modelcard.run_config(records)["out"] == "runs/x4g2"
+    # a stage line says the weights are a moving average (and since when, if --ema came on resume)
+    records.insert(4, {"event": "ema_start", "step": 100, "time": 50.5})
+    line = modelcard._stage_line(1, Path("runs/x4g2"), records, Path("weights/x"), None)
+    assert "; weights: moving average (EMA) of the trained weights from step 100 (added on resume), decay 0.999;" in line
 
 
 def test_a_failed_card_leaves_the_model_directory_as_it_was(chain, tmp_path, capsys):
