@@ -691,9 +691,11 @@ def tune_malloc(limit_bytes: int = 1 << 30) -> bool:
 
 
 def invalidate(model: nn.Module) -> None:
-    """Drop `model`'s cached fused form and parity verdict (the next eval-mode no-grad forward rebuilds it)."""
+    """Drop `model`'s cached fused form, parity verdict and layout check (the next eval-mode no-grad forward
+    rebuilds them)."""
     model.__dict__.pop(_CACHE_ATTR, None)
     model.__dict__.pop(_PARITY_ATTR, None)
+    model.__dict__.pop(_LAYOUT_ATTR, None)
 
 
 def _has_hooks(model: nn.Module) -> bool:
@@ -710,13 +712,18 @@ _EXACT = threading.local()
 @contextlib.contextmanager
 def exact_fp32() -> Iterator[None]:
     """Within this block a DLSR runs in IEEE float32: its fused CPU form whatever its
-    `inference_precision` says (in this thread), and, where CUDA is available, cuDNN convolutions without
-    TF32 (`ieee_cuda_convs`). What `dtype="fp32"`, the fp32 re-run of a non-finite tile and `dlsr-eval`
+    `inference_precision` says (in this thread), under no autocast (an enclosing one is suspended), and,
+    where CUDA is available, cuDNN convolutions without TF32 (`ieee_cuda_convs`). What `dtype="fp32"`, the fp32 re-run of a non-finite tile and `dlsr-eval`
     promise."""
     before = getattr(_EXACT, "on", False)
     _EXACT.on = True
     try:
-        with ieee_cuda_convs() if torch.cuda.is_available() else contextlib.nullcontext():
+        # an enclosing autocast (a caller's bf16 block) would otherwise lower it again
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+                stack.enter_context(ieee_cuda_convs())
             yield
     finally:
         _EXACT.on = before
@@ -771,7 +778,7 @@ def dispatch(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     `torch.autocast("cpu", torch.bfloat16)` the bf16 form runs (the reduced precision the caller asked
     for, at fused-kernel speed).
     """
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling() or _transformed():
         return None
     p = next(model.parameters(), None)
     if p is None or x.device.type != "cpu" or p.device.type != "cpu":
@@ -783,7 +790,58 @@ def dispatch(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if torch.get_autocast_dtype("cpu") != torch.bfloat16:
             return None
         precision = "bf16"
-    if _has_hooks(model):
+    if _has_hooks(model) or not layout_ok(model):
         return None
     return fast_module(model, precision)(x)
+
+
+def _transformed() -> bool:
+    """Inside a torch.func transform (vmap, jvp, grad) or a forward-mode AD level: they work under no_grad,
+    and the fused kernels would drop their tangents or batch dimension (zero derivatives, crashes)."""
+    try:
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return True
+    except AttributeError:  # pragma: no cover - a torch without functorch's interpreter stack
+        pass
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+_LAYOUT_ATTR = "_fast_layout"  # (identity key of the modules, whether they are the layout `build` knows)
+_EXPECTED_LAYOUTS: dict[tuple[type, str], tuple[Any, ...]] = {}
+_LAYOUT_LOCK = threading.Lock()
+
+
+def _layout(model: nn.Module) -> tuple[Any, ...]:
+    return tuple((name, type(m), m.extra_repr(), "forward" in m.__dict__) for name, m in model.named_modules())
+
+
+def layout_ok(model: nn.Module) -> bool:
+    """Whether `model`'s modules are those a fresh network of its genotype has, as `build` assumes (it
+    hard-codes the activation, ESA and each op): an ablation (a ReLU swapped in, ESA replaced), a
+    monkeypatched forward or a parametrization makes the fused form wrong, so such a model runs its layers.
+    Checked in full when a module is replaced or retyped or its forward patched; an edit of an existing
+    module's settings in place (a conv's padding, an activation's slope) is not seen: make it a new module."""
+    cheap = tuple((id(m), type(m), m.__dict__.get("forward")) for m in model.modules())
+    seen = model.__dict__.get(_LAYOUT_ATTR)
+    if seen is not None and seen[0] == cheap:
+        return seen[1]
+    genotype = getattr(model, "genotype", None)
+    ok = False
+    if genotype is not None:
+        key = (type(model), genotype.to_json())
+        with _LAYOUT_LOCK:
+            expected = _EXPECTED_LAYOUTS.get(key)
+        if expected is None:
+            try:
+                with torch.device("meta"):  # no weights needed: the modules and their settings
+                    expected = _layout(type(model)(genotype))
+            except Exception:  # noqa: BLE001 - a subclass built otherwise: its layers run, as they are
+                expected = ()
+            with _LAYOUT_LOCK:
+                if len(_EXPECTED_LAYOUTS) > 32:
+                    _EXPECTED_LAYOUTS.clear()
+                _EXPECTED_LAYOUTS[key] = expected
+        ok = _layout(model) == expected
+    model.__dict__[_LAYOUT_ATTR] = (cheap, ok)
+    return ok
 

@@ -14,6 +14,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from dlsr_infer import fast
 from dlsr_infer.genotype import BUILTIN, OP_NAMES, Genotype, builtin
@@ -430,3 +431,66 @@ def test_tune_malloc_in_a_subprocess():
 
     assert ok == str(sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
     assert float(diff) <= ATOL
+
+
+def test_forward_mode_ad_and_vmap_under_no_grad_run_the_layers():
+    """jvp/jacfwd and vmap work under no_grad, where the fused form ran: zero or missing tangents, crashes."""
+    import torch.autograd.forward_ad as fwAD
+
+    model = _small_model().eval()
+    x, v = torch.rand(1, 3, 16, 18), torch.rand(1, 3, 16, 18)
+    _, ref = torch.func.jvp(model, (x,), (v,))
+    with torch.no_grad():
+        _, tangent = torch.func.jvp(model, (x,), (v,))
+        with fwAD.dual_level():
+            dual = fwAD.unpack_dual(model(fwAD.make_dual(x, v))).tangent
+        batched = torch.func.vmap(model)(torch.rand(2, 1, 3, 16, 18))
+    torch.testing.assert_close(tangent, ref, rtol=1e-4, atol=1e-5)
+    assert dual is not None
+    torch.testing.assert_close(dual, ref, rtol=1e-4, atol=1e-5)
+    assert batched.shape == (2, 1, 3, 32, 36)
+    with torch.inference_mode():  # plain inference still takes the fused form
+        model(x)
+    assert _cached(model) is not None
+
+
+def test_exact_fp32_wins_over_an_enclosing_autocast():
+    """`upscale(dtype="fp32")` inside a caller's bf16 autocast ran bf16 (6.8e-3 off the layers)."""
+    from dlsr_infer.upscaling import upscale
+
+    model = _small_model().eval()
+    x = torch.rand(1, 3, 20, 22)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = upscale(x, model=model, dtype="fp32", tile=0)
+        with torch.inference_mode(), fast.exact_fp32():
+            direct = model(x)
+    ref = _layers(model, x).clamp(0, 1)
+    assert (out - ref).abs().max().item() <= 1e-5 and (direct.clamp(0, 1) - ref).abs().max().item() <= 1e-5
+
+
+def test_an_edited_network_runs_its_layers_not_the_fused_form_of_the_original():
+    """The fused form hard-codes the genotype's modules: a swapped activation, a patched forward or a
+    replaced ESA ran silently as the original network (or failed with an AttributeError)."""
+    x = torch.rand(1, 3, 16, 18)
+    edits = {
+        "relu": lambda m: setattr(m.cells[1], "act", nn.ReLU()),
+        "forward": lambda m: setattr(m.cells[0], "forward", lambda t: t),
+        "esa": lambda m: setattr(m.cells[0], "esa", nn.Identity()),
+        "parametrized": lambda m: torch.nn.utils.parametrize.register_parametrization(
+            m.lr_conv, "weight", _Double()),
+    }
+    for name, edit in edits.items():
+        model = _small_model().eval()
+        with torch.inference_mode():
+            model(x)  # a fused form built and checked before the edit
+        edit(model)
+        with torch.inference_mode():
+            got = model(x)
+        torch.testing.assert_close(got, _layers(model, x), rtol=0, atol=1e-6, msg=name)
+    model = _small_model().eval()
+    assert fast.layout_ok(model)
+
+
+class _Double(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
