@@ -658,8 +658,11 @@ def preferred_dtype(model: nn.Module, device: torch.device | str = "cpu") -> tor
     Running the model under `torch.autocast("cpu", torch.bfloat16)` then uses the fused bf16 form."""
     from .model import DLSR
 
-    # Only a DLSR runs its fused form; another module (a wrapper, a user's network) stays in fp32.
+    # Only a DLSR that runs its fused form (the probe tests that form, not the layers under autocast);
+    # another module (a wrapper, a user's network), or one whose layers will run, stays in fp32.
     if torch.device(device).type != "cpu" or not bf16_native() or not isinstance(model, DLSR):
+        return torch.float32
+    if not model.fast_inference or _has_hooks(model) or not layout_ok(model):
         return torch.float32
     return torch.bfloat16 if fast_module(model, "auto").precision == "bf16" else torch.float32
 

@@ -354,6 +354,15 @@ def test_auto_dtype_on_cpu_is_bf16_only_where_native_and_parity_holds(monkeypatc
     with pytest.warns(RuntimeWarning, match="using fp32"):
         assert Upscaler(net, device="cpu").compute_dtype == torch.float32
     fast.invalidate(net)
+    monkeypatch.undo()
+    # a model that will run its layers, not the probed fused form: fp32, wherever bf16 is native
+    monkeypatch.setattr(fast, "bf16_native", lambda: True)
+    plain = lively()
+    plain.fast_inference = False
+    hooked = lively()
+    hooked.cells[0].register_forward_hook(lambda *a: None)
+    for other in (plain, hooked):
+        assert Upscaler(other, device="cpu").compute_dtype == torch.float32
 
 
 def test_device_and_dtype_choices() -> None:
