@@ -49,7 +49,7 @@ UNPACK_PID=
 if [ -n "${UNPACK:-}" ]; then  # a data part, unpacked on the CPU while the GPU checks run
   # checks only: any part (the others come with later calls); before training: the whole pack, or no training
   complete=(); [ "${CHECKS_ONLY:-0}" = 0 ] && complete=(--require-complete)
-  $PY benchmarks/gpu_data.py unpack "$UNPACK" "${UNPACK_TO:-.gpu_data}" "${complete[@]}" > "$OUT/unpack.txt" 2>&1 &
+  $PY benchmarks/gpu_data.py unpack "$UNPACK" "${UNPACK_TO:-.gpu_data}" ${complete[@]+"${complete[@]}"} > "$OUT/unpack.txt" 2>&1 &
   UNPACK_PID=$!
 fi
 
@@ -158,7 +158,7 @@ done
 for pid in "${PIDS[@]}"; do  # past the grace: killed, so that nothing is written after the last pack
   kill -0 "$pid" 2>/dev/null && { say "pid $pid still alive after ${GRACE} s: killed"; kill -KILL "$pid"; }
 done
-wait "${PIDS[@]}" 2>/dev/null  # (not a bare wait: that may wait for the tee above, which ends with the script)
+[ ${#PIDS[@]} -gt 0 ] && wait "${PIDS[@]}" 2>/dev/null  # (never a bare wait: it may wait for the tee above)
 pack
 for name in $NAMES; do echo "== $name"; tail -4 "$RUNS/$name.log"; done
 ls -la "$OUT"

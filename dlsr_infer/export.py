@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not onnx_available():  # before loading (or downloading) a model it cannot export
         print(f"dlsr-export: error: {ONNX_MISSING}", file=sys.stderr)
         return 2
-    if Path(args.onnx).is_file() and not args.overwrite:
+    if Path(args.onnx).expanduser().is_file() and not args.overwrite:
         print(f"dlsr-export: error: {args.onnx} already exists (pass --overwrite to replace it)", file=sys.stderr)
         return 2
     try:
@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check and not onnxruntime_available():  # before the export, not after it
         print("dlsr-export: error: --check needs onnxruntime (pip install 'dlsr[onnx]')", file=sys.stderr)
         return 2
-    final = Path(args.onnx)
+    final = Path(args.onnx).expanduser()
     # --check: exported beside the destination and renamed into place only once it passed, so a failed
     # check leaves neither an unverified file under the name nor a replaced earlier export
     target = final.with_name(f".{final.name}.{os.getpid()}.unchecked") if args.check else final

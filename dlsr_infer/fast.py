@@ -758,6 +758,8 @@ def ieee_cuda_convs() -> Iterator[None]:
                 legacy = None
             _IEEE_BEFORE = (legacy, (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) if new_api else None)
             cudnn.allow_tf32 = False
+            if new_api:  # the legacy switch leaves them "none" (inherit): a process-wide "tf32" would still win
+                cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = "ieee"
         _IEEE_USERS += 1
     try:
         yield
@@ -824,7 +826,8 @@ def layout_ok(model: nn.Module) -> bool:
     monkeypatched forward or a parametrization makes the fused form wrong, so such a model runs its layers.
     Checked in full when a module is replaced or retyped or its forward patched; an edit of an existing
     module's settings in place (a conv's padding, an activation's slope) is not seen: make it a new module."""
-    cheap = tuple((id(m), type(m), m.__dict__.get("forward")) for m in model.modules())
+    # the modules themselves, not their id()s: a replaced module freed first can hand its address on
+    cheap = tuple((m, type(m), m.__dict__.get("forward")) for m in model.modules())
     seen = model.__dict__.get(_LAYOUT_ATTR)
     if seen is not None and seen[0] == cheap:
         return seen[1]

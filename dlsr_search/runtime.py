@@ -159,7 +159,14 @@ def run_in_process(body: Callable[[Any, D.DistInfo, StopRequest, Iterable[str] |
                    explicit: Iterable[str] | None) -> R:
     """Run ``body`` inside the process group (torchrun or none) with SIGTERM/SIGINT turned into a clean stop,
     holding the ``--out`` folder's lock (on the main process) for the whole run."""
-    info = D.setup(device_to_run(cfg, explicit))
+    device = device_to_run(cfg, explicit)
+    try:
+        info = D.setup(device)
+    except ConfigError as e:
+        if device == cfg.device:
+            raise
+        raise ConfigError(f"{e} (the device this run was started on, read from its checkpoint; give --device to "
+                          "resume it on another)") from None
     try:
         with RunFolderLock(cfg.out, enabled=info.is_main), StopRequest() as stop:
             return body(cfg, info, stop, explicit)

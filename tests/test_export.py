@@ -73,6 +73,11 @@ def test_cli_export_and_check(tmp_path, capsys, monkeypatch):
     assert main(["--genotype", "dlsr_s_x2", "--onnx", str(out), "--check", "--overwrite"]) == 2
     assert "check failed: ONNX output differs" in capsys.readouterr().err
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
+    monkeypatch.undo()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # '~' as from_pretrained reads it, --check or not
+    (tmp_path / "home").mkdir()
+    assert main(["--genotype", "dlsr_s_x2", "--onnx", "~/m.onnx", "--check"]) == 0
+    assert (tmp_path / "home" / "m.onnx").is_file() and sorted(p.name for p in (tmp_path / "home").iterdir()) == ["m.onnx"]
 
 
 def test_cli_usage_errors(tmp_path, capsys):

@@ -254,6 +254,11 @@ def test_exact_fp32_turns_cudnn_tf32_off_while_any_thread_is_inside(monkeypatch)
     t.join()
     assert conv.fp32_precision == "tf32" and torch.backends.cudnn.rnn.fp32_precision == "tf32"
     assert torch.backends.cudnn.allow_tf32
+    # TF32 chosen with torch's newer, process-wide switch: the legacy one alone left convs inheriting it
+    monkeypatch.setattr(torch.backends.cudnn, "fp32_precision", "tf32")
+    with fast.exact_fp32():
+        assert conv.fp32_precision == "ieee" and torch.backends.cudnn.rnn.fp32_precision == "ieee"
+    assert conv.fp32_precision == "tf32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with fast.exact_fp32():  # no CUDA: the process-wide setting is left alone
         assert conv.fp32_precision == "tf32"
@@ -489,6 +494,15 @@ def test_an_edited_network_runs_its_layers_not_the_fused_form_of_the_original():
         torch.testing.assert_close(got, _layers(model, x), rtol=0, atol=1e-6, msg=name)
     model = _small_model().eval()
     assert fast.layout_ok(model)
+    # a module replaced by one of its own type with other settings, the old one freed first (its address
+    # could be handed to the new one, which an id()-based check took for the old)
+    with torch.inference_mode():
+        model(x)
+    model.cells[1].act = nn.Identity()
+    model.cells[1].act = nn.LeakyReLU(0.9)
+    with torch.inference_mode():
+        got = model(x)
+    torch.testing.assert_close(got, _layers(model, x), rtol=0, atol=1e-6)
 
 
 class _Double(nn.Module):

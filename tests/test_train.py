@@ -362,6 +362,14 @@ def test_a_resumed_run_is_set_up_on_its_own_device_unless_told_otherwise(tmp_pat
                                                                    "device"})
     assert seen == ["cpu", "auto"]  # the run's own; then what --device asked for (an operational option)
     assert runtime.device_to_run(TrainConfig(out=str(tmp_path / "new"), resume=True), None) == "auto"
+    monkeypatch.undo()
+    if not torch.cuda.is_available():  # a run started on a GPU, resumed here: the error says where cuda came from
+        ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+        ckpt["config"] = json.dumps({**json.loads(ckpt["config"]), "device": "cuda"})
+        torch.save(ckpt, tmp_path / "run" / "last.pt")
+        with pytest.raises(ConfigError, match="the device this run was started on, read from its checkpoint; give "
+                                              "--device"):
+            train(TrainConfig(steps=5, **common), explicit={"out", "steps", "resume", "progress", "threads"})
 
 
 def test_a_run_folder_in_use_by_another_run_is_refused(tmp_path, data_dir, capsys):
