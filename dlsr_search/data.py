@@ -92,10 +92,11 @@ def large_enough(hr_short_side: int, scale: int, min_lr_size: int) -> bool:
 
 def load_pairs(files: Sequence[Path], scale: int, *, min_lr_size: int = MIN_INPUT_SIZE,
                cache_dir: str | os.PathLike | None = None, threads: int = 2,
-               progress: bool = False) -> tuple[list[ImagePair], list[str]]:
+               progress: bool = False, role: str = "the data folders") -> tuple[list[ImagePair], list[str]]:
     """Load HR images and their bicubic LR, dropping images whose LR side is under ``min_lr_size``.
 
     Returns ``(pairs, skipped_names)``. numpy's resize loops release the GIL, so a few threads help.
+    ``role`` names the images in the error about one that cannot be read ("the validation set", ...).
     """
     cache = Path(cache_dir) if cache_dir is not None else None
 
@@ -103,7 +104,7 @@ def load_pairs(files: Sequence[Path], scale: int, *, min_lr_size: int = MIN_INPU
         try:
             hr = load_rgb(f)
         except ValueError as e:  # unreadable, 16-bit: found at start-up, before any training
-            raise DataError(f"{e}; every image in the data folders is used, so fix or remove it") from None
+            raise DataError(f"{e}; every image in {role} is used, so fix or remove it") from None
         if not large_enough(min(hr.shape[:2]), scale, min_lr_size):
             return None
         hr = modcrop(hr, scale)

@@ -31,7 +31,8 @@ class ValidationSet:
     def from_files(cls, files: Sequence[Path], scale: int, *, max_images: int | None = None,
                    cache_dir: str | os.PathLike | None = None) -> "ValidationSet":
         files = list(files)[:max_images] if max_images else list(files)
-        pairs, skipped = load_pairs(files, scale, min_lr_size=1, cache_dir=cache_dir)
+        pairs, skipped = load_pairs(files, scale, min_lr_size=1, cache_dir=cache_dir,
+                                    role="the validation set (--val, or the held-out images)")
         if skipped:  # dlsr-eval refuses these too: a validation figure never quietly leaves an image out
             raise DataError(f"validation images smaller than the scale ({scale}): {', '.join(skipped)}")
         return cls(pairs, scale)

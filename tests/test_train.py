@@ -484,6 +484,17 @@ def test_an_export_over_another_models_files_is_refused(tmp_path, data_dir, caps
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
 
 
+def test_an_unreadable_validation_image_is_named_as_one(tmp_path, data_dir, capsys):
+    """It was reported as 'every image in the data folders is used': the training data, not --val."""
+    from dlsr_infer.imageio import encode_png16
+
+    val = write_images(tmp_path / "val", n=1, size=48, seed=5)
+    (val / "deep.png").write_bytes(encode_png16(np.zeros((48, 48, 3), dtype=np.uint16)))
+    assert cli_main(_tiny_argv(tmp_path / "run", data_dir, "--val", str(val))) == 2
+    err = capsys.readouterr().err
+    assert "deep.png" in err and "every image in the validation set (--val, or the held-out images) is used" in err
+
+
 def test_a_device_this_machine_cannot_run_is_a_usage_error(tmp_path, data_dir, capsys):
     devices = ["bogus", "meta"] + ([] if torch.cuda.is_available() else ["cuda"])
     for device in devices:
