@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .imageio import atomic_write, atomic_write_all, decodes_to_8_bits, readable_formats
+from .imageio import atomic_write, atomic_write_all, blocking_file, decodes_to_8_bits, readable_formats
 from .imresize import imresize, modcrop
 from .metrics import psnr_y, ssim_y
 
@@ -473,7 +473,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dlsr-eval") -> int:
         folders.append(("--cache-dir", Path(args.cache_dir)))
     for opt, folder in folders:  # a file where a folder must be (or be made): refused now, not after the run
         try:
-            blocked = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+            blocked = blocking_file(folder)
         except OSError as exc:  # a name too long, a folder we may not look into
             ap.error(f"{opt}: {folder}: {exc.strerror or exc}")
         if blocked is not None:

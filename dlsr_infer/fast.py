@@ -662,7 +662,7 @@ def preferred_dtype(model: nn.Module, device: torch.device | str = "cpu") -> tor
     # another module (a wrapper, a user's network), or one whose layers will run, stays in fp32.
     if torch.device(device).type != "cpu" or not bf16_native() or not isinstance(model, DLSR):
         return torch.float32
-    if not model.fast_inference or _has_hooks(model) or not layout_ok(model):
+    if not model.fast_inference or not fused_applies(model):
         return torch.float32
     return torch.bfloat16 if fast_module(model, "auto").precision == "bf16" else torch.float32
 
@@ -716,8 +716,8 @@ _EXACT = threading.local()
 def exact_fp32() -> Iterator[None]:
     """Within this block a DLSR runs in IEEE float32: its fused CPU form whatever its
     `inference_precision` says (in this thread), under no autocast (an enclosing one is suspended), and,
-    where CUDA is available, cuDNN convolutions without TF32 (`ieee_cuda_convs`). What `dtype="fp32"`, the fp32 re-run of a non-finite tile and `dlsr-eval`
-    promise."""
+    where CUDA is available, cuDNN convolutions without TF32 (`ieee_cuda_convs`). What `dtype="fp32"`,
+    the fp32 re-run of a non-finite tile and `dlsr-eval` promise."""
     before = getattr(_EXACT, "on", False)
     _EXACT.on = True
     try:
@@ -749,9 +749,9 @@ def ieee_cuda_convs() -> Iterator[None]:
     new_api = hasattr(getattr(cudnn, "conv", None), "fp32_precision")
     with _IEEE_LOCK:
         if _IEEE_USERS == 0:
-            # Read both forms, set the legacy one: it sets conv and rnn alike, as torch's own
-            # `cudnn.flags(allow_tf32=False)` does (the newer per-op setters leave the legacy flag behind,
-            # and torch then refuses every legacy `allow_tf32` read while the two disagree).
+            # Read both forms; set the legacy one first (it sets conv and rnn alike, as torch's own
+            # `cudnn.flags(allow_tf32=False)` does: per-op setters alone leave the legacy flag behind, and
+            # torch then refuses every legacy `allow_tf32` read while the two disagree), then the per-op ones.
             try:
                 legacy = cudnn.allow_tf32
             except RuntimeError:  # a process that already mixed the two forms
@@ -795,9 +795,15 @@ def dispatch(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if torch.get_autocast_dtype("cpu") != torch.bfloat16:
             return None
         precision = "bf16"
-    if _has_hooks(model) or not layout_ok(model):
+    if not fused_applies(model):
         return None
     return fast_module(model, precision)(x)
+
+
+def fused_applies(model: nn.Module) -> bool:
+    """Whether `model`'s fused form stands for it: no forward hooks (they would not fire) and the modules
+    `build` assumes (`layout_ok`). What `dispatch` runs by, and what `preferred_dtype` probes for."""
+    return not _has_hooks(model) and layout_ok(model)
 
 
 def _transformed() -> bool:

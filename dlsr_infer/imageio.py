@@ -756,6 +756,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
     return path
 
 
+def blocking_file(folder: str | os.PathLike) -> Path | None:
+    """The file standing where `folder` or one of its parents must be a folder (so it cannot be made), or
+    None. May raise OSError (a name too long, a parent that may not be looked into)."""
+    folder = Path(folder)
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """`atomic_write` of UTF-8 text over whatever `path` held (configs, genotypes, logs' companions)."""
     data = text.encode("utf-8")
@@ -814,6 +821,7 @@ def save_image(data: ImageData, path: str | os.PathLike, *, format: str | None =
 
 
 __all__ = [
+    "blocking_file",
     "ColorConversionWarning",
     "DEFAULT_MAX_PIXELS",
     "FORMATS",

@@ -16,6 +16,8 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: runs are not locked
     fcntl = None  # type: ignore[assignment]
 
+from dlsr_infer.imageio import blocking_file
+
 from . import distributed as D
 from .config import ConfigError
 from .data import DataError, ImagePair, list_images, load_pairs
@@ -110,7 +112,7 @@ class RunFolderLock:
     def __enter__(self) -> "RunFolderLock":
         if not self.enabled or fcntl is None:
             return self
-        blocked = next((p for p in (self.out, *self.out.parents) if p.exists() and not p.is_dir()), None)
+        blocked = blocking_file(self.out)
         if blocked is not None:  # before: "[Errno 17] File exists ... (the last checkpoint is intact; ...)"
             raise ConfigError(f"--out {self.out}: {blocked} is a file, not a folder; give a folder for the run")
         self._created = [p for p in (self.out, *self.out.parents) if not p.exists()]
