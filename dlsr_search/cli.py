@@ -49,6 +49,10 @@ def _common_run_args(ap: argparse.ArgumentParser, kind: str) -> None:
     d = ap.add_argument_group("data")
     d.add_argument("--data", nargs="+", metavar="DIR", help="folders of HR training images, searched recursively "
                    "(default $DLSR_DATA, else $DLSR_SHARED/data/train, else ../shared/data/train)")
+    if kind == "train":
+        d.add_argument("--data-scales", nargs="+", type=float, metavar="F", help="also train on a copy of each "
+                       "image shrunk by each factor F (0 < F < 1, MATLAB-style bicubic), e.g. 0.5 0.75: finer detail "
+                       "per pixel and less of the photos' noise and JPEG blocking (default: none)")
     d.add_argument("--batch", type=int, help="global batch size (split over torchrun processes)")
     d.add_argument("--patch", type=int, help="HR patch side in pixels (the LR patch is patch/scale)")
     d.add_argument("--workers", type=int, help="DataLoader worker processes (default 0: patches are cheap)")

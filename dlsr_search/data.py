@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dlsr_infer.evaluate import IMAGE_EXTENSIONS, default_shared_dir, hr_digest, load_rgb, make_lr
-from dlsr_infer.imresize import modcrop
+from dlsr_infer.evaluate import (HR_DIGEST_KEY, IMAGE_EXTENSIONS, default_shared_dir, hr_digest, load_rgb, make_lr,
+                                 read_cached_png, write_cached_png)
+from dlsr_infer.imresize import imresize, modcrop, output_size
 from dlsr_infer.model import MIN_INPUT_SIZE
 
 
@@ -83,6 +84,7 @@ class ImagePair:
     hr: np.ndarray  # uint8 HxWx3, mod-cropped to the scale
     lr: np.ndarray  # uint8 (H/s)x(W/s)x3
     target: np.ndarray | None = None  # uint8 like hr: a teacher's prediction from lr (train --teacher)
+    shrunk_by: float = 1.0  # < 1: a copy of the source image shrunk by this (load_pairs' downscales)
 
 
 def large_enough(hr_short_side: int, scale: int, min_lr_size: int) -> bool:
@@ -90,25 +92,75 @@ def large_enough(hr_short_side: int, scale: int, min_lr_size: int) -> bool:
     return hr_short_side // scale >= min_lr_size
 
 
+def check_downscales(factors: Sequence[float]) -> None:
+    """Each factor of ``--data-scales`` must shrink the image: 0 < f < 1, each given once."""
+    for f in factors:
+        if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0.0 < f < 1.0):
+            raise DataError(f"--data-scales: each factor must be a number between 0 and 1 (a smaller copy), got {f!r}")
+    if len(set(factors)) != len(factors):
+        raise DataError(f"--data-scales: a factor is given twice ({', '.join(f'{f:g}' for f in factors)})")
+
+
+def downscaled(hr: np.ndarray, factor: float, cache_path: Path | None = None) -> np.ndarray:
+    """``imresize(hr, factor)``: a smaller copy of a training HR image, as its own HR (the multi-scale
+    augmentation of VDSR's 291 images: finer detail per pixel, and less of the source's noise and JPEG
+    blocking). Cached like the LR, keyed on the source pixels."""
+    digest = hr_digest(hr) if cache_path is not None else ""
+    shape = (*output_size(hr.shape[:2], factor), 3)
+    if cache_path is not None:
+        cached = read_cached_png(cache_path, HR_DIGEST_KEY, digest, shape)
+        if cached is not None:
+            return cached
+    small = imresize(hr, factor)
+    if cache_path is not None:
+        write_cached_png(cache_path, small, HR_DIGEST_KEY, digest)
+    return small
+
+
+def copy_name(name: str, factor: float) -> str:
+    """The name of a downscaled copy: ``img.png`` -> ``img@0.5.png`` (logs, teacher cache)."""
+    path = Path(name)
+    return f"{path.stem}@{factor:g}{path.suffix}"
+
+
 def load_pairs(files: Sequence[Path], scale: int, *, min_lr_size: int = MIN_INPUT_SIZE,
                cache_dir: str | os.PathLike | None = None, threads: int = 2,
-               progress: bool = False, role: str = "the data folders") -> tuple[list[ImagePair], list[str]]:
+               progress: bool = False, role: str = "the data folders",
+               downscales: Sequence[float] = ()) -> tuple[list[ImagePair], list[str]]:
     """Load HR images and their bicubic LR, dropping images whose LR side is under ``min_lr_size``.
 
-    Returns ``(pairs, skipped_names)``. numpy's resize loops release the GIL, so a few threads help.
-    ``role`` names the images in the error about one that cannot be read ("the validation set", ...).
+    ``downscales``: also a pair for each of these factors, made from a copy of the HR shrunk by it
+    (`downscaled`), right after its source; a copy too small for ``min_lr_size`` is left out.
+    Returns ``(pairs, skipped_names)`` (the source images too small). numpy's resize loops release the
+    GIL, so a few threads help. ``role`` names the images in the error about one that cannot be read
+    ("the validation set", ...).
     """
+    check_downscales(downscales)
     cache = Path(cache_dir) if cache_dir is not None else None
 
-    def one(f: Path) -> ImagePair | None:
+    def pair(name: str, hr: np.ndarray, factor: float = 1.0) -> ImagePair | None:
+        if not large_enough(min(hr.shape[:2]), scale, min_lr_size):
+            return None
+        hr = modcrop(hr, scale)
+        return ImagePair(name, hr, make_lr(hr, scale, _cache_path(cache, Path(name), hr, scale)), shrunk_by=factor)
+
+    def one(f: Path) -> list[ImagePair] | None:
         try:
             hr = load_rgb(f)
         except ValueError as e:  # unreadable, 16-bit: found at start-up, before any training
             raise DataError(f"{e}; every image in {role} is used, so fix or remove it") from None
-        if not large_enough(min(hr.shape[:2]), scale, min_lr_size):
+        first = pair(f.name, hr)
+        if first is None:
             return None
-        hr = modcrop(hr, scale)
-        return ImagePair(f.name, hr, make_lr(hr, scale, _cache_path(cache, f, hr, scale)))
+        pairs = [first]
+        for factor in downscales:
+            if not large_enough(min(output_size(hr.shape[:2], factor)), scale, min_lr_size):
+                continue
+            where = None if cache is None else cache / "down" / f"{f.stem}_{hr_digest(hr)[:16]}_{factor:g}.png"
+            copy = pair(copy_name(f.name, factor), downscaled(hr, factor, where), factor)
+            if copy is not None:
+                pairs.append(copy)
+        return pairs
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = pool.map(one, files)
@@ -117,7 +169,7 @@ def load_pairs(files: Sequence[Path], scale: int, *, min_lr_size: int = MIN_INPU
 
             results = tqdm(results, total=len(files), desc=f"loading x{scale} pairs", leave=False)
         loaded = list(results)
-    pairs = [p for p in loaded if p is not None]
+    pairs = [p for ps in loaded if ps is not None for p in ps]
     skipped = [f.name for f, p in zip(files, loaded) if p is None]
     if not pairs:
         raise DataError(f"none of the {len(files)} images is large enough (LR side >= {min_lr_size} at x{scale})")
@@ -237,6 +289,9 @@ __all__ = [
     "PatchDataset",
     "StepBatchSampler",
     "default_data_roots",
+    "check_downscales",
+    "copy_name",
+    "downscaled",
     "large_enough",
     "list_images",
     "load_pairs",

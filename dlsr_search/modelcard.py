@@ -259,7 +259,7 @@ def command_line(config: dict[str, Any]) -> str:
         skip |= {"teacher_weight", "teacher_ensemble"}
     parts = ["dlsr-search", "train"]
     for key, value in config.items():
-        if key in skip or value is None:
+        if key in skip or value is None or value == []:  # [] : an nargs="+" option left out (--data-scales)
             continue
         flag = "--" + key.replace("_", "-")
         if value is False:  # --no-bf16 is a choice: left out, the default (on for CUDA) would apply
@@ -368,12 +368,14 @@ def _hr_patch(config: dict[str, Any]) -> int:
 
 
 def images_used(config: dict[str, Any], records: list[dict[str, Any]]) -> int | None:
-    """How many training images a run drew patches from: the trainer skips those whose LR side is under
-    the LR patch. From the run's `data` record, else (runs logged before it existed) from the image
-    headers as they are now."""
+    """How many training images a run drew patches from (shrunk copies of `--data-scales` included): the
+    trainer skips those whose LR side is under the LR patch. From the run's `data` record, else (runs
+    logged before it existed) from the image headers as they are now."""
     logged = [r["images"] for r in records if r["event"] == "data"]
     if logged:
         return logged[-1]
+    if config.get("data_scales"):  # copies are counted by the trainer only
+        return None
     scale = int(config.get("scale") or 2)
     lr_patch = _hr_patch(config) // scale
     try:
@@ -388,9 +390,16 @@ def images_used(config: dict[str, Any], records: list[dict[str, Any]]) -> int | 
 
 
 def _patch_note(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
-    """'HR patch 128 (564 images large enough)'."""
+    """'HR patch 128 (564 images large enough)', with '--data-scales' copies: '(1,099 images large enough:
+    579 of them copies shrunk by 0.75, 0.5)'."""
     n = images_used(config, records)
-    return f"HR patch {_hr_patch(config)}" + ("" if n is None else f" ({n:,} images large enough)")
+    scales = ", ".join(f"{f:g}" for f in config.get("data_scales") or [])
+    copies = [r["copies"] for r in records if r["event"] == "data" and "copies" in r]
+    if n is None:
+        return f"HR patch {_hr_patch(config)}" + (f" (and copies shrunk by {scales})" if scales else "")
+    shrunk = (f": {copies[-1]:,} of them copies shrunk by {scales}" if copies else
+              f", with copies shrunk by {scales}") if scales else ""
+    return f"HR patch {_hr_patch(config)} ({n:,} images large enough{shrunk})"
 
 
 def run_config(records: list[dict[str, Any]]) -> dict[str, Any]:

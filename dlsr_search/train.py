@@ -26,7 +26,8 @@ from dlsr_infer.model import DLSR, MIN_INPUT_SIZE
 from . import distributed as D
 from .checkpoint import CHECKPOINT_FORMAT, RunCheckpoints, resume_or_start, rng_state, seed_everything, set_rng_state
 from .config import ConfigError, check_common, to_json
-from .data import DataError, PatchDataset, default_data_roots, patch_loader, split_by_image, to_float
+from .data import (DataError, PatchDataset, check_downscales, default_data_roots, patch_loader, split_by_image,
+                   to_float)
 from .ema import WeightEMA
 from .export import save_model
 from .genotypes import resolve_genotype
@@ -50,6 +51,7 @@ class TrainConfig:
     out: str
     scale: int = 2
     data: list[str] = field(default_factory=lambda: [str(p) for p in default_data_roots()])
+    data_scales: list[float] = field(default_factory=list)  # also train on copies shrunk by these (data.downscaled)
     val: str | None = None            # folder of HR images for validation PSNR-Y
     val_holdout: int = 0              # ...or hold out this many training images (by image) instead
     val_max_images: int | None = None
@@ -135,6 +137,10 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"--ema must be in [0, 1) (0: off), got {cfg.ema}")
     if cfg.val and cfg.val_holdout:
         raise ConfigError("give either --val DIR or --val-holdout N, not both")
+    try:
+        check_downscales(cfg.data_scales)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     if cfg.val_every < 0 or cfg.val_holdout < 0 or (cfg.val_max_images is not None and cfg.val_max_images < 1):
         raise ConfigError("--val-every and --val-holdout must be >= 0 and --val-max-images >= 1")
     if cfg.export:  # checked now, not after training
@@ -189,6 +195,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
         if cfg.val_holdout:
             files, val_files = split_by_image(files, cfg.val_holdout, cfg.seed)
         pairs, skipped = load_pairs_ranked(files, cfg.scale, info, min_lr_size=lr_patch, cache_dir=cfg.lr_cache,
+                                           downscales=cfg.data_scales,
                                            threads=threads or 2, progress=log.bar is not None)
         teacher_note = None
         if teacher is not None:  # predictions of the whole training images, before any crop (teacher.py)
@@ -262,9 +269,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
                   f"{sum(p.numel() for p in params):,} params | {device} x{info.world} | "
                   f"batch {cfg.batch} patch {cfg.hr_patch()} | steps {step}->{cfg.steps}")
 
+    copies = sum(p.shrunk_by != 1.0 for p in dataset.pairs)
     log.print(f"data: {len(dataset.pairs)} training images ({len(skipped)} too small for {lr_patch} px LR patches)"
+              + (f", {copies} of them shrunk copies (--data-scales)" if cfg.data_scales else "")
               + (f", {len(valset)} validation images" if valset else ""))
-    log.record("data", step, images=len(dataset.pairs), skipped=skipped, lr_patch=lr_patch)
+    log.record("data", step, images=len(dataset.pairs), skipped=skipped, lr_patch=lr_patch,
+               **({"copies": copies} if cfg.data_scales else {}))
     if teacher_note is not None:
         log.print(f"teacher: {teacher_note['source']}{' (x8 self-ensemble)' if cfg.teacher_ensemble else ''}, "
                   f"weight {cfg.teacher_weight}: {teacher_note['predicted']} images predicted, "

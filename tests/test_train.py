@@ -742,3 +742,57 @@ def test_a_resume_after_the_training_images_changed(tmp_path):
     with pytest.raises(ConfigError, match=r"as many \(7\), but not the same names"):
         check_resumed_images({"images": image_list(list_images([data]), [data])},
                              image_list(list_images([copy]), [copy]), held_out=True)
+
+
+def test_data_scales_add_shrunk_copies_of_each_image_cached_and_refused_when_nonsense(tmp_path, data_dir,
+                                                                                       monkeypatch, capsys):
+    """`--data-scales 0.5`: each image also trains as a copy shrunk by MATLAB-style bicubic (its own HR, its
+    LR made from it), right after its source; copies too small for the LR patch are left out; the copies
+    are cached like the LR, and the card's command carries the option back."""
+    import dataclasses
+    import shlex
+
+    import dlsr_search.data as data_mod
+    from dlsr_infer.evaluate import load_rgb
+    from dlsr_infer.imresize import imresize, modcrop
+    from dlsr_search.cli import _parser
+    from dlsr_search.modelcard import _patch_note, command_line
+
+    files = list_images([data_dir])
+    cache = tmp_path / "cache"
+    plain, _ = load_pairs(files, 2, min_lr_size=16)
+    pairs, skipped = load_pairs(files, 2, min_lr_size=16, cache_dir=cache, downscales=(0.5, 0.1))
+    assert not skipped and len(pairs) == 2 * len(plain)  # every 0.5 copy fits a 16 px LR; no 0.1 copy does
+    assert [p.name for p in pairs[:2]] == [plain[0].name, plain[0].name.replace(".png", "@0.5.png")]
+    src, copy = pairs[0], pairs[1]
+    assert np.array_equal(src.hr, plain[0].hr) and src.shrunk_by == 1.0 and copy.shrunk_by == 0.5
+    expected = modcrop(imresize(load_rgb(files[0]), 0.5), 2)
+    assert np.array_equal(copy.hr, expected) and np.array_equal(copy.lr, imresize(expected, 0.5))
+
+    def no_resize(*a, **k):
+        raise AssertionError("a copy or its LR was remade, not read from the cache")
+
+    monkeypatch.setattr(data_mod, "imresize", no_resize)
+    monkeypatch.setattr("dlsr_infer.evaluate.imresize", no_resize)
+    again, _ = load_pairs(files, 2, min_lr_size=16, cache_dir=cache, downscales=(0.5, 0.1))
+    assert all(np.array_equal(a.hr, b.hr) and np.array_equal(a.lr, b.lr) for a, b in zip(pairs, again))
+    monkeypatch.undo()
+
+    assert cli_main(_tiny_argv(tmp_path / "run", data_dir, "--data-scales", "0.5")) == 0
+    records = _records(tmp_path / "run")
+    data = next(r for r in records if r["event"] == "data")
+    assert (data["images"], data["copies"]) == (12, 6)
+    assert "12 training images (0 too small for 16 px LR patches), 6 of them shrunk copies" in capsys.readouterr().out
+    config = json.loads(next(r for r in records if r["event"] == "start")["config"])
+    assert config["data_scales"] == [0.5]
+    assert _patch_note(config, records) == "HR patch 32 (12 images large enough: 6 of them copies shrunk by 0.5)"
+    for scales in ([0.5, 0.75], []):
+        cfg = dataclasses.asdict(TrainConfig(out="runs/a", data_scales=scales))
+        args = vars(_parser().parse_args(shlex.split(command_line(cfg))[1:]))
+        assert (args["data_scales"] or []) == scales
+
+    for value, message in ((["1.5"], "between 0 and 1"), (["0"], "between 0 and 1"), (["nan"], "between 0 and 1"),
+                           (["0.5", "0.5"], "given twice")):
+        assert cli_main(_tiny_argv(tmp_path / "bad", data_dir, "--data-scales", *value)) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
