@@ -45,6 +45,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     remove_stale_temps(path.parent, [path.name], suffix=TEMP_SUFFIX)
 
 
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a `train`/`search` run folder: it holds the run's last.pt or log.jsonl (the log
+    comes first: a run stopped before its first checkpoint) and is not a model directory (no
+    model.safetensors: a bundled model keeps its stages' logs beside its weights)."""
+    path = Path(path)
+    return (path.is_dir() and not (path / "model.safetensors").exists()
+            and ((path / "last.pt").is_file() or (path / "log.jsonl").is_file()))
+
+
 def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; check its format and (optionally) its kind."""
     path = Path(path)
@@ -165,6 +174,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "atomic_torch_save",
+    "is_run_folder",
     "config_of",
     "RunCheckpoints",
     "load_checkpoint",

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from dlsr_infer.fast import invalidate
+
 
 class WeightEMA:
     """``ema = d * ema + (1 - d) * weights`` after every optimizer step, with ``d = decay`` once the
@@ -26,6 +28,9 @@ class WeightEMA:
         self.decay = decay
         self.updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # a fused inference form cached on `model` (an eval forward before the average was made) was
+        # copied with it: the copy's own weights key no longer matches it, so it is dead weight
+        invalidate(self.model)
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))

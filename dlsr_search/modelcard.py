@@ -27,6 +27,7 @@ from dlsr_infer.genotype import loads as load_genotype
 from dlsr_infer.model import DLSR
 from dlsr_infer.pretrained import ModelLoadError, hash_file
 
+from .checkpoint import is_run_folder
 from .data import DataError, large_enough, list_images
 from .export import replace_dir
 from .train import hr_patch_side
@@ -881,8 +882,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = dict(n.split("=", 1) for n in a.data_note if "=" in n)
     if len(notes) != len(a.data_note):
         p.error("--data-note takes FOLDER=TEXT")
-    if (a.out / "last.pt").is_file():  # a run folder: its config.json would be replaced
-        p.error(f"OUT {a.out} is a run folder (it holds last.pt): the card's weights and config.json "
+    if is_run_folder(a.out):  # its config.json would be replaced
+        p.error(f"OUT {a.out} is a run folder (it holds last.pt or log.jsonl): the card's weights and config.json "
                 "would replace the run's own, which could then not be resumed; write the card to a folder of its own")
     try:
         if (a.run / "soup.json").is_file():  # a model soup: its ingredients say which runs trained it

@@ -24,7 +24,8 @@ from dlsr_infer.imageio import atomic_write_text
 from dlsr_infer.model import DLSR, MIN_INPUT_SIZE
 
 from . import distributed as D
-from .checkpoint import CHECKPOINT_FORMAT, RunCheckpoints, resume_or_start, rng_state, seed_everything, set_rng_state
+from .checkpoint import (CHECKPOINT_FORMAT, RunCheckpoints, is_run_folder, resume_or_start, rng_state, seed_everything,
+                         set_rng_state)
 from .config import ConfigError, check_common, to_json
 from .data import (DataError, PatchDataset, check_downscales, default_data_roots, patch_loader, split_by_image,
                    to_float)
@@ -106,9 +107,7 @@ def refuse_run_folders(cfg: TrainConfig) -> None:
     corrupt safetensors file or an unknown genotype format_version (the run's own config.json)."""
     for option, value in (("--init-from", cfg.init_from), ("--teacher", cfg.teacher), ("--genotype", cfg.genotype)):
         folder = Path(value) if value else None
-        if folder is None or not folder.is_dir() or (folder / "model.safetensors").exists():
-            continue
-        if (folder / "last.pt").is_file() or (folder / "log.jsonl").is_file():
+        if folder is not None and is_run_folder(folder):
             what = {"--init-from": f"{folder / 'best'} (its best validation) or {folder / 'last.pt'}",
                     "--teacher": f"{folder / 'best'} (its best validation) or an export of it",
                     "--genotype": f"{folder / 'best'} (a model directory: its genotype) or a genotype JSON"}[option]

@@ -299,6 +299,12 @@ def test_a_card_is_not_written_into_a_run_folder(chain, tmp_path, capsys):
         modelcard.main([str(run), str(run), "--title", "T", "--benchmarks", str(chain / "bench")])
     assert exit_.value.code == 2 and "is a run folder" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
+    # a run stopped before its first checkpoint is one too (its log is there, last.pt not yet)
+    (run / "last.pt").unlink(missing_ok=True)
+    with pytest.raises(SystemExit) as exit_:
+        modelcard.main([str(run), str(run), "--title", "T", "--benchmarks", str(chain / "bench")])
+    assert exit_.value.code == 2 and "is a run folder" in capsys.readouterr().err
+    assert not (run / "model.safetensors").exists()
 
 
 def test_a_run_without_best_asks_for_a_model(chain, tmp_path, capsys):

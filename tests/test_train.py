@@ -193,6 +193,22 @@ def test_weight_ema_follows_its_formula():
         WeightEMA(net, 1.0)
 
 
+def test_the_average_does_not_carry_a_copy_of_the_models_fused_form():
+    from dlsr_infer.fast import _CACHE_ATTR
+
+    from conftest import tiny_genotype
+
+    model = DLSR(tiny_genotype()).eval()
+    with torch.no_grad():
+        model(torch.rand(1, 3, 16, 16))
+    assert model.__dict__.get(_CACHE_ATTR)  # the fused form DLSR.forward built and cached
+    ema = WeightEMA(model, 0.9)
+    assert not ema.model.__dict__.get(_CACHE_ATTR)
+    with torch.no_grad():
+        x = torch.rand(1, 3, 16, 16)
+        torch.testing.assert_close(ema.model(x), model(x))
+
+
 def test_ema_run_validates_keeps_and_exports_the_averaged_weights(tmp_path, data_dir):
     val = write_images(tmp_path / "val", n=2, size=48, seed=5)
     with pytest.raises(ConfigError, match="--ema"):
