@@ -52,7 +52,8 @@ def _common_run_args(ap: argparse.ArgumentParser, kind: str) -> None:
     if kind == "train":
         d.add_argument("--data-scales", nargs="+", type=float, metavar="F", help="also train on a copy of each "
                        "image shrunk by each factor F (0 < F < 1, MATLAB-style bicubic), e.g. 0.5 0.75: finer detail "
-                       "per pixel and less of the photos' noise and JPEG blocking (default: none)")
+                       "per pixel and less of the photos' noise and JPEG blocking; each copy is drawn as often as its source "
+                       "(default: none)")
     d.add_argument("--batch", type=int, help="global batch size (split over torchrun processes)")
     d.add_argument("--patch", type=int, help="HR patch side in pixels (the LR patch is patch/scale)")
     d.add_argument("--workers", type=int, help="DataLoader worker processes (default 0: patches are cheap)")

@@ -93,27 +93,29 @@ def large_enough(hr_short_side: int, scale: int, min_lr_size: int) -> bool:
 
 
 def check_downscales(factors: Sequence[float]) -> None:
-    """Each factor of ``--data-scales`` must shrink the image: 0 < f < 1, each given once."""
+    """Each factor of ``--data-scales`` must shrink the image: 0 < f < 1, each given once (as the copies
+    are named: 0.5 and 0.5000001 would both be ``img@0.5``)."""
     for f in factors:
         if not (isinstance(f, (int, float)) and not isinstance(f, bool) and 0.0 < f < 1.0):
             raise DataError(f"--data-scales: each factor must be a number between 0 and 1 (a smaller copy), got {f!r}")
-    if len(set(factors)) != len(factors):
-        raise DataError(f"--data-scales: a factor is given twice ({', '.join(f'{f:g}' for f in factors)})")
+    names = [f"{f:g}" for f in factors]
+    if len(set(names)) != len(names):
+        raise DataError(f"--data-scales: a factor is given twice ({', '.join(names)})")
 
 
-def downscaled(hr: np.ndarray, factor: float, cache_path: Path | None = None) -> np.ndarray:
+def downscaled(hr: np.ndarray, factor: float, cache_dir: Path | None = None, stem: str = "") -> np.ndarray:
     """``imresize(hr, factor)``: a smaller copy of a training HR image, as its own HR (the multi-scale
     augmentation of VDSR's 291 images: finer detail per pixel, and less of the source's noise and JPEG
-    blocking). Cached like the LR, keyed on the source pixels."""
-    digest = hr_digest(hr) if cache_path is not None else ""
-    shape = (*output_size(hr.shape[:2], factor), 3)
-    if cache_path is not None:
-        cached = read_cached_png(cache_path, HR_DIGEST_KEY, digest, shape)
-        if cached is not None:
-            return cached
+    blocking). Cached under ``cache_dir/down/`` (named from ``stem``), keyed on the source pixels."""
+    if cache_dir is None:
+        return imresize(hr, factor)
+    digest = hr_digest(hr)
+    path = cache_dir / "down" / f"{stem}_{digest[:16]}_{factor:g}.png"
+    cached = read_cached_png(path, HR_DIGEST_KEY, digest, (*output_size(hr.shape[:2], factor), 3))
+    if cached is not None:
+        return cached
     small = imresize(hr, factor)
-    if cache_path is not None:
-        write_cached_png(cache_path, small, HR_DIGEST_KEY, digest)
+    write_cached_png(path, small, HR_DIGEST_KEY, digest)
     return small
 
 
@@ -130,7 +132,9 @@ def load_pairs(files: Sequence[Path], scale: int, *, min_lr_size: int = MIN_INPU
     """Load HR images and their bicubic LR, dropping images whose LR side is under ``min_lr_size``.
 
     ``downscales``: also a pair for each of these factors, made from a copy of the HR shrunk by it
-    (`downscaled`), right after its source; a copy too small for ``min_lr_size`` is left out.
+    (`downscaled`), right after its source; a copy too small for ``min_lr_size`` is left out. Each copy is
+    an image of its own: `PatchDataset` draws images uniformly, so a copy gives as many patches as its
+    source (with 2 factors, two thirds of the patches come from copies).
     Returns ``(pairs, skipped_names)`` (the source images too small). numpy's resize loops release the
     GIL, so a few threads help. ``role`` names the images in the error about one that cannot be read
     ("the validation set", ...).
@@ -138,29 +142,22 @@ def load_pairs(files: Sequence[Path], scale: int, *, min_lr_size: int = MIN_INPU
     check_downscales(downscales)
     cache = Path(cache_dir) if cache_dir is not None else None
 
-    def pair(name: str, hr: np.ndarray, factor: float = 1.0) -> ImagePair | None:
-        if not large_enough(min(hr.shape[:2]), scale, min_lr_size):
-            return None
+    def pair(name: str, hr: np.ndarray, factor: float = 1.0) -> ImagePair:
         hr = modcrop(hr, scale)
         return ImagePair(name, hr, make_lr(hr, scale, _cache_path(cache, Path(name), hr, scale)), shrunk_by=factor)
+
+    def fits(shape: tuple[int, ...]) -> bool:
+        return large_enough(min(shape[:2]), scale, min_lr_size)
 
     def one(f: Path) -> list[ImagePair] | None:
         try:
             hr = load_rgb(f)
         except ValueError as e:  # unreadable, 16-bit: found at start-up, before any training
             raise DataError(f"{e}; every image in {role} is used, so fix or remove it") from None
-        first = pair(f.name, hr)
-        if first is None:
+        if not fits(hr.shape):
             return None
-        pairs = [first]
-        for factor in downscales:
-            if not large_enough(min(output_size(hr.shape[:2], factor)), scale, min_lr_size):
-                continue
-            where = None if cache is None else cache / "down" / f"{f.stem}_{hr_digest(hr)[:16]}_{factor:g}.png"
-            copy = pair(copy_name(f.name, factor), downscaled(hr, factor, where), factor)
-            if copy is not None:
-                pairs.append(copy)
-        return pairs
+        return [pair(f.name, hr)] + [pair(copy_name(f.name, factor), downscaled(hr, factor, cache, f.stem), factor)
+                                     for factor in downscales if fits(output_size(hr.shape[:2], factor))]
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = pool.map(one, files)

@@ -375,8 +375,6 @@ def images_used(config: dict[str, Any], records: list[dict[str, Any]]) -> int | 
     logged = [r["images"] for r in records if r["event"] == "data"]
     if logged:
         return logged[-1]
-    if config.get("data_scales"):  # copies are counted by the trainer only
-        return None
     scale = int(config.get("scale") or 2)
     lr_patch = _hr_patch(config) // scale
     try:
@@ -397,7 +395,8 @@ def _patch_note(config: dict[str, Any], records: list[dict[str, Any]]) -> str:
     scales = ", ".join(f"{f:g}" for f in config.get("data_scales") or [])
     copies = [r["copies"] for r in records if r["event"] == "data" and "copies" in r]
     if n is None:
-        return f"HR patch {_hr_patch(config)}" + (f" (and copies shrunk by {scales})" if scales else "")
+        return f"HR patch {_hr_patch(config)}"
+    # runs logged before the data record counted the copies: 'with copies'
     shrunk = (f": {copies[-1]:,} of them copies shrunk by {scales}" if copies else
               f", with copies shrunk by {scales}") if scales else ""
     return f"HR patch {_hr_patch(config)} ({n:,} images large enough{shrunk})"

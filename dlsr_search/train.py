@@ -136,6 +136,7 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"--ema must be in [0, 1) (0: off), got {cfg.ema}")
     if cfg.val and cfg.val_holdout:
         raise ConfigError("give either --val DIR or --val-holdout N, not both")
+    cfg.data_scales = list(cfg.data_scales)  # as the saved config has it (JSON): a tuple would differ on resume
     try:
         check_downscales(cfg.data_scales)
     except DataError as e:
@@ -269,8 +270,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo, stop: StopRequest, explicit: Iter
                   f"batch {cfg.batch} patch {cfg.hr_patch()} | steps {step}->{cfg.steps}")
 
     copies = sum(p.shrunk_by != 1.0 for p in dataset.pairs)
+    small_copies = (len(dataset.pairs) - copies) * len(cfg.data_scales) - copies
     log.print(f"data: {len(dataset.pairs)} training images ({len(skipped)} too small for {lr_patch} px LR patches)"
-              + (f", {copies} of them shrunk copies (--data-scales)" if cfg.data_scales else "")
+              + (f", {copies} of them shrunk copies (--data-scales; {small_copies} copies too small)"
+                 if cfg.data_scales else "")
               + (f", {len(valset)} validation images" if valset else ""))
     log.record("data", step, images=len(dataset.pairs), skipped=skipped, lr_patch=lr_patch,
                **({"copies": copies} if cfg.data_scales else {}))

@@ -779,6 +779,9 @@ def test_data_scales_add_shrunk_copies_of_each_image_cached_and_refused_when_non
     plain, _ = load_pairs(files, 2, min_lr_size=16)
     pairs, skipped = load_pairs(files, 2, min_lr_size=16, cache_dir=cache, downscales=(0.5, 0.1))
     assert not skipped and len(pairs) == 2 * len(plain)  # every 0.5 copy fits a 16 px LR; no 0.1 copy does
+    both, _ = load_pairs(files[:1], 2, min_lr_size=8, cache_dir=cache, downscales=(0.5, 0.4))
+    assert [p.shrunk_by for p in both] == [1.0, 0.5, 0.4] and both[1].hr.shape != both[2].hr.shape
+    assert np.array_equal(both[1].hr, pairs[1].hr) and len(list((cache / "down").iterdir())) == len(plain) + 1
     assert [p.name for p in pairs[:2]] == [plain[0].name, plain[0].name.replace(".png", "@0.5.png")]
     src, copy = pairs[0], pairs[1]
     assert np.array_equal(src.hr, plain[0].hr) and src.shrunk_by == 1.0 and copy.shrunk_by == 0.5
@@ -798,17 +801,20 @@ def test_data_scales_add_shrunk_copies_of_each_image_cached_and_refused_when_non
     records = _records(tmp_path / "run")
     data = next(r for r in records if r["event"] == "data")
     assert (data["images"], data["copies"]) == (12, 6)
-    assert "12 training images (0 too small for 16 px LR patches), 6 of them shrunk copies" in capsys.readouterr().out
+    assert ("12 training images (0 too small for 16 px LR patches), 6 of them shrunk copies (--data-scales; "
+            "0 copies too small)") in capsys.readouterr().out
     config = json.loads(next(r for r in records if r["event"] == "start")["config"])
     assert config["data_scales"] == [0.5]
     assert _patch_note(config, records) == "HR patch 32 (12 images large enough: 6 of them copies shrunk by 0.5)"
+    older = [{k: v for k, v in r.items() if k != "copies"} for r in records]  # logged before copies were counted
+    assert _patch_note(config, older) == "HR patch 32 (12 images large enough, with copies shrunk by 0.5)"
     for scales in ([0.5, 0.75], []):
         cfg = dataclasses.asdict(TrainConfig(out="runs/a", data_scales=scales))
         args = vars(_parser().parse_args(shlex.split(command_line(cfg))[1:]))
         assert (args["data_scales"] or []) == scales
 
     for value, message in ((["1.5"], "between 0 and 1"), (["0"], "between 0 and 1"), (["nan"], "between 0 and 1"),
-                           (["0.5", "0.5"], "given twice")):
+                           (["0.5", "0.5"], "given twice"), (["0.5", "0.5000001"], "given twice")):
         assert cli_main(_tiny_argv(tmp_path / "bad", data_dir, "--data-scales", *value)) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
