@@ -67,6 +67,8 @@ _FOLDERS = frozenset({"data", "val"})
 
 
 def _comparable(name: str, value: Any) -> Any:
+    if isinstance(value, tuple):  # the saved config went through JSON: (0.5,) from the Python API is its [0.5]
+        value = list(value)
     if name not in _FOLDERS or not value:
         return value
     norm = lambda p: os.path.normpath(os.path.abspath(os.path.expanduser(p)))  # noqa: E731

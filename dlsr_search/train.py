@@ -136,7 +136,6 @@ def check_config(cfg: TrainConfig, world: int) -> None:
         raise ConfigError(f"--ema must be in [0, 1) (0: off), got {cfg.ema}")
     if cfg.val and cfg.val_holdout:
         raise ConfigError("give either --val DIR or --val-holdout N, not both")
-    cfg.data_scales = list(cfg.data_scales)  # as the saved config has it (JSON): a tuple would differ on resume
     try:
         check_downscales(cfg.data_scales)
     except DataError as e:

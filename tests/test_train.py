@@ -813,6 +813,14 @@ def test_data_scales_add_shrunk_copies_of_each_image_cached_and_refused_when_non
         args = vars(_parser().parse_args(shlex.split(command_line(cfg))[1:]))
         assert (args["data_scales"] or []) == scales
 
+    # a tuple from the Python API is the list the saved (JSON) config holds: a resume is not refused for it
+    from dlsr_search.config import merge_for_resume
+
+    saved = TrainConfig(out="r", data_scales=[0.5])
+    assert merge_for_resume(saved, TrainConfig(out="r", data_scales=(0.5,)), {"data_scales"}).data_scales == [0.5]
+    with pytest.raises(ConfigError, match="data_scales"):  # another factor still is
+        merge_for_resume(saved, TrainConfig(out="r", data_scales=(0.75,)), {"data_scales"})
+
     for value, message in ((["1.5"], "between 0 and 1"), (["0"], "between 0 and 1"), (["nan"], "between 0 and 1"),
                            (["0.5", "0.5"], "given twice"), (["0.5", "0.5000001"], "given twice")):
         assert cli_main(_tiny_argv(tmp_path / "bad", data_dir, "--data-scales", *value)) == 2
